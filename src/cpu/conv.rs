@@ -1,0 +1,209 @@
+//! Weight-stationary sparse convolution on the CPU: per offset group gather rows, GEMM, scatter-add.
+//!
+//! Determinism: every GEMM call has the same shape `(T, Cin, Cout)` (tails padded with
+//! zero rows), so each product row has the same bits whichever tile or group computed it;
+//! each output row then adds its terms in [`KernelMap::canonical_order`], and no two tasks
+//! ever add into the same row at once. Output is bit-identical for any thread count and
+//! any grouping.
+
+use rayon::prelude::*;
+
+use super::gemm::gemm_tile;
+use super::SharedMut;
+use crate::error::{Error, Result};
+use crate::kmap::KernelMap;
+use crate::plan::Plan;
+
+/// Rows per GEMM tile: operand tiles of about 256 KiB stay in L2. Depends only on the channels.
+pub fn tile_rows(cin: usize, cout: usize) -> usize {
+    let t = (65536 / (cin + cout).max(1)).clamp(32, 512);
+    t / 16 * 16
+}
+
+/// Output rows per task of the ordered scatter of a batched group.
+const SCATTER_CHUNK: usize = 512;
+
+/// Check operand shapes against the map.
+pub fn check_shapes(map: &KernelMap, x: &[f32], cin: usize, w: &[f32], cout: usize, bias: Option<&[f32]>) -> Result<()> {
+    let kv = map.volume();
+    if x.len() != map.n_in() * cin {
+        return Err(Error::tensor(
+            "feats",
+            format!("expected [{}, {cin}] for the kernel map's inputs, got {} values", map.n_in(), x.len()),
+        ));
+    }
+    if w.len() != kv * cin * cout {
+        return Err(Error::tensor(
+            "kernel",
+            format!("expected [{kv}, {cin}, {cout}] ({} values), got {} values", kv * cin * cout, w.len()),
+        ));
+    }
+    if let Some(b) = bias {
+        if b.len() != cout {
+            return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
+        }
+    }
+    Ok(())
+}
+
+/// `out[q] = Σ_k W[k]ᵀ · x[in(k, q)] (+ bias)` over the pairs of `map`, executed by `plan`.
+pub fn conv_forward(
+    map: &KernelMap,
+    plan: &Plan,
+    x: &[f32],
+    cin: usize,
+    w: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+) -> Result<Vec<f32>> {
+    check_shapes(map, x, cin, w, cout, bias)?;
+    let n_out = map.n_out();
+    let mut out = vec![0f32; n_out * cout];
+    if cout == 0 || n_out == 0 {
+        return Ok(out);
+    }
+    let t = tile_rows(cin, cout);
+    for (gi, g) in plan.groups.iter().enumerate() {
+        let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
+        if g.offsets.len() == 1 {
+            let k = g.offsets[0];
+            if Some(k) == map.identity {
+                identity(x, cin, wk(k), cout, &mut out, t, gi == 0);
+            } else {
+                fused(map, k, x, cin, wk(k), cout, &mut out, t);
+            }
+        } else {
+            batched(map, &g.offsets, g.padded_rows, x, cin, w, cout, &mut out, t);
+        }
+    }
+    if let Some(b) = bias {
+        out.par_chunks_mut(cout).for_each(|row| {
+            for (o, &bv) in row.iter_mut().zip(b) {
+                *o += bv;
+            }
+        });
+    }
+    Ok(out)
+}
+
+#[inline(always)]
+fn add_row(dst: &mut [f32], src: &[f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d += *s;
+    }
+}
+
+/// Gather rows `idx` of `x` into a `[t, cin]` tile (zero rows past `idx.len()`).
+#[inline]
+fn gather(x: &[f32], cin: usize, idx: &[u32], a: &mut [f32]) {
+    for (r, &p) in idx.iter().enumerate() {
+        let p = p as usize;
+        a[r * cin..(r + 1) * cin].copy_from_slice(&x[p * cin..(p + 1) * cin]);
+    }
+    a[idx.len() * cin..].fill(0.0);
+}
+
+/// The submanifold centre: input row i feeds output row i, so one dense GEMM with no gather.
+fn identity(x: &[f32], cin: usize, wk: &[f32], cout: usize, out: &mut [f32], t: usize, first: bool) {
+    out.par_chunks_mut(t * cout).enumerate().for_each_init(
+        || (vec![0f32; t * cin], vec![0f32; t * cout]),
+        |(a, c), (ci, oc)| {
+            let rows = oc.len() / cout;
+            let xs = &x[ci * t * cin..(ci * t + rows) * cin];
+            let lhs: &[f32] = if rows == t {
+                xs
+            } else {
+                a[..rows * cin].copy_from_slice(xs);
+                a[rows * cin..].fill(0.0);
+                a
+            };
+            if first && rows == t {
+                gemm_tile(t, cin, cout, lhs, wk, oc);
+            } else {
+                gemm_tile(t, cin, cout, lhs, wk, c);
+                if first {
+                    oc.copy_from_slice(&c[..rows * cout]);
+                } else {
+                    for r in 0..rows {
+                        add_row(&mut oc[r * cout..(r + 1) * cout], &c[r * cout..(r + 1) * cout]);
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// One offset alone: tiles of pairs, each gathered, multiplied and scattered by one task.
+/// Within one offset every output row occurs once, so tasks never touch the same row.
+#[allow(clippy::too_many_arguments)]
+fn fused(map: &KernelMap, k: usize, x: &[f32], cin: usize, wk: &[f32], cout: usize, out: &mut [f32], t: usize) {
+    let (ins, outs) = map.pairs(k);
+    let op = SharedMut(out.as_mut_ptr());
+    ins.par_chunks(t).zip(outs.par_chunks(t)).for_each_init(
+        || (vec![0f32; t * cin], vec![0f32; t * cout]),
+        |(a, c), (ic, oc)| {
+            gather(x, cin, ic, a);
+            gemm_tile(t, cin, cout, a, wk, c);
+            let op = op;
+            for (r, &q) in oc.iter().enumerate() {
+                // SAFETY: output rows of one offset are distinct, so tasks write disjoint rows.
+                let dst = unsafe { std::slice::from_raw_parts_mut(op.0.add(q as usize * cout), cout) };
+                add_row(dst, &c[r * cout..(r + 1) * cout]);
+            }
+        },
+    );
+}
+
+/// Several offsets as one padded batched GEMM `[G, Mpad, Cin] × [G, Cin, Cout]`, then an
+/// ordered scatter parallel over output rows (offsets of a group share output rows).
+#[allow(clippy::too_many_arguments)]
+fn batched(
+    map: &KernelMap,
+    offsets: &[usize],
+    padded_rows: usize,
+    x: &[f32],
+    cin: usize,
+    w: &[f32],
+    cout: usize,
+    out: &mut [f32],
+    t: usize,
+) {
+    let mpad = padded_rows.div_ceil(t) * t;
+    // Zeroed allocation maps pages lazily: padding tiles that hold no pair are never touched.
+    let mut buf = vec![0f32; offsets.len() * mpad * cout];
+    let jobs: Vec<(usize, usize)> = offsets
+        .iter()
+        .enumerate()
+        .flat_map(|(g, &k)| (0..map.size(k).div_ceil(t)).map(move |tile| (g, tile)))
+        .collect();
+    let bp = SharedMut(buf.as_mut_ptr());
+    jobs.par_iter().for_each_init(
+        || vec![0f32; t * cin],
+        |a, &(g, tile)| {
+            let k = offsets[g];
+            let (ins, _) = map.pairs(k);
+            let lo = tile * t;
+            let hi = (lo + t).min(ins.len());
+            gather(x, cin, &ins[lo..hi], a);
+            let bp = bp;
+            // SAFETY: each job owns rows [g*mpad + lo, g*mpad + lo + t) of the buffer.
+            let c = unsafe { std::slice::from_raw_parts_mut(bp.0.add((g * mpad + lo) * cout), t * cout) };
+            gemm_tile(t, cin, cout, a, &w[k * cin * cout..(k + 1) * cin * cout], c);
+        },
+    );
+    let buf = &buf;
+    out.par_chunks_mut(SCATTER_CHUNK * cout).enumerate().for_each(|(ci, oc)| {
+        let lo = (ci * SCATTER_CHUNK) as u32;
+        let hi = lo + (oc.len() / cout) as u32;
+        for (g, &k) in offsets.iter().enumerate() {
+            let (_, outs) = map.pairs(k);
+            let a = outs.partition_point(|&q| q < lo);
+            let b = outs.partition_point(|&q| q < hi);
+            for (p, &q) in outs[a..b].iter().enumerate().map(|(i, q)| (a + i, q)) {
+                let r = (q - lo) as usize;
+                let row = g * mpad + p;
+                add_row(&mut oc[r * cout..(r + 1) * cout], &buf[row * cout..(row + 1) * cout]);
+            }
+        }
+    });
+}

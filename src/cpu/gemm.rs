@@ -1,0 +1,77 @@
+//! Row-major f32 GEMM on top of the `gemm` crate (chosen by `benches/gemm_crates.rs`).
+
+use gemm::Parallelism;
+
+/// `c[m, n] = a[m, k] · b[k, n]`, row-major, single-threaded (callers parallelize over tiles).
+///
+/// Overwrites `c` (never reads it), so every call with the same `(m, k, n)` and operands
+/// produces the same bits: the determinism of the grouped conv rests on that.
+#[inline]
+pub fn gemm_tile(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    gemm_with(m, k, n, a, b, c, Parallelism::None);
+}
+
+/// `c = a · b` using `threads` rayon threads inside the GEMM (the dense reference in benchmarks).
+pub fn gemm_parallel(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], threads: usize) {
+    let par = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    gemm_with(m, k, n, a, b, c, par);
+}
+
+fn gemm_with(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], par: Parallelism) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm operand too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c[..m * n].fill(0.0);
+        return;
+    }
+    // SAFETY: the slices were checked to hold the row-major operands above.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_naive() {
+        let (m, k, n) = (37, 19, 23);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        let mut c = vec![f32::NAN; m * n];
+        gemm_tile(m, k, n, &a, &b, &mut c);
+        for i in 0..m {
+            for j in 0..n {
+                let r: f32 = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+                assert_eq!(c[i * n + j], r, "({i},{j})"); // small integers: exact
+            }
+        }
+    }
+}

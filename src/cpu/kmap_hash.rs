@@ -1,0 +1,73 @@
+//! Kernel maps by coordinate hashing: one hashbrown table of packed input keys, parallel queries.
+
+use std::sync::Arc;
+
+use hashbrown::{HashMap, HashSet};
+use rayon::prelude::*;
+
+use super::{query_plan, SharedMut};
+use crate::coords;
+use crate::error::Result;
+use crate::kmap::{scaled_offsets, KernelMap, KernelSpec, MapKind, NONE};
+use crate::tensor::CoordSet;
+
+/// Build the submanifold (stride 1) or downsampling map of `spec` on `input` by hashing.
+pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
+    let offsets = scaled_offsets(&spec, input.stride())?;
+    let in_keys: Vec<u64> = input.coords().par_iter().map(|&c| coords::pack(c)).collect();
+    let mut table_in: HashMap<u64, u32> = HashMap::with_capacity(in_keys.len());
+    for (i, &k) in in_keys.iter().enumerate() {
+        table_in.insert(k, i as u32);
+    }
+    let sub = spec.stride == 1;
+    let (out_coords, out_keys) = if sub {
+        (input.clone(), in_keys)
+    } else {
+        // Unique by hashing; sorted afterwards so both builders agree on the output row order.
+        let s = input.stride() * spec.stride as i32;
+        let mut set: HashSet<u64> = HashSet::with_capacity(in_keys.len() / 2);
+        for &c in input.coords() {
+            let q = [
+                c[0],
+                coords::floor_div(c[1], s) * s,
+                coords::floor_div(c[2], s) * s,
+                coords::floor_div(c[3], s) * s,
+            ];
+            coords::check(q)?;
+            set.insert(coords::pack(q));
+        }
+        let mut keys: Vec<u64> = set.into_iter().collect();
+        radsort::sort(&mut keys);
+        let cs = CoordSet::new_unchecked(keys.iter().map(|&k| coords::unpack(k)).collect(), s);
+        (Arc::new(cs), keys)
+    };
+    let n_out = out_keys.len();
+    let kv = offsets.len();
+    let mut table = vec![NONE; kv * n_out];
+    let (identity, tasks) = query_plan(&offsets, sub);
+    if let Some(c) = identity {
+        table[c * n_out..(c + 1) * n_out]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as u32);
+    }
+    let tp = SharedMut(table.as_mut_ptr());
+    tasks.par_iter().for_each(|&(k, mirror)| {
+        let dk = coords::delta_key(offsets[k]);
+        let tp = tp;
+        for (q, &ok) in out_keys.iter().enumerate() {
+            let target = (ok as i64).wrapping_add(dk) as u64;
+            if let Some(&p) = table_in.get(&target) {
+                // SAFETY: task k alone writes rows k and mirror(k); rows are disjoint between tasks.
+                unsafe {
+                    *tp.0.add(k * n_out + q) = p;
+                    if let Some(m) = mirror {
+                        *tp.0.add(m * n_out + p as usize) = q as u32;
+                    }
+                }
+            }
+        }
+    });
+    let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
+    Ok(KernelMap::from_table(kind, spec, offsets, input.clone(), out_coords, &table))
+}

@@ -1,0 +1,220 @@
+//! `Engine`: the device choice plus the per-network caches (kernel maps, tuned plans);
+//! the only place that dispatches on the backend.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::cpu;
+use crate::error::{Error, Result};
+use crate::kmap::{KernelMap, KernelSpec, MapBuilder, MapKind};
+use crate::plan::{Grouping, Plan};
+use crate::tensor::{CoordSet, SparseTensor};
+
+/// Where kernels run. The GPU backend (wgpu) adds a variant; models never match on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Device {
+    /// Rayon-parallel CPU kernels on the global thread pool.
+    #[default]
+    Cpu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MapKey {
+    input: u64,
+    target: u64,
+    kind: MapKind,
+    spec: KernelSpec,
+}
+
+/// Convolution weights `[K, Cin, Cout]` in TorchSparse offset order, plus an optional bias `[Cout]`.
+#[derive(Debug, Clone)]
+pub struct ConvWeight {
+    /// Row-major `[K, Cin, Cout]`.
+    pub kernel: Vec<f32>,
+    /// Kernel volume K.
+    pub volume: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Optional bias `[Cout]`.
+    pub bias: Option<Vec<f32>>,
+}
+
+impl ConvWeight {
+    /// Validate and wrap a kernel `[volume, cin, cout]` and optional bias.
+    pub fn new(kernel: Vec<f32>, volume: usize, cin: usize, cout: usize, bias: Option<Vec<f32>>) -> Result<Self> {
+        if kernel.len() != volume * cin * cout {
+            return Err(Error::tensor(
+                "kernel",
+                format!("expected [{volume}, {cin}, {cout}] = {} values, got {}", volume * cin * cout, kernel.len()),
+            ));
+        }
+        if let Some(b) = &bias {
+            if b.len() != cout {
+                return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
+            }
+        }
+        Ok(Self { kernel, volume, cin, cout, bias })
+    }
+}
+
+/// Runs sparse convolutions on a device, caching kernel maps per coordinate set and tuned
+/// plans per layer shape, so a network builds each map once.
+#[derive(Debug, Default)]
+pub struct Engine {
+    device: Device,
+    builder: MapBuilder,
+    grouping: Grouping,
+    maps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
+    plans: Mutex<HashMap<(MapKey, usize, usize), Plan>>,
+}
+
+impl Engine {
+    /// An engine on `device` building maps with `builder` and grouping offsets per `grouping`.
+    pub fn new(device: Device, builder: MapBuilder, grouping: Grouping) -> Self {
+        Self {
+            device,
+            builder,
+            grouping,
+            ..Default::default()
+        }
+    }
+
+    /// The device this engine runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Forget every cached map and plan (e.g. between scans).
+    pub fn clear_cache(&self) {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.plans.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Number of cached kernel maps.
+    pub fn cached_maps(&self) -> usize {
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    fn cached(&self, key: MapKey, build: impl FnOnce() -> Result<KernelMap>) -> Result<Arc<KernelMap>> {
+        if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(build()?);
+        self.maps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, m.clone());
+        Ok(m)
+    }
+
+    /// The forward map of a conv on `input`: submanifold for stride 1, downsampling otherwise.
+    pub fn kernel_map(&self, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<Arc<KernelMap>> {
+        let kind = if spec.stride == 1 { MapKind::Submanifold } else { MapKind::Down };
+        let key = MapKey {
+            input: input.id(),
+            target: 0,
+            kind,
+            spec,
+        };
+        self.cached(key, || match self.device {
+            Device::Cpu => cpu::build_map(self.builder, input, spec),
+        })
+    }
+
+    /// The map of a transposed (upsampling) conv from `input` back to `target`: the transposed
+    /// map of the downsampling conv `spec` on `target`, whose outputs must be `input`'s coordinates.
+    pub fn transposed_map(&self, input: &Arc<CoordSet>, target: &Arc<CoordSet>, spec: KernelSpec) -> Result<Arc<KernelMap>> {
+        if spec.stride < 2 {
+            return Err(Error::invalid("transposed conv", "stride must be at least 2"));
+        }
+        let key = MapKey {
+            input: input.id(),
+            target: target.id(),
+            kind: MapKind::Up,
+            spec,
+        };
+        self.cached(key, || {
+            let down = self.kernel_map(target, spec)?;
+            let same = Arc::ptr_eq(&down.out_coords, input)
+                || (down.out_coords.stride() == input.stride() && down.out_coords.coords() == input.coords());
+            if !same {
+                return Err(Error::invalid(
+                    "transposed conv",
+                    format!(
+                        "input coordinates (stride {}, {} voxels) are not the stride-{} downsampling of the target (stride {}, {} voxels)",
+                        input.stride(),
+                        input.len(),
+                        spec.stride,
+                        target.stride(),
+                        target.len()
+                    ),
+                ));
+            }
+            let mut up = down.transposed();
+            up.in_coords = input.clone();
+            Ok(up)
+        })
+    }
+
+    fn plan_for(&self, map: &KernelMap, key: MapKey, x: &[f32], w: &ConvWeight) -> Result<Plan> {
+        Ok(match self.grouping {
+            Grouping::Off => Plan::ungrouped(map),
+            Grouping::Fixed(p) => Plan::grouped(map, p),
+            Grouping::Auto => {
+                let pk = (key, w.cin, w.cout);
+                if let Some(p) = self.plans.lock().unwrap_or_else(|e| e.into_inner()).get(&pk) {
+                    return Ok(p.clone());
+                }
+                let (plan, _) = match self.device {
+                    Device::Cpu => cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?,
+                };
+                self.plans
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(pk, plan.clone());
+                plan
+            }
+        })
+    }
+
+    /// Run `x` through the conv of `map` with weights `w`.
+    pub fn conv_with_map(&self, map: &KernelMap, x: &SparseTensor, w: &ConvWeight) -> Result<SparseTensor> {
+        if x.channels() != w.cin {
+            return Err(Error::tensor(
+                "kernel",
+                format!("input has {} channels but the kernel expects {}", x.channels(), w.cin),
+            ));
+        }
+        if w.volume != map.volume() {
+            return Err(Error::tensor(
+                "kernel",
+                format!("kernel volume {} does not match kernel size {} (volume {})", w.volume, map.spec.size, map.volume()),
+            ));
+        }
+        let key = MapKey {
+            input: map.in_coords.id(),
+            target: map.out_coords.id(),
+            kind: map.kind,
+            spec: map.spec,
+        };
+        let plan = self.plan_for(map, key, x.feats(), w)?;
+        let out = match self.device {
+            Device::Cpu => cpu::conv::conv_forward(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, w.bias.as_deref())?,
+        };
+        SparseTensor::new(map.out_coords.clone(), out, w.cout)
+    }
+
+    /// Sparse conv: submanifold for stride 1, downsampling otherwise.
+    pub fn conv(&self, x: &SparseTensor, w: &ConvWeight, spec: KernelSpec) -> Result<SparseTensor> {
+        let map = self.kernel_map(x.coord_set(), spec)?;
+        self.conv_with_map(&map, x, w)
+    }
+
+    /// Transposed conv back onto `target` (the coordinates `x` was downsampled from).
+    pub fn conv_transposed(&self, x: &SparseTensor, target: &Arc<CoordSet>, w: &ConvWeight, spec: KernelSpec) -> Result<SparseTensor> {
+        let map = self.transposed_map(x.coord_set(), target, spec)?;
+        self.conv_with_map(&map, x, w)
+    }
+}

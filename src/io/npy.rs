@@ -1,0 +1,123 @@
+//! NumPy `.npy` arrays (float and integer), via the `npyz` crate.
+
+use std::path::Path;
+
+use npyz::{NpyFile, Order, TypeChar, WriterBuilder};
+
+use super::read_file;
+use crate::error::{Error, Result};
+use crate::voxel::PointCloud;
+
+/// The values of an `.npy` array, by element type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NpyValues {
+    /// `<f4`
+    F32(Vec<f32>),
+    /// `<f8`
+    F64(Vec<f64>),
+    /// `<i4` (and smaller signed ints, widened)
+    I32(Vec<i32>),
+    /// `<i8`
+    I64(Vec<i64>),
+    /// `<u4` (and smaller unsigned ints, widened)
+    U32(Vec<u32>),
+}
+
+/// A C-order `.npy` array.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyArray {
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Values in C order.
+    pub values: NpyValues,
+}
+
+impl NpyArray {
+    /// Values as f32 (integers converted exactly where they fit).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.values {
+            NpyValues::F32(v) => v.clone(),
+            NpyValues::F64(v) => v.iter().map(|&x| x as f32).collect(),
+            NpyValues::I32(v) => v.iter().map(|&x| x as f32).collect(),
+            NpyValues::I64(v) => v.iter().map(|&x| x as f32).collect(),
+            NpyValues::U32(v) => v.iter().map(|&x| x as f32).collect(),
+        }
+    }
+    /// Values as i64, or `None` for float arrays.
+    pub fn to_i64(&self) -> Option<Vec<i64>> {
+        match &self.values {
+            NpyValues::I32(v) => Some(v.iter().map(|&x| x as i64).collect()),
+            NpyValues::I64(v) => Some(v.clone()),
+            NpyValues::U32(v) => Some(v.iter().map(|&x| x as i64).collect()),
+            _ => None,
+        }
+    }
+}
+
+/// Read an `.npy` file.
+pub fn read_npy(path: &Path) -> Result<NpyArray> {
+    let bytes = read_file(path)?;
+    let bad = |m: String| Error::format(path, m);
+    let npy = NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a valid .npy file: {e}")))?;
+    if npy.order() == Order::Fortran {
+        return Err(bad("Fortran-ordered arrays are not supported (save with np.ascontiguousarray)".into()));
+    }
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let ts = match npy.dtype() {
+        npyz::DType::Plain(ts) => ts,
+        other => return Err(bad(format!("unsupported dtype {}", other.descr()))),
+    };
+    let size = ts.size_field();
+    let read_err = |e: std::io::Error| Error::format(path, format!("truncated or corrupt data: {e}"));
+    let values = match (ts.type_char(), size) {
+        (TypeChar::Float, 4) => NpyValues::F32(npy.into_vec::<f32>().map_err(read_err)?),
+        (TypeChar::Float, 8) => NpyValues::F64(npy.into_vec::<f64>().map_err(read_err)?),
+        (TypeChar::Int, 8) => NpyValues::I64(npy.into_vec::<i64>().map_err(read_err)?),
+        (TypeChar::Int, 4) => NpyValues::I32(npy.into_vec::<i32>().map_err(read_err)?),
+        (TypeChar::Int, 2) => NpyValues::I32(npy.into_vec::<i16>().map_err(read_err)?.into_iter().map(i32::from).collect()),
+        (TypeChar::Int, 1) => NpyValues::I32(npy.into_vec::<i8>().map_err(read_err)?.into_iter().map(i32::from).collect()),
+        (TypeChar::Uint, 4) => NpyValues::U32(npy.into_vec::<u32>().map_err(read_err)?),
+        (TypeChar::Uint, 2) => NpyValues::U32(npy.into_vec::<u16>().map_err(read_err)?.into_iter().map(u32::from).collect()),
+        (TypeChar::Uint, 1) => NpyValues::U32(npy.into_vec::<u8>().map_err(read_err)?.into_iter().map(u32::from).collect()),
+        _ => return Err(bad(format!("unsupported dtype {ts}"))),
+    };
+    let n = match &values {
+        NpyValues::F32(v) => v.len(),
+        NpyValues::F64(v) => v.len(),
+        NpyValues::I32(v) => v.len(),
+        NpyValues::I64(v) => v.len(),
+        NpyValues::U32(v) => v.len(),
+    };
+    if n != shape.iter().product::<usize>() {
+        return Err(bad(format!("shape {shape:?} does not match {n} values")));
+    }
+    Ok(NpyArray { shape, values })
+}
+
+/// Read an `[N, D]` (D >= 3) float array as a point cloud.
+pub fn read_points(path: &Path) -> Result<PointCloud> {
+    let a = read_npy(path)?;
+    if a.shape.len() != 2 || a.shape[1] < 3 {
+        return Err(Error::format(path, format!("expected points of shape [N, D>=3], got {:?}", a.shape)));
+    }
+    if a.to_i64().is_some() {
+        return Err(Error::format(path, "expected a float array of points, got integers"));
+    }
+    PointCloud::new(a.to_f32(), a.shape[1]).map_err(|e| e.in_file(path))
+}
+
+/// Write an f32 or i32 array (for tests and tools).
+pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let mut buf = Vec::new();
+    {
+        let mut w = npyz::WriteOptions::<f32>::new()
+            .default_dtype()
+            .shape(&shape.iter().map(|&d| d as u64).collect::<Vec<_>>())
+            .writer(&mut buf)
+            .begin_nd()
+            .map_err(|e| Error::io(path, e))?;
+        w.extend(data.iter().copied()).map_err(|e| Error::io(path, e))?;
+        w.finish().map_err(|e| Error::io(path, e))?;
+    }
+    std::fs::write(path, buf).map_err(|e| Error::io(path, e))
+}

@@ -1,0 +1,373 @@
+//! Kernel maps: kernel offsets in TorchSparse order and the `(input row, output row)` pairs per offset.
+//!
+//! One [`KernelMap`] type serves every builder (hash, merge-sort; CPU now, GPU later) and every
+//! use: forward convolution, transposed convolution (the transposed map of the matching
+//! downsampling conv) and the backward pass (which runs the transposed map).
+
+use std::sync::Arc;
+
+use crate::coords;
+use crate::error::{Error, Result};
+use crate::tensor::CoordSet;
+
+/// Geometry of a cubic sparse convolution kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KernelSpec {
+    /// Kernel size per axis (the kernel volume is `size³`).
+    pub size: u32,
+    /// Convolution stride (1 = submanifold).
+    pub stride: u32,
+    /// Dilation.
+    pub dilation: u32,
+}
+
+impl KernelSpec {
+    /// A kernel spec after validation.
+    pub fn new(size: u32, stride: u32, dilation: u32) -> Result<Self> {
+        if size == 0 || size > 15 {
+            return Err(Error::invalid("kernel spec", format!("kernel size must be in 1..=15, got {size}")));
+        }
+        if stride == 0 || stride > 1 << 10 {
+            return Err(Error::invalid("kernel spec", format!("stride must be in 1..=1024, got {stride}")));
+        }
+        if dilation == 0 || dilation > 1 << 10 {
+            return Err(Error::invalid("kernel spec", format!("dilation must be in 1..=1024, got {dilation}")));
+        }
+        Ok(Self { size, stride, dilation })
+    }
+
+    /// Kernel volume `K = size³`.
+    pub fn volume(&self) -> usize {
+        (self.size as usize).pow(3)
+    }
+}
+
+/// Per-axis offsets of a kernel of size `k`, in kernel units: `-(k-1)/2 ..= (k-1)/2` for odd k,
+/// `-(k/2-1) ..= k/2` for even k (TorchSparse convention).
+pub fn axis_offsets(k: u32) -> std::ops::RangeInclusive<i32> {
+    let k = k as i32;
+    if k % 2 == 1 {
+        -(k - 1) / 2..=(k - 1) / 2
+    } else {
+        -(k / 2 - 1)..=k / 2
+    }
+}
+
+/// Kernel offsets `[dx, dy, dz]` in TorchSparse order, multiplied by `step`
+/// (tensor stride × dilation).
+///
+/// Odd kernel sizes run z outermost and x fastest; even sizes run x outermost and
+/// z fastest. Weights `[K, Cin, Cout]` from TorchSparse/SPVNAS then load unchanged.
+pub fn kernel_offsets(k: u32, step: i32) -> Vec<[i32; 3]> {
+    let r = axis_offsets(k);
+    let mut out = Vec::with_capacity((k as usize).pow(3));
+    for a in r.clone() {
+        for b in r.clone() {
+            for c in r.clone() {
+                if k % 2 == 1 {
+                    out.push([c * step, b * step, a * step]);
+                } else {
+                    out.push([a * step, b * step, c * step]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What a kernel map connects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MapKind {
+    /// Stride 1: outputs are the input coordinates.
+    Submanifold,
+    /// Strided: outputs are `S·floor(c/S)`, S = input tensor stride × conv stride.
+    Down,
+    /// Transposed (upsampling): the transposed map of the matching downsampling conv.
+    Up,
+}
+
+/// Which CPU algorithm builds the kernel map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MapBuilder {
+    /// Coordinate hashing (hashbrown), parallel queries.
+    #[default]
+    Hash,
+    /// PointAcc-style merge-sort: one sort, then one linear merge per offset.
+    Sort,
+}
+
+impl std::str::FromStr for MapBuilder {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "hash" => Ok(MapBuilder::Hash),
+            "sort" => Ok(MapBuilder::Sort),
+            _ => Err(Error::invalid("kernel-map builder", format!("expected `hash` or `sort`, got `{s}`"))),
+        }
+    }
+}
+
+/// Sentinel for "no neighbour" in neighbour tables.
+pub(crate) const NONE: u32 = u32::MAX;
+
+/// The `(input row, output row)` pairs of every kernel offset.
+///
+/// Canonical form: within each offset, pairs are sorted by output row; each output row
+/// (and each input row) appears at most once per offset. Output at `q` sums
+/// `W[k]ᵀ · input(in_idx)` over the pairs of every offset `k` whose `out_idx` is `q`.
+#[derive(Debug, Clone)]
+pub struct KernelMap {
+    /// What this map connects.
+    pub kind: MapKind,
+    /// Kernel geometry.
+    pub spec: KernelSpec,
+    /// Offsets in input-grid units (for `Up`: the offsets of the matching downsampling conv).
+    pub offsets: Vec<[i32; 3]>,
+    /// Input coordinates.
+    pub in_coords: Arc<CoordSet>,
+    /// Output coordinates (shared with the input for submanifold maps).
+    pub out_coords: Arc<CoordSet>,
+    /// Pairs of offset `k` are `starts[k]..starts[k + 1]`.
+    pub starts: Vec<usize>,
+    /// Input row of each pair.
+    pub in_idx: Vec<u32>,
+    /// Output row of each pair.
+    pub out_idx: Vec<u32>,
+    /// Offset whose map is the identity on all rows (the centre of a submanifold conv).
+    pub identity: Option<usize>,
+    /// Index of the offset `-δ` for each offset `δ`, where present (submanifold only).
+    pub mirror: Vec<Option<usize>>,
+}
+
+impl KernelMap {
+    /// Number of kernel offsets `K`.
+    pub fn volume(&self) -> usize {
+        self.offsets.len()
+    }
+    /// Number of input rows.
+    pub fn n_in(&self) -> usize {
+        self.in_coords.len()
+    }
+    /// Number of output rows.
+    pub fn n_out(&self) -> usize {
+        self.out_coords.len()
+    }
+    /// Pairs of offset `k`: `(in_idx, out_idx)` slices.
+    pub fn pairs(&self, k: usize) -> (&[u32], &[u32]) {
+        let r = self.starts[k]..self.starts[k + 1];
+        (&self.in_idx[r.clone()], &self.out_idx[r])
+    }
+    /// Number of pairs of offset `k`.
+    pub fn size(&self, k: usize) -> usize {
+        self.starts[k + 1] - self.starts[k]
+    }
+    /// Total pairs over all offsets.
+    pub fn total_pairs(&self) -> usize {
+        self.in_idx.len()
+    }
+
+    /// The fixed order in which offsets are accumulated into each output row:
+    /// the identity offset first, then each offset followed by its mirror.
+    ///
+    /// Every grouping of offsets is a sequence of contiguous runs of this order, so
+    /// every grouping adds the same terms in the same order: results are bit-identical
+    /// whatever grouping the tuner picks.
+    pub fn canonical_order(&self) -> Vec<usize> {
+        let k = self.volume();
+        let mut placed = vec![false; k];
+        let mut order = Vec::with_capacity(k);
+        if let Some(c) = self.identity {
+            placed[c] = true;
+            order.push(c);
+        }
+        for i in 0..k {
+            if placed[i] {
+                continue;
+            }
+            placed[i] = true;
+            order.push(i);
+            if let Some(m) = self.mirror[i] {
+                if !placed[m] {
+                    placed[m] = true;
+                    order.push(m);
+                }
+            }
+        }
+        order
+    }
+
+    /// Build the canonical map from a neighbour table `table[k * n_out + q] = input row or NONE`.
+    pub(crate) fn from_table(
+        kind: MapKind,
+        spec: KernelSpec,
+        offsets: Vec<[i32; 3]>,
+        in_coords: Arc<CoordSet>,
+        out_coords: Arc<CoordSet>,
+        table: &[u32],
+    ) -> Self {
+        use rayon::prelude::*;
+        let n_out = out_coords.len();
+        let kv = offsets.len();
+        debug_assert_eq!(table.len(), kv * n_out);
+        let per: Vec<(Vec<u32>, Vec<u32>)> = (0..kv)
+            .into_par_iter()
+            .map(|k| {
+                let row = &table[k * n_out..(k + 1) * n_out];
+                let n = row.iter().filter(|&&v| v != NONE).count();
+                let mut ins = Vec::with_capacity(n);
+                let mut outs = Vec::with_capacity(n);
+                for (q, &p) in row.iter().enumerate() {
+                    if p != NONE {
+                        ins.push(p);
+                        outs.push(q as u32);
+                    }
+                }
+                (ins, outs)
+            })
+            .collect();
+        let mut starts = Vec::with_capacity(kv + 1);
+        starts.push(0);
+        for (ins, _) in &per {
+            starts.push(starts.last().copied().unwrap_or(0) + ins.len());
+        }
+        let mut in_idx = Vec::with_capacity(starts[kv]);
+        let mut out_idx = Vec::with_capacity(starts[kv]);
+        for (ins, outs) in per {
+            in_idx.extend_from_slice(&ins);
+            out_idx.extend_from_slice(&outs);
+        }
+        let identity = match kind {
+            MapKind::Submanifold => offsets.iter().position(|d| *d == [0, 0, 0]),
+            _ => None,
+        };
+        let mirror = match kind {
+            MapKind::Submanifold => offsets
+                .iter()
+                .map(|d| offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]]))
+                .collect(),
+            _ => vec![None; kv],
+        };
+        KernelMap {
+            kind,
+            spec,
+            offsets,
+            in_coords,
+            out_coords,
+            starts,
+            in_idx,
+            out_idx,
+            identity,
+            mirror,
+        }
+    }
+
+    /// The transposed map: inputs and outputs swapped, each offset re-sorted by its new output row.
+    ///
+    /// The transposed map of a downsampling map is the upsampling map (kind `Up`); the
+    /// backward pass of any conv runs the transposed map of its forward map.
+    pub fn transposed(&self) -> KernelMap {
+        use rayon::prelude::*;
+        let kv = self.volume();
+        let per: Vec<(Vec<u32>, Vec<u32>)> = (0..kv)
+            .into_par_iter()
+            .map(|k| {
+                let (ins, outs) = self.pairs(k);
+                let mut v: Vec<(u32, u32)> = outs.iter().copied().zip(ins.iter().copied()).collect();
+                // New output = old input; each appears at most once per offset.
+                v.sort_unstable_by_key(|&(_, o)| o);
+                v.into_iter().unzip()
+            })
+            .collect();
+        let mut in_idx = Vec::with_capacity(self.total_pairs());
+        let mut out_idx = Vec::with_capacity(self.total_pairs());
+        for (i, o) in per {
+            in_idx.extend_from_slice(&i);
+            out_idx.extend_from_slice(&o);
+        }
+        KernelMap {
+            kind: match self.kind {
+                MapKind::Down => MapKind::Up,
+                MapKind::Up => MapKind::Down,
+                MapKind::Submanifold => MapKind::Submanifold,
+            },
+            spec: self.spec,
+            offsets: self.offsets.clone(),
+            in_coords: self.out_coords.clone(),
+            out_coords: self.in_coords.clone(),
+            starts: self.starts.clone(),
+            in_idx,
+            out_idx,
+            identity: self.identity,
+            mirror: self.mirror.clone(),
+        }
+    }
+}
+
+/// Offsets (input-grid units) of a conv with this spec on coordinates at `tensor_stride`,
+/// validated against the packed-key range.
+pub(crate) fn scaled_offsets(spec: &KernelSpec, tensor_stride: i32) -> Result<Vec<[i32; 3]>> {
+    let step = (tensor_stride as i64) * (spec.dilation as i64);
+    let reach = step * (spec.size as i64 / 2 + 1);
+    if reach >= coords::COORD_LIMIT as i64 {
+        return Err(Error::invalid(
+            "kernel offsets",
+            format!(
+                "kernel size {} x tensor stride {tensor_stride} x dilation {} reaches beyond the coordinate range",
+                spec.size, spec.dilation
+            ),
+        ));
+    }
+    let offs = kernel_offsets(spec.size, step as i32);
+    for d in &offs {
+        coords::check_offset(*d)?;
+    }
+    Ok(offs)
+}
+
+/// Output coordinates of a downsampling conv: unique `S·floor(c/S)` in packed-key order
+/// (S = input tensor stride × conv stride). Returns the sorted packed keys.
+pub(crate) fn downsample_keys(input: &CoordSet, spec: &KernelSpec) -> Result<(Vec<u64>, i32)> {
+    let s = input.stride() as i64 * spec.stride as i64;
+    if s >= coords::COORD_LIMIT as i64 {
+        return Err(Error::invalid("downsampling", format!("output tensor stride {s} is too large")));
+    }
+    let s = s as i32;
+    let mut keys = Vec::with_capacity(input.len());
+    for &c in input.coords() {
+        let q = [
+            c[0],
+            coords::floor_div(c[1], s) * s,
+            coords::floor_div(c[2], s) * s,
+            coords::floor_div(c[3], s) * s,
+        ];
+        coords::check(q)?;
+        keys.push(coords::pack(q));
+    }
+    radsort::sort(&mut keys);
+    keys.dedup();
+    Ok((keys, s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torchsparse_offset_order() {
+        let o = kernel_offsets(3, 1);
+        assert_eq!(o.len(), 27);
+        assert_eq!(o[0], [-1, -1, -1]);
+        assert_eq!(o[1], [0, -1, -1]); // x fastest for odd kernels
+        assert_eq!(o[3], [-1, 0, -1]);
+        assert_eq!(o[9], [-1, -1, 0]);
+        assert_eq!(o[13], [0, 0, 0]);
+        let e = kernel_offsets(2, 2);
+        assert_eq!(e, vec![
+            [0, 0, 0], [0, 0, 2], [0, 2, 0], [0, 2, 2],
+            [2, 0, 0], [2, 0, 2], [2, 2, 0], [2, 2, 2]
+        ]); // z fastest for even kernels
+        assert_eq!(axis_offsets(4), -1..=2);
+        assert_eq!(axis_offsets(5), -2..=2);
+        assert_eq!(kernel_offsets(1, 4), vec![[0, 0, 0]]);
+    }
+}

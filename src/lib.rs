@@ -1,0 +1,55 @@
+//! # sparseconv
+//!
+//! A point-cloud sparse convolution engine: voxelize LiDAR scans, build kernel maps by
+//! coordinate hashing or by PointAcc-style merge-sort, and run weight-stationary sparse
+//! convolutions (gather → GEMM → scatter) with TorchSparse-style adaptive offset grouping.
+//! Results are bit-identical for any thread count and any grouping.
+//!
+//! Main types:
+//! - [`SparseTensor`] / [`CoordSet`]: coordinates `(batch, x, y, z)` and `[N, C]` features.
+//! - [`voxel::voxelize`]: points → voxels (floor semantics, mean features, inverse map).
+//! - [`KernelMap`]: the `(input, output)` pairs per kernel offset, in TorchSparse offset order.
+//! - [`Engine`]: runs convs on a [`Device`], caching maps per coordinate set and tuned plans.
+//! - [`Error`]: the one error type.
+//!
+//! ```
+//! use sparseconv::{ConvWeight, Engine, KernelSpec, SparseTensor};
+//! use sparseconv::voxel::{voxelize, PointCloud};
+//!
+//! # fn main() -> sparseconv::Result<()> {
+//! // Three points (x, y, z, remission); two fall into the same 5 cm voxel.
+//! let cloud = PointCloud::new(vec![
+//!     0.01, 0.02, -0.03, 0.5,
+//!     0.02, 0.01, -0.01, 0.7,
+//!     -0.06, 0.0, 0.0, 0.1,
+//! ], 4)?;
+//! let vox = voxelize(&cloud, 0.05)?;
+//! assert_eq!(vox.tensor.len(), 2);
+//!
+//! // A 3x3x3 submanifold conv, 4 -> 8 channels.
+//! let spec = KernelSpec::new(3, 1, 1)?;
+//! let w = ConvWeight::new(vec![0.1; 27 * 4 * 8], 27, 4, 8, None)?;
+//! let engine = Engine::default();
+//! let y: SparseTensor = engine.conv(&vox.tensor, &w, spec)?;
+//! assert_eq!((y.len(), y.channels()), (2, 8));
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod bench;
+pub mod coords;
+pub mod cpu;
+pub mod device;
+pub mod error;
+pub mod io;
+pub mod kmap;
+pub mod plan;
+pub mod reference;
+pub mod tensor;
+pub mod voxel;
+
+pub use device::{ConvWeight, Device, Engine};
+pub use error::{Error, Result};
+pub use kmap::{KernelMap, KernelSpec, MapBuilder, MapKind};
+pub use plan::{Grouping, GroupingParams, Plan};
+pub use tensor::{CoordSet, SparseTensor};

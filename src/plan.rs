@@ -1,0 +1,124 @@
+//! Adaptive grouping of kernel offsets (TorchSparse, Tang et al., MLSys 2022): which offsets run
+//! as one batched GEMM, padded to the largest map of the group.
+
+use crate::kmap::KernelMap;
+
+/// Knobs of the adaptive grouping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GroupingParams {
+    /// Largest fraction of padded rows a group may hold: `(G·Mmax − ΣM) / (G·Mmax)`.
+    pub tolerance: f32,
+    /// Size threshold: a group's padded rows `G·Mmax` stay at or below this; larger maps run alone.
+    pub max_rows: usize,
+}
+
+/// How a conv layer chooses its groups.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Grouping {
+    /// One offset per GEMM (the identity offset is always alone).
+    Off,
+    /// Fixed parameters for every layer.
+    Fixed(GroupingParams),
+    /// Per-layer parameters picked by timing candidates on the actual input (cached per layer).
+    #[default]
+    Auto,
+}
+
+/// A set of offsets that run as one batched GEMM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// Offset indices, a contiguous run of [`KernelMap::canonical_order`].
+    pub offsets: Vec<usize>,
+    /// Rows of each offset after padding (the largest map in the group).
+    pub padded_rows: usize,
+}
+
+/// The execution plan of one conv layer: groups in canonical accumulation order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Groups, executed and accumulated in this order.
+    pub groups: Vec<Group>,
+    /// The parameters that produced the plan (`None`: ungrouped).
+    pub params: Option<GroupingParams>,
+}
+
+impl Plan {
+    /// Every non-empty offset alone.
+    pub fn ungrouped(map: &KernelMap) -> Plan {
+        let groups = map
+            .canonical_order()
+            .into_iter()
+            .filter(|&k| map.size(k) > 0)
+            .map(|k| Group {
+                offsets: vec![k],
+                padded_rows: map.size(k),
+            })
+            .collect();
+        Plan { groups, params: None }
+    }
+
+    /// Group contiguous runs of the canonical order (mirror pairs kept together) while the
+    /// padding fraction stays within `tolerance` and the padded size within `max_rows`.
+    /// The identity offset (submanifold centre) is always alone: it runs as one dense GEMM.
+    pub fn grouped(map: &KernelMap, p: GroupingParams) -> Plan {
+        let order: Vec<usize> = map.canonical_order().into_iter().filter(|&k| map.size(k) > 0).collect();
+        let mut groups: Vec<Group> = Vec::new();
+        let mut cur: Vec<usize> = Vec::new();
+        let (mut cur_max, mut cur_sum) = (0usize, 0usize);
+        let mut i = 0;
+        while i < order.len() {
+            let k = order[i];
+            // A unit is an offset and, right after it in the order, its mirror.
+            let mut unit = vec![k];
+            if let Some(m) = map.mirror[k] {
+                if m != k && order.get(i + 1) == Some(&m) {
+                    unit.push(m);
+                }
+            }
+            i += unit.len();
+            if Some(k) == map.identity {
+                groups.push(Group {
+                    offsets: unit,
+                    padded_rows: map.size(k),
+                });
+                continue;
+            }
+            let u_max = unit.iter().map(|&k| map.size(k)).max().unwrap_or(0);
+            let u_sum: usize = unit.iter().map(|&k| map.size(k)).sum();
+            let new_max = cur_max.max(u_max);
+            let padded = new_max * (cur.len() + unit.len());
+            let waste = padded - (cur_sum + u_sum);
+            let fits = !cur.is_empty() && waste as f64 <= p.tolerance as f64 * padded as f64 && padded <= p.max_rows;
+            if !fits && !cur.is_empty() {
+                groups.push(Group {
+                    offsets: std::mem::take(&mut cur),
+                    padded_rows: cur_max,
+                });
+                cur_max = 0;
+                cur_sum = 0;
+            }
+            cur.extend_from_slice(&unit);
+            cur_max = cur_max.max(u_max);
+            cur_sum += u_sum;
+        }
+        if !cur.is_empty() {
+            groups.push(Group {
+                offsets: cur,
+                padded_rows: cur_max,
+            });
+        }
+        Plan {
+            groups,
+            params: Some(p),
+        }
+    }
+
+    /// Fraction of padded rows over all groups.
+    pub fn padding_fraction(&self, map: &KernelMap) -> f64 {
+        let padded: usize = self.groups.iter().map(|g| g.padded_rows * g.offsets.len()).sum();
+        if padded == 0 {
+            return 0.0;
+        }
+        1.0 - map.total_pairs() as f64 / padded as f64
+    }
+}

@@ -1,0 +1,167 @@
+//! `SparseTensor`: voxel coordinates `(batch, x, y, z)` shared between layers, plus row-major features.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::coords;
+use crate::error::{Error, Result};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A validated set of unique coordinates at one tensor stride.
+///
+/// Layers that keep the coordinates (submanifold convs, BatchNorm, ReLU) share the
+/// same `Arc<CoordSet>`; its `id` keys the kernel-map cache, so a network builds
+/// each map once per coordinate set.
+#[derive(Debug)]
+pub struct CoordSet {
+    id: u64,
+    coords: Vec<[i32; 4]>,
+    stride: i32,
+}
+
+impl CoordSet {
+    /// Validate coordinates: each in the packable range, a multiple of `stride`, and no duplicates.
+    pub fn new(coords: Vec<[i32; 4]>, stride: i32) -> Result<Self> {
+        if stride < 1 {
+            return Err(Error::tensor("coords", format!("tensor stride must be >= 1, got {stride}")));
+        }
+        for (i, &c) in coords.iter().enumerate() {
+            coords::check(c).map_err(|e| match e {
+                Error::CoordRange { coord, msg } => Error::tensor("coords", format!("row {i}: {coord:?}: {msg}")),
+                other => other,
+            })?;
+            if c[1..].iter().any(|v| v % stride != 0) {
+                return Err(Error::tensor(
+                    "coords",
+                    format!("row {i}: {c:?} is not a multiple of the tensor stride {stride}"),
+                ));
+            }
+        }
+        let mut keys: Vec<u64> = coords.iter().map(|&c| coords::pack(c)).collect();
+        radsort::sort(&mut keys);
+        if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::tensor("coords", format!("duplicate coordinate {:?}", coords::unpack(w[0]))));
+        }
+        Ok(Self::new_unchecked(coords, stride))
+    }
+
+    /// Coordinates produced by this crate's own builders, which are unique and in range by construction.
+    pub(crate) fn new_unchecked(coords: Vec<[i32; 4]>, stride: i32) -> Self {
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            coords,
+            stride,
+        }
+    }
+
+    /// Unique identity of this coordinate set (for caches).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    /// The coordinates, one row per voxel.
+    pub fn coords(&self) -> &[[i32; 4]] {
+        &self.coords
+    }
+    /// Tensor stride: coordinates are multiples of it (input-grid units).
+    pub fn stride(&self) -> i32 {
+        self.stride
+    }
+    /// Number of voxels.
+    pub fn len(&self) -> usize {
+        self.coords.len()
+    }
+    /// True when there are no voxels.
+    pub fn is_empty(&self) -> bool {
+        self.coords.is_empty()
+    }
+}
+
+/// Sparse voxel features: `coords[i]` owns row `i` of `feats` (`[N, C]`, row-major f32).
+#[derive(Debug, Clone)]
+pub struct SparseTensor {
+    coords: Arc<CoordSet>,
+    feats: Vec<f32>,
+    channels: usize,
+}
+
+impl SparseTensor {
+    /// Build from raw parts, validating that the feature matrix matches the coordinates.
+    pub fn new(coords: Arc<CoordSet>, feats: Vec<f32>, channels: usize) -> Result<Self> {
+        if feats.len() != coords.len() * channels {
+            return Err(Error::tensor(
+                "feats",
+                format!(
+                    "expected {} x {} = {} values for {} coordinates, got {}",
+                    coords.len(),
+                    channels,
+                    coords.len() * channels,
+                    coords.len(),
+                    feats.len()
+                ),
+            ));
+        }
+        if coords.len() > u32::MAX as usize {
+            return Err(Error::tensor("coords", "more than 2^32 - 1 voxels"));
+        }
+        Ok(Self { coords, feats, channels })
+    }
+
+    /// Build from coordinate rows and features at tensor stride 1.
+    pub fn from_parts(coords: Vec<[i32; 4]>, feats: Vec<f32>, channels: usize) -> Result<Self> {
+        Self::new(Arc::new(CoordSet::new(coords, 1)?), feats, channels)
+    }
+
+    /// Shared coordinate set.
+    pub fn coord_set(&self) -> &Arc<CoordSet> {
+        &self.coords
+    }
+    /// Coordinates, one row per voxel.
+    pub fn coords(&self) -> &[[i32; 4]] {
+        self.coords.coords()
+    }
+    /// Features, row-major `[N, C]`.
+    pub fn feats(&self) -> &[f32] {
+        &self.feats
+    }
+    /// Mutable features (coordinates are immutable and shared).
+    pub fn feats_mut(&mut self) -> &mut [f32] {
+        &mut self.feats
+    }
+    /// Take the features out.
+    pub fn into_feats(self) -> Vec<f32> {
+        self.feats
+    }
+    /// Feature channels `C`.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+    /// Number of voxels `N`.
+    pub fn len(&self) -> usize {
+        self.coords.len()
+    }
+    /// True when there are no voxels.
+    pub fn is_empty(&self) -> bool {
+        self.coords.is_empty()
+    }
+    /// Tensor stride.
+    pub fn stride(&self) -> i32 {
+        self.coords.stride()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation() {
+        assert!(SparseTensor::from_parts(vec![[0, -1, 2, 3]], vec![1.0, 2.0], 2).is_ok());
+        assert!(SparseTensor::from_parts(vec![[0, -1, 2, 3]], vec![1.0], 2).is_err());
+        assert!(SparseTensor::from_parts(vec![[0, 1, 2, 3], [0, 1, 2, 3]], vec![], 0).is_err());
+        assert!(CoordSet::new(vec![[0, 1, 2, 4]], 2).is_err());
+        assert!(CoordSet::new(vec![[0, 2, -2, 4]], 2).is_ok());
+        assert!(CoordSet::new(vec![], 0).is_err());
+        assert!(SparseTensor::from_parts(vec![], vec![], 7).unwrap().is_empty());
+    }
+}

@@ -1,0 +1,196 @@
+//! Voxelization (points to unique voxels, mean features, per-point inverse map) and devoxelization.
+
+use std::sync::Arc;
+
+use crate::coords;
+use crate::error::{Error, Result};
+use crate::tensor::{CoordSet, SparseTensor};
+
+/// A point cloud: row-major `[N, dims]` f32, the first three columns x, y, z.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PointCloud {
+    /// Row-major point rows.
+    pub data: Vec<f32>,
+    /// Values per point (at least 3).
+    pub dims: usize,
+}
+
+impl PointCloud {
+    /// Validate a point matrix: `dims >= 3`, whole rows, finite x, y, z.
+    pub fn new(data: Vec<f32>, dims: usize) -> Result<Self> {
+        if dims < 3 {
+            return Err(Error::tensor("points", format!("need at least x, y, z per point, got {dims} values")));
+        }
+        if data.len() % dims != 0 {
+            return Err(Error::tensor(
+                "points",
+                format!("{} values is not a whole number of {dims}-value points", data.len()),
+            ));
+        }
+        if let Some(i) = data.chunks_exact(dims).position(|p| !p.iter().all(|v| v.is_finite())) {
+            return Err(Error::tensor("points", format!("point {i} has a NaN or infinite value")));
+        }
+        Ok(Self { data, dims })
+    }
+    /// Number of points.
+    pub fn len(&self) -> usize {
+        self.data.len() / self.dims
+    }
+    /// True when there are no points.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+    /// Point `i`.
+    pub fn point(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dims..(i + 1) * self.dims]
+    }
+}
+
+/// Voxels of one or more scans and the way back to their points.
+#[derive(Debug, Clone)]
+pub struct Voxelized {
+    /// Voxel coordinates (packed-key order: batch, x, y, z) with the mean of every point column.
+    pub tensor: SparseTensor,
+    /// For every input point (scans concatenated in order): its voxel row.
+    pub inverse: Vec<u32>,
+    /// Points per voxel.
+    pub counts: Vec<u32>,
+}
+
+/// Voxel coordinate of a point: `floor(p / voxel_size)` per axis (f32, as NumPy float32 does).
+pub fn voxel_coord(p: &[f32], voxel_size: f32, batch: i32) -> Result<[i32; 4]> {
+    let mut c = [batch, 0, 0, 0];
+    for a in 0..3 {
+        let v = (p[a] / voxel_size).floor();
+        if !(v >= -(coords::COORD_LIMIT as f32) && v < coords::COORD_LIMIT as f32) {
+            return Err(Error::CoordRange {
+                coord: [batch, (p[0] / voxel_size) as i32, (p[1] / voxel_size) as i32, (p[2] / voxel_size) as i32],
+                msg: format!(
+                    "point ({}, {}, {}) is more than {} voxels from the origin",
+                    p[0],
+                    p[1],
+                    p[2],
+                    coords::COORD_LIMIT
+                ),
+            });
+        }
+        c[a + 1] = v as i32;
+    }
+    Ok(c)
+}
+
+/// Voxelize one scan (batch index 0).
+pub fn voxelize(cloud: &PointCloud, voxel_size: f32) -> Result<Voxelized> {
+    voxelize_batch(std::slice::from_ref(cloud), voxel_size)
+}
+
+/// Voxelize several scans into one batch (scan `i` gets batch index `i`).
+/// Features are the per-voxel mean of every point column, summed in point order in f64.
+pub fn voxelize_batch(clouds: &[PointCloud], voxel_size: f32) -> Result<Voxelized> {
+    if !(voxel_size.is_finite() && voxel_size > 0.0) {
+        return Err(Error::invalid("voxelize", format!("voxel size must be positive, got {voxel_size}")));
+    }
+    if clouds.len() > coords::MAX_BATCH as usize + 1 {
+        return Err(Error::invalid("voxelize", format!("at most {} scans per batch", coords::MAX_BATCH + 1)));
+    }
+    let dims = clouds.first().map_or(3, |c| c.dims);
+    if let Some(c) = clouds.iter().find(|c| c.dims != dims) {
+        return Err(Error::invalid("voxelize", format!("scans have {dims} and {} values per point", c.dims)));
+    }
+    let total: usize = clouds.iter().map(|c| c.len()).sum();
+    if total > u32::MAX as usize {
+        return Err(Error::invalid("voxelize", "more than 2^32 - 1 points"));
+    }
+    let mut keyed: Vec<(u64, u32)> = Vec::with_capacity(total);
+    let mut rows: Vec<&[f32]> = Vec::with_capacity(total);
+    for (b, cloud) in clouds.iter().enumerate() {
+        for i in 0..cloud.len() {
+            let p = cloud.point(i);
+            let c = voxel_coord(p, voxel_size, b as i32)?;
+            keyed.push((coords::pack(c), rows.len() as u32));
+            rows.push(p);
+        }
+    }
+    // Stable: points of one voxel stay in input order, so the mean is summed deterministically.
+    radsort::sort_by_key(&mut keyed, |e| e.0);
+    let mut coords_out: Vec<[i32; 4]> = Vec::new();
+    let mut feats: Vec<f32> = Vec::new();
+    let mut counts: Vec<u32> = Vec::new();
+    let mut inverse = vec![0u32; total];
+    let mut acc = vec![0f64; dims];
+    let mut i = 0;
+    while i < keyed.len() {
+        let key = keyed[i].0;
+        let v = coords_out.len() as u32;
+        acc.fill(0.0);
+        let mut j = i;
+        while j < keyed.len() && keyed[j].0 == key {
+            let pi = keyed[j].1 as usize;
+            inverse[pi] = v;
+            for (a, &x) in acc.iter_mut().zip(rows[pi]) {
+                *a += x as f64;
+            }
+            j += 1;
+        }
+        let n = (j - i) as f64;
+        feats.extend(acc.iter().map(|a| (a / n) as f32));
+        counts.push((j - i) as u32);
+        coords_out.push(coords::unpack(key));
+        i = j;
+    }
+    let set = Arc::new(CoordSet::new_unchecked(coords_out, 1));
+    Ok(Voxelized {
+        tensor: SparseTensor::new(set, feats, dims)?,
+        inverse,
+        counts,
+    })
+}
+
+/// Bring voxel rows `[V, C]` back to points: point `i` gets row `inverse[i]`.
+pub fn devoxelize(voxel_feats: &[f32], channels: usize, inverse: &[u32]) -> Result<Vec<f32>> {
+    let v = if channels == 0 { 0 } else { voxel_feats.len() / channels };
+    if let Some(&bad) = inverse.iter().find(|&&r| r as usize >= v) {
+        return Err(Error::invalid("devoxelize", format!("inverse map points at voxel {bad} of {v}")));
+    }
+    let mut out = Vec::with_capacity(inverse.len() * channels);
+    for &r in inverse {
+        out.extend_from_slice(&voxel_feats[r as usize * channels..(r as usize + 1) * channels]);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floor_semantics_mean_and_inverse() {
+        let pts = vec![
+            -0.01, 0.0, 0.0, 1.0, //
+            -0.04, 0.01, 0.02, 3.0, //
+            0.01, 0.0, 0.0, 5.0, //
+            -0.051, 0.0, 0.0, 7.0,
+        ];
+        let v = voxelize(&PointCloud::new(pts, 4).unwrap(), 0.05).unwrap();
+        assert_eq!(v.tensor.coords(), &[[0, -2, 0, 0], [0, -1, 0, 0], [0, 0, 0, 0]]);
+        assert_eq!(v.inverse, vec![1, 1, 2, 0]);
+        assert_eq!(v.counts, vec![1, 2, 1]);
+        let f = v.tensor.feats();
+        assert!((f[4] - (-0.025)).abs() < 1e-7 && f[7] == 2.0);
+        let back = devoxelize(f, 4, &v.inverse).unwrap();
+        assert_eq!(&back[0..4], &f[4..8]);
+    }
+
+    #[test]
+    fn batches_and_bad_input() {
+        let a = PointCloud::new(vec![0.0, 0.0, 0.0], 3).unwrap();
+        let v = voxelize_batch(&[a.clone(), a.clone()], 0.1).unwrap();
+        assert_eq!(v.tensor.coords(), &[[0, 0, 0, 0], [1, 0, 0, 0]]);
+        assert!(PointCloud::new(vec![f32::NAN, 0.0, 0.0], 3).is_err());
+        assert!(PointCloud::new(vec![0.0; 7], 3).is_err());
+        assert!(voxelize(&a, 0.0).is_err());
+        assert!(voxelize(&PointCloud::new(vec![1e9, 0.0, 0.0], 3).unwrap(), 0.05).is_err());
+        let empty = voxelize(&PointCloud::new(vec![], 4).unwrap(), 0.05).unwrap();
+        assert!(empty.tensor.is_empty() && empty.inverse.is_empty());
+    }
+}
