@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::kmap::{KernelMap, KernelSpec, MapBuilder, MapKind};
-use crate::plan::{Grouping, Plan};
+use crate::plan::{Grouping, GroupingParams, Plan};
 use crate::tensor::{CoordSet, SparseTensor};
 
 /// Where kernels run. The GPU backend (wgpu) adds a variant; models never match on it.
@@ -47,7 +47,11 @@ impl ConvWeight {
         if kernel.len() != volume * cin * cout {
             return Err(Error::tensor(
                 "kernel",
-                format!("expected [{volume}, {cin}, {cout}] = {} values, got {}", volume * cin * cout, kernel.len()),
+                format!(
+                    "expected [{volume}, {cin}, {cout}] = {} values, got {}",
+                    volume * cin * cout,
+                    kernel.len()
+                ),
             ));
         }
         if let Some(b) = &bias {
@@ -55,7 +59,13 @@ impl ConvWeight {
                 return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
             }
         }
-        Ok(Self { kernel, volume, cin, cout, bias })
+        Ok(Self {
+            kernel,
+            volume,
+            cin,
+            cout,
+            bias,
+        })
     }
 }
 
@@ -67,7 +77,17 @@ pub struct Engine {
     builder: MapBuilder,
     grouping: Grouping,
     maps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
-    plans: Mutex<HashMap<(MapKey, usize, usize), Plan>>,
+    tuned: Mutex<HashMap<LayerKey, Option<GroupingParams>>>,
+}
+
+/// A layer's identity for the tuner: tuned parameters carry over to new scans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct LayerKey {
+    kind: MapKind,
+    spec: KernelSpec,
+    in_stride: i32,
+    cin: usize,
+    cout: usize,
 }
 
 impl Engine {
@@ -81,15 +101,25 @@ impl Engine {
         }
     }
 
+    /// The kernel-map builder.
+    pub fn builder(&self) -> MapBuilder {
+        self.builder
+    }
+
     /// The device this engine runs on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
-    /// Forget every cached map and plan (e.g. between scans).
+    /// Forget every cached kernel map (e.g. between scans). Tuned grouping parameters are
+    /// kept: they belong to the layer, not to the scan (TorchSparse tunes once per dataset).
     pub fn clear_cache(&self) {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        self.plans.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Forget the tuned grouping parameters too.
+    pub fn clear_tuning(&self) {
+        self.tuned.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Number of cached kernel maps.
@@ -111,7 +141,11 @@ impl Engine {
 
     /// The forward map of a conv on `input`: submanifold for stride 1, downsampling otherwise.
     pub fn kernel_map(&self, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<Arc<KernelMap>> {
-        let kind = if spec.stride == 1 { MapKind::Submanifold } else { MapKind::Down };
+        let kind = if spec.stride == 1 {
+            MapKind::Submanifold
+        } else {
+            MapKind::Down
+        };
         let key = MapKey {
             input: input.id(),
             target: 0,
@@ -125,7 +159,12 @@ impl Engine {
 
     /// The map of a transposed (upsampling) conv from `input` back to `target`: the transposed
     /// map of the downsampling conv `spec` on `target`, whose outputs must be `input`'s coordinates.
-    pub fn transposed_map(&self, input: &Arc<CoordSet>, target: &Arc<CoordSet>, spec: KernelSpec) -> Result<Arc<KernelMap>> {
+    pub fn transposed_map(
+        &self,
+        input: &Arc<CoordSet>,
+        target: &Arc<CoordSet>,
+        spec: KernelSpec,
+    ) -> Result<Arc<KernelMap>> {
         if spec.stride < 2 {
             return Err(Error::invalid("transposed conv", "stride must be at least 2"));
         }
@@ -158,23 +197,35 @@ impl Engine {
         })
     }
 
-    fn plan_for(&self, map: &KernelMap, key: MapKey, x: &[f32], w: &ConvWeight) -> Result<Plan> {
+    /// The execution plan of `map` for these weights: fixed, ungrouped, or tuned once per layer
+    /// on its first input.
+    pub fn plan_for(&self, map: &KernelMap, x: &[f32], w: &ConvWeight) -> Result<Plan> {
         Ok(match self.grouping {
             Grouping::Off => Plan::ungrouped(map),
             Grouping::Fixed(p) => Plan::grouped(map, p),
             Grouping::Auto => {
-                let pk = (key, w.cin, w.cout);
-                if let Some(p) = self.plans.lock().unwrap_or_else(|e| e.into_inner()).get(&pk) {
-                    return Ok(p.clone());
-                }
-                let (plan, _) = match self.device {
-                    Device::Cpu => cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?,
+                let key = LayerKey {
+                    kind: map.kind,
+                    spec: map.spec,
+                    in_stride: map.in_coords.stride(),
+                    cin: w.cin,
+                    cout: w.cout,
                 };
-                self.plans
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(pk, plan.clone());
-                plan
+                let known = self.tuned.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
+                match known {
+                    Some(Some(p)) => Plan::grouped(map, p),
+                    Some(None) => Plan::ungrouped(map),
+                    None => {
+                        let (plan, _) = match self.device {
+                            Device::Cpu => cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?,
+                        };
+                        self.tuned
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(key, plan.params);
+                        plan
+                    }
+                }
             }
         })
     }
@@ -190,16 +241,15 @@ impl Engine {
         if w.volume != map.volume() {
             return Err(Error::tensor(
                 "kernel",
-                format!("kernel volume {} does not match kernel size {} (volume {})", w.volume, map.spec.size, map.volume()),
+                format!(
+                    "kernel volume {} does not match kernel size {} (volume {})",
+                    w.volume,
+                    map.spec.size,
+                    map.volume()
+                ),
             ));
         }
-        let key = MapKey {
-            input: map.in_coords.id(),
-            target: map.out_coords.id(),
-            kind: map.kind,
-            spec: map.spec,
-        };
-        let plan = self.plan_for(map, key, x.feats(), w)?;
+        let plan = self.plan_for(map, x.feats(), w)?;
         let out = match self.device {
             Device::Cpu => cpu::conv::conv_forward(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, w.bias.as_deref())?,
         };
@@ -213,7 +263,13 @@ impl Engine {
     }
 
     /// Transposed conv back onto `target` (the coordinates `x` was downsampled from).
-    pub fn conv_transposed(&self, x: &SparseTensor, target: &Arc<CoordSet>, w: &ConvWeight, spec: KernelSpec) -> Result<SparseTensor> {
+    pub fn conv_transposed(
+        &self,
+        x: &SparseTensor,
+        target: &Arc<CoordSet>,
+        w: &ConvWeight,
+        spec: KernelSpec,
+    ) -> Result<SparseTensor> {
         let map = self.transposed_map(x.coord_set(), target, spec)?;
         self.conv_with_map(&map, x, w)
     }

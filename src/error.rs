@@ -55,32 +55,33 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+    /// A malformed-file error.
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::Format {
             path: path.into(),
             msg: msg.into(),
         }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// An I/O error on a file.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
     }
 
-    pub(crate) fn tensor(name: impl Into<String>, msg: impl Into<String>) -> Self {
+    /// A bad-tensor error.
+    pub fn tensor(name: impl Into<String>, msg: impl Into<String>) -> Self {
         Error::Tensor {
             name: name.into(),
             msg: msg.into(),
         }
     }
 
-    pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::Invalid {
-            op,
-            msg: msg.into(),
-        }
+    /// An invalid-argument error.
+    pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::Invalid { op, msg: msg.into() }
     }
 
     /// Prefix a file path to errors that do not carry one yet (tensor errors while reading a file).

@@ -25,13 +25,22 @@ impl KernelSpec {
     /// A kernel spec after validation.
     pub fn new(size: u32, stride: u32, dilation: u32) -> Result<Self> {
         if size == 0 || size > 15 {
-            return Err(Error::invalid("kernel spec", format!("kernel size must be in 1..=15, got {size}")));
+            return Err(Error::invalid(
+                "kernel spec",
+                format!("kernel size must be in 1..=15, got {size}"),
+            ));
         }
         if stride == 0 || stride > 1 << 10 {
-            return Err(Error::invalid("kernel spec", format!("stride must be in 1..=1024, got {stride}")));
+            return Err(Error::invalid(
+                "kernel spec",
+                format!("stride must be in 1..=1024, got {stride}"),
+            ));
         }
         if dilation == 0 || dilation > 1 << 10 {
-            return Err(Error::invalid("kernel spec", format!("dilation must be in 1..=1024, got {dilation}")));
+            return Err(Error::invalid(
+                "kernel spec",
+                format!("dilation must be in 1..=1024, got {dilation}"),
+            ));
         }
         Ok(Self { size, stride, dilation })
     }
@@ -102,13 +111,13 @@ impl std::str::FromStr for MapBuilder {
         match s {
             "hash" => Ok(MapBuilder::Hash),
             "sort" => Ok(MapBuilder::Sort),
-            _ => Err(Error::invalid("kernel-map builder", format!("expected `hash` or `sort`, got `{s}`"))),
+            _ => Err(Error::invalid(
+                "kernel-map builder",
+                format!("expected `hash` or `sort`, got `{s}`"),
+            )),
         }
     }
 }
-
-/// Sentinel for "no neighbour" in neighbour tables.
-pub(crate) const NONE: u32 = u32::MAX;
 
 /// The `(input row, output row)` pairs of every kernel offset.
 ///
@@ -196,35 +205,26 @@ impl KernelMap {
         order
     }
 
-    /// Build the canonical map from a neighbour table `table[k * n_out + q] = input row or NONE`.
-    pub(crate) fn from_table(
+    /// Build the canonical map from per-offset `(input rows, output rows)` lists, sorting any
+    /// offset whose pairs are not already in output-row order.
+    pub(crate) fn from_pairs(
         kind: MapKind,
         spec: KernelSpec,
         offsets: Vec<[i32; 3]>,
         in_coords: Arc<CoordSet>,
         out_coords: Arc<CoordSet>,
-        table: &[u32],
+        mut per: Vec<(Vec<u32>, Vec<u32>)>,
     ) -> Self {
         use rayon::prelude::*;
-        let n_out = out_coords.len();
         let kv = offsets.len();
-        debug_assert_eq!(table.len(), kv * n_out);
-        let per: Vec<(Vec<u32>, Vec<u32>)> = (0..kv)
-            .into_par_iter()
-            .map(|k| {
-                let row = &table[k * n_out..(k + 1) * n_out];
-                let n = row.iter().filter(|&&v| v != NONE).count();
-                let mut ins = Vec::with_capacity(n);
-                let mut outs = Vec::with_capacity(n);
-                for (q, &p) in row.iter().enumerate() {
-                    if p != NONE {
-                        ins.push(p);
-                        outs.push(q as u32);
-                    }
-                }
-                (ins, outs)
-            })
-            .collect();
+        debug_assert_eq!(per.len(), kv);
+        per.par_iter_mut().for_each(|(ins, outs)| {
+            if !outs.is_sorted() {
+                let mut v: Vec<(u32, u32)> = outs.iter().copied().zip(ins.iter().copied()).collect();
+                v.sort_unstable();
+                (*outs, *ins) = v.into_iter().unzip();
+            }
+        });
         let mut starts = Vec::with_capacity(kv + 1);
         starts.push(0);
         for (ins, _) in &per {
@@ -329,7 +329,10 @@ pub(crate) fn scaled_offsets(spec: &KernelSpec, tensor_stride: i32) -> Result<Ve
 pub(crate) fn downsample_keys(input: &CoordSet, spec: &KernelSpec) -> Result<(Vec<u64>, i32)> {
     let s = input.stride() as i64 * spec.stride as i64;
     if s >= coords::COORD_LIMIT as i64 {
-        return Err(Error::invalid("downsampling", format!("output tensor stride {s} is too large")));
+        return Err(Error::invalid(
+            "downsampling",
+            format!("output tensor stride {s} is too large"),
+        ));
     }
     let s = s as i32;
     let mut keys = Vec::with_capacity(input.len());
@@ -362,10 +365,19 @@ mod tests {
         assert_eq!(o[9], [-1, -1, 0]);
         assert_eq!(o[13], [0, 0, 0]);
         let e = kernel_offsets(2, 2);
-        assert_eq!(e, vec![
-            [0, 0, 0], [0, 0, 2], [0, 2, 0], [0, 2, 2],
-            [2, 0, 0], [2, 0, 2], [2, 2, 0], [2, 2, 2]
-        ]); // z fastest for even kernels
+        assert_eq!(
+            e,
+            vec![
+                [0, 0, 0],
+                [0, 0, 2],
+                [0, 2, 0],
+                [0, 2, 2],
+                [2, 0, 0],
+                [2, 0, 2],
+                [2, 2, 0],
+                [2, 2, 2]
+            ]
+        ); // z fastest for even kernels
         assert_eq!(axis_offsets(4), -1..=2);
         assert_eq!(axis_offsets(5), -2..=2);
         assert_eq!(kernel_offsets(1, 4), vec![[0, 0, 0]]);

@@ -38,7 +38,14 @@ pub fn brute_force_map(
 pub fn downsampled_coords(inputs: &[[i32; 4]], s: i32) -> Vec<[i32; 4]> {
     let set: BTreeSet<[i32; 4]> = inputs
         .iter()
-        .map(|c| [c[0], floor_div(c[1], s) * s, floor_div(c[2], s) * s, floor_div(c[3], s) * s])
+        .map(|c| {
+            [
+                c[0],
+                floor_div(c[1], s) * s,
+                floor_div(c[2], s) * s,
+                floor_div(c[3], s) * s,
+            ]
+        })
         .collect();
     set.into_iter().collect()
 }

@@ -16,7 +16,7 @@ use crate::plan::Plan;
 
 /// Rows per GEMM tile: operand tiles of about 256 KiB stay in L2. Depends only on the channels.
 pub fn tile_rows(cin: usize, cout: usize) -> usize {
-    let t = (65536 / (cin + cout).max(1)).clamp(32, 512);
+    let t = (65536 / (cin + cout).max(1)).clamp(32, 256);
     t / 16 * 16
 }
 
@@ -24,18 +24,33 @@ pub fn tile_rows(cin: usize, cout: usize) -> usize {
 const SCATTER_CHUNK: usize = 512;
 
 /// Check operand shapes against the map.
-pub fn check_shapes(map: &KernelMap, x: &[f32], cin: usize, w: &[f32], cout: usize, bias: Option<&[f32]>) -> Result<()> {
+pub fn check_shapes(
+    map: &KernelMap,
+    x: &[f32],
+    cin: usize,
+    w: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+) -> Result<()> {
     let kv = map.volume();
     if x.len() != map.n_in() * cin {
         return Err(Error::tensor(
             "feats",
-            format!("expected [{}, {cin}] for the kernel map's inputs, got {} values", map.n_in(), x.len()),
+            format!(
+                "expected [{}, {cin}] for the kernel map's inputs, got {} values",
+                map.n_in(),
+                x.len()
+            ),
         ));
     }
     if w.len() != kv * cin * cout {
         return Err(Error::tensor(
             "kernel",
-            format!("expected [{kv}, {cin}, {cout}] ({} values), got {} values", kv * cin * cout, w.len()),
+            format!(
+                "expected [{kv}, {cin}, {cout}] ({} values), got {} values",
+                kv * cin * cout,
+                w.len()
+            ),
         ));
     }
     if let Some(b) = bias {
@@ -144,10 +159,9 @@ fn fused(map: &KernelMap, k: usize, x: &[f32], cin: usize, wk: &[f32], cout: usi
         |(a, c), (ic, oc)| {
             gather(x, cin, ic, a);
             gemm_tile(t, cin, cout, a, wk, c);
-            let op = op;
             for (r, &q) in oc.iter().enumerate() {
                 // SAFETY: output rows of one offset are distinct, so tasks write disjoint rows.
-                let dst = unsafe { std::slice::from_raw_parts_mut(op.0.add(q as usize * cout), cout) };
+                let dst = unsafe { std::slice::from_raw_parts_mut(op.get().add(q as usize * cout), cout) };
                 add_row(dst, &c[r * cout..(r + 1) * cout]);
             }
         },
@@ -185,25 +199,26 @@ fn batched(
             let lo = tile * t;
             let hi = (lo + t).min(ins.len());
             gather(x, cin, &ins[lo..hi], a);
-            let bp = bp;
             // SAFETY: each job owns rows [g*mpad + lo, g*mpad + lo + t) of the buffer.
-            let c = unsafe { std::slice::from_raw_parts_mut(bp.0.add((g * mpad + lo) * cout), t * cout) };
+            let c = unsafe { std::slice::from_raw_parts_mut(bp.get().add((g * mpad + lo) * cout), t * cout) };
             gemm_tile(t, cin, cout, a, &w[k * cin * cout..(k + 1) * cin * cout], c);
         },
     );
     let buf = &buf;
-    out.par_chunks_mut(SCATTER_CHUNK * cout).enumerate().for_each(|(ci, oc)| {
-        let lo = (ci * SCATTER_CHUNK) as u32;
-        let hi = lo + (oc.len() / cout) as u32;
-        for (g, &k) in offsets.iter().enumerate() {
-            let (_, outs) = map.pairs(k);
-            let a = outs.partition_point(|&q| q < lo);
-            let b = outs.partition_point(|&q| q < hi);
-            for (p, &q) in outs[a..b].iter().enumerate().map(|(i, q)| (a + i, q)) {
-                let r = (q - lo) as usize;
-                let row = g * mpad + p;
-                add_row(&mut oc[r * cout..(r + 1) * cout], &buf[row * cout..(row + 1) * cout]);
+    out.par_chunks_mut(SCATTER_CHUNK * cout)
+        .enumerate()
+        .for_each(|(ci, oc)| {
+            let lo = (ci * SCATTER_CHUNK) as u32;
+            let hi = lo + (oc.len() / cout) as u32;
+            for (g, &k) in offsets.iter().enumerate() {
+                let (_, outs) = map.pairs(k);
+                let a = outs.partition_point(|&q| q < lo);
+                let b = outs.partition_point(|&q| q < hi);
+                for (p, &q) in outs[a..b].iter().enumerate().map(|(i, q)| (a + i, q)) {
+                    let r = (q - lo) as usize;
+                    let row = g * mpad + p;
+                    add_row(&mut oc[r * cout..(r + 1) * cout], &buf[row * cout..(row + 1) * cout]);
+                }
             }
-        }
-    });
+        });
 }

@@ -22,7 +22,10 @@ pub fn gemm_parallel(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut
 }
 
 fn gemm_with(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], par: Parallelism) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm operand too small");
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "gemm operand too small"
+    );
     if m == 0 || n == 0 {
         return;
     }

@@ -5,19 +5,19 @@ use std::sync::Arc;
 use hashbrown::{HashMap, HashSet};
 use rayon::prelude::*;
 
-use super::{query_plan, SharedMut};
+use super::{assemble, query_plan};
 use crate::coords;
 use crate::error::Result;
-use crate::kmap::{scaled_offsets, KernelMap, KernelSpec, MapKind, NONE};
+use crate::kmap::{scaled_offsets, KernelMap, KernelSpec, MapKind};
 use crate::tensor::CoordSet;
 
 /// Build the submanifold (stride 1) or downsampling map of `spec` on `input` by hashing.
 pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
     let offsets = scaled_offsets(&spec, input.stride())?;
     let in_keys: Vec<u64> = input.coords().par_iter().map(|&c| coords::pack(c)).collect();
-    let mut table_in: HashMap<u64, u32> = HashMap::with_capacity(in_keys.len());
+    let mut table: HashMap<u64, u32> = HashMap::with_capacity(in_keys.len());
     for (i, &k) in in_keys.iter().enumerate() {
-        table_in.insert(k, i as u32);
+        table.insert(k, i as u32);
     }
     let sub = spec.stride == 1;
     let (out_coords, out_keys) = if sub {
@@ -41,33 +41,26 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         let cs = CoordSet::new_unchecked(keys.iter().map(|&k| coords::unpack(k)).collect(), s);
         (Arc::new(cs), keys)
     };
-    let n_out = out_keys.len();
-    let kv = offsets.len();
-    let mut table = vec![NONE; kv * n_out];
     let (identity, tasks) = query_plan(&offsets, sub);
-    if let Some(c) = identity {
-        table[c * n_out..(c + 1) * n_out]
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, v)| *v = i as u32);
-    }
-    let tp = SharedMut(table.as_mut_ptr());
-    tasks.par_iter().for_each(|&(k, mirror)| {
-        let dk = coords::delta_key(offsets[k]);
-        let tp = tp;
+    let groups: Vec<Vec<(usize, Option<usize>)>> = tasks.into_iter().map(|t| vec![t]).collect();
+    let per = assemble(offsets.len(), out_keys.len(), identity, &groups, |g| {
+        let dk = coords::delta_key(offsets[g[0].0]);
+        let (mut ins, mut outs) = (Vec::new(), Vec::new());
         for (q, &ok) in out_keys.iter().enumerate() {
-            let target = (ok as i64).wrapping_add(dk) as u64;
-            if let Some(&p) = table_in.get(&target) {
-                // SAFETY: task k alone writes rows k and mirror(k); rows are disjoint between tasks.
-                unsafe {
-                    *tp.0.add(k * n_out + q) = p;
-                    if let Some(m) = mirror {
-                        *tp.0.add(m * n_out + p as usize) = q as u32;
-                    }
-                }
+            if let Some(&p) = table.get(&((ok as i64).wrapping_add(dk) as u64)) {
+                ins.push(p);
+                outs.push(q as u32);
             }
         }
+        vec![(ins, outs)]
     });
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok(KernelMap::from_table(kind, spec, offsets, input.clone(), out_coords, &table))
+    Ok(KernelMap::from_pairs(
+        kind,
+        spec,
+        offsets,
+        input.clone(),
+        out_coords,
+        per,
+    ))
 }

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{query_plan, SharedMut};
+use super::{assemble, query_plan};
 use crate::coords;
 use crate::error::Result;
-use crate::kmap::{downsample_keys, scaled_offsets, KernelMap, KernelSpec, MapKind, NONE};
+use crate::kmap::{downsample_keys, scaled_offsets, KernelMap, KernelSpec, MapKind};
 use crate::tensor::CoordSet;
 
 /// Build the submanifold (stride 1) or downsampling map of `spec` on `input` by merging sorted keys.
@@ -20,7 +20,10 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         .enumerate()
         .map(|(i, &c)| (coords::pack(c), i as u32))
         .collect();
-    radsort::sort_by_key(&mut in_sorted, |e| e.0);
+    // Rows produced by this crate are already in key order; sort only when they are not.
+    if !in_sorted.is_sorted_by_key(|e| e.0) {
+        radsort::sort_by_key(&mut in_sorted, |e| e.0);
+    }
     let sub = spec.stride == 1;
     let (out_coords, out_sorted) = if sub {
         (input.clone(), None)
@@ -31,43 +34,53 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         (Arc::new(cs), Some(sorted))
     };
     let out_sorted: &[(u64, u32)] = out_sorted.as_deref().unwrap_or(&in_sorted);
-    let n_out = out_sorted.len();
-    let kv = offsets.len();
-    let mut table = vec![NONE; kv * n_out];
-    let (identity, tasks) = query_plan(&offsets, sub);
-    if let Some(c) = identity {
-        table[c * n_out..(c + 1) * n_out]
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, v)| *v = i as u32);
-    }
-    let tp = SharedMut(table.as_mut_ptr());
     let ins = &in_sorted[..];
-    tasks.par_iter().for_each(|&(k, mirror)| {
-        let dk = coords::delta_key(offsets[k]);
-        let tp = tp;
+    let (identity, tasks) = query_plan(&offsets, sub);
+    // One merge per z-column: offsets sharing (dx, dy) target a contiguous key range, since z
+    // is the lowest key field.
+    let mut columns: Vec<Vec<(usize, Option<usize>)>> = Vec::new();
+    for t in tasks {
+        let d = offsets[t.0];
+        match columns.iter_mut().find(|c| offsets[c[0].0][..2] == d[..2]) {
+            Some(c) => c.push(t),
+            None => columns.push(vec![t]),
+        }
+    }
+    let per = assemble(offsets.len(), out_sorted.len(), identity, &columns, |col| {
+        let d0 = offsets[col[0].0];
+        let dcol = coords::delta_key([d0[0], d0[1], 0]);
+        let dzs: Vec<i64> = col.iter().map(|&(k, _)| offsets[k][2] as i64).collect();
+        let (zlo, zhi) = (
+            dzs.iter().copied().min().unwrap_or(0),
+            dzs.iter().copied().max().unwrap_or(0),
+        );
+        let mut lists: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); col.len()];
         let mut j = 0usize;
         for &(ok, q) in out_sorted {
-            let target = (ok as i64).wrapping_add(dk) as u64;
+            let t = (ok as i64).wrapping_add(dcol);
             // Shifted output keys ascend, so the input cursor only moves forward.
-            while j < ins.len() && ins[j].0 < target {
+            while j < ins.len() && (ins[j].0 as i64) < t + zlo {
                 j += 1;
             }
-            if j == ins.len() {
-                break;
-            }
-            if ins[j].0 == target {
-                let p = ins[j].1;
-                // SAFETY: task k alone writes rows k and mirror(k); rows are disjoint between tasks.
-                unsafe {
-                    *tp.0.add(k * n_out + q as usize) = p;
-                    if let Some(m) = mirror {
-                        *tp.0.add(m * n_out + p as usize) = q;
-                    }
+            let mut jj = j;
+            while jj < ins.len() && (ins[jj].0 as i64) <= t + zhi {
+                let dz = ins[jj].0 as i64 - t;
+                if let Some(slot) = dzs.iter().position(|&z| z == dz) {
+                    lists[slot].0.push(ins[jj].1);
+                    lists[slot].1.push(q);
                 }
+                jj += 1;
             }
         }
+        lists
     });
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok(KernelMap::from_table(kind, spec, offsets, input.clone(), out_coords, &table))
+    Ok(KernelMap::from_pairs(
+        kind,
+        spec,
+        offsets,
+        input.clone(),
+        out_coords,
+        per,
+    ))
 }

@@ -27,9 +27,47 @@ pub(crate) struct SharedMut<T>(pub *mut T);
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
-/// Offsets a builder must query: every offset except the identity, and for symmetric
-/// (submanifold) maps only one offset of each mirror pair, since map(-δ) is the transpose
-/// of map(δ).
+impl<T> SharedMut<T> {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper, not the field).
+    #[inline(always)]
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// Run the queries in parallel and lay the results out per offset. Each group of tasks
+/// `(k, mirror)` is answered by one call of `query`, which returns the pairs of each task's
+/// offset `k`; a mirror offset gets the same pairs swapped (map(-δ) is the transpose of
+/// map(δ)); the identity offset maps every row to itself.
+pub(crate) fn assemble(
+    kv: usize,
+    n_out: usize,
+    identity: Option<usize>,
+    groups: &[Vec<(usize, Option<usize>)>],
+    query: impl Fn(&[(usize, Option<usize>)]) -> Vec<(Vec<u32>, Vec<u32>)> + Sync,
+) -> Vec<(Vec<u32>, Vec<u32>)> {
+    use rayon::prelude::*;
+    let found: Vec<Vec<(Vec<u32>, Vec<u32>)>> = groups.par_iter().map(|g| query(g)).collect();
+    let mut per: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); kv];
+    if let Some(c) = identity {
+        let all: Vec<u32> = (0..n_out as u32).collect();
+        per[c] = (all.clone(), all);
+    }
+    for (g, res) in groups.iter().zip(found) {
+        for (&(k, mirror), (ins, outs)) in g.iter().zip(res) {
+            if let Some(m) = mirror {
+                per[m] = (outs.clone(), ins.clone());
+            }
+            per[k] = (ins, outs);
+        }
+    }
+    per
+}
+
+/// Offsets a builder must query, as `(offset, mirror)`: every offset except the identity;
+/// of a mirror pair (submanifold maps) only the member in the half-space
+/// `(dx, dy) > (0, 0) or (dx, dy) == (0, 0) and dz > 0`, since map(-δ) is the transpose of
+/// map(δ). Choosing a half-space keeps whole z-columns together for the merge-sort builder.
 pub(crate) fn query_plan(offsets: &[[i32; 3]], submanifold: bool) -> (Option<usize>, Vec<(usize, Option<usize>)>) {
     let identity = if submanifold {
         offsets.iter().position(|d| *d == [0, 0, 0])
@@ -46,9 +84,9 @@ pub(crate) fn query_plan(offsets: &[[i32; 3]], submanifold: bool) -> (Option<usi
         } else {
             None
         };
-        match m {
-            Some(m) if m < k => continue,
-            _ => tasks.push((k, m)),
+        let upper = (d[0], d[1]) > (0, 0) || ((d[0], d[1]) == (0, 0) && d[2] > 0);
+        if m.is_none() || upper {
+            tasks.push((k, m));
         }
     }
     (identity, tasks)

@@ -20,14 +20,7 @@ pub fn candidates() -> Vec<Option<GroupingParams>> {
 
 /// Time every candidate plan (best of `reps` runs each) and return the fastest with its time.
 /// All candidates give bit-identical outputs, so tuning never changes results.
-pub fn tune(
-    map: &KernelMap,
-    x: &[f32],
-    cin: usize,
-    w: &[f32],
-    cout: usize,
-    reps: usize,
-) -> Result<(Plan, f64)> {
+pub fn tune(map: &KernelMap, x: &[f32], cin: usize, w: &[f32], cout: usize, reps: usize) -> Result<(Plan, f64)> {
     let mut best: Option<(Plan, f64)> = None;
     let mut seen: Vec<Plan> = Vec::new();
     for cand in candidates() {

@@ -26,11 +26,23 @@ pub fn read_f32_rows(path: &Path, cols: usize, what: &str) -> Result<PointCloud>
         ));
     }
     let data = le_f32(&bytes);
-    if let Some(i) = data.chunks_exact(cols).position(|p| !p[..3].iter().all(|v| v.is_finite())) {
-        return Err(Error::format(path, format!("point {i} has a NaN or infinite coordinate")));
+    if let Some(i) = data
+        .chunks_exact(cols)
+        .position(|p| !p[..3].iter().all(|v| v.is_finite()))
+    {
+        return Err(Error::format(
+            path,
+            format!("point {i} has a NaN or infinite coordinate"),
+        ));
     }
-    if let Some(i) = data.chunks_exact(cols).position(|p| !p[3..].iter().all(|v| v.is_finite())) {
-        return Err(Error::format(path, format!("point {i} has a NaN or infinite attribute")));
+    if let Some(i) = data
+        .chunks_exact(cols)
+        .position(|p| !p[3..].iter().all(|v| v.is_finite()))
+    {
+        return Err(Error::format(
+            path,
+            format!("point {i} has a NaN or infinite attribute"),
+        ));
     }
     PointCloud::new(data, cols).map_err(|e| e.in_file(path))
 }
@@ -114,14 +126,20 @@ impl LearningMap {
         for (k, v) in int_map(doc, "learning_map", path)? {
             let t = as_u32(&v, "learning_map")?;
             if t as usize > NUM_CLASSES {
-                return Err(Error::format(path, format!("learning_map sends {k} to {t} (> {NUM_CLASSES})")));
+                return Err(Error::format(
+                    path,
+                    format!("learning_map sends {k} to {t} (> {NUM_CLASSES})"),
+                ));
             }
             learning_map.insert(k, t);
         }
         let mut inverse = vec![0u32; NUM_CLASSES + 1];
         for (k, v) in int_map(doc, "learning_map_inv", path)? {
             if k as usize > NUM_CLASSES {
-                return Err(Error::format(path, format!("learning_map_inv has training id {k} (> {NUM_CLASSES})")));
+                return Err(Error::format(
+                    path,
+                    format!("learning_map_inv has training id {k} (> {NUM_CLASSES})"),
+                ));
             }
             inverse[k as usize] = as_u32(&v, "learning_map_inv")?;
         }

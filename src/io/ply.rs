@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use ply_rs_bw::parser::Parser;
-use ply_rs_bw::ply::{Addable, DefaultElement, ElementDef, Encoding, Ply, Property, PropertyDef, PropertyType, ScalarType};
+use ply_rs_bw::ply::{
+    Addable, DefaultElement, ElementDef, Encoding, Ply, Property, PropertyDef, PropertyType, ScalarType,
+};
 use ply_rs_bw::writer::Writer;
 
 use super::read_file;
@@ -31,9 +33,10 @@ fn scalar(p: &Property) -> Option<f64> {
 pub fn read_ply(path: &Path) -> Result<PointCloud> {
     let bytes = read_file(path)?;
     let parser = Parser::<DefaultElement>::new();
-    let ply = parser
-        .read_ply(&mut &bytes[..])
-        .map_err(|e| Error::format(path, format!("invalid PLY: {e}")))?;
+    let ply = parser.read_ply(&mut &bytes[..]).map_err(|e| {
+        let one_line = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+        Error::format(path, format!("invalid PLY: {one_line}"))
+    })?;
     let def = ply
         .header
         .elements
@@ -49,7 +52,11 @@ pub fn read_ply(path: &Path) -> Result<PointCloud> {
     if verts.len() != def.count {
         return Err(Error::format(
             path,
-            format!("header declares {} vertices, file holds {}: truncated", def.count, verts.len()),
+            format!(
+                "header declares {} vertices, file holds {}: truncated",
+                def.count,
+                verts.len()
+            ),
         ));
     }
     let dims = if extra.is_some() { 4 } else { 3 };
@@ -80,7 +87,11 @@ pub fn write_ply(path: &Path, cloud: &PointCloud, extra: &[&str], binary: bool) 
     }
     let names: Vec<&str> = ["x", "y", "z"].iter().copied().chain(extra.iter().copied()).collect();
     let mut ply = Ply::<DefaultElement>::new();
-    ply.header.encoding = if binary { Encoding::BinaryLittleEndian } else { Encoding::Ascii };
+    ply.header.encoding = if binary {
+        Encoding::BinaryLittleEndian
+    } else {
+        Encoding::Ascii
+    };
     let mut el = ElementDef::new("vertex".to_string());
     for n in &names {
         el.properties

@@ -28,7 +28,8 @@ impl TensorFile {
     /// Read a file and check its header.
     pub fn open(path: &Path) -> Result<Self> {
         let bytes = read_file(path)?;
-        SafeTensors::deserialize(&bytes).map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
+        SafeTensors::deserialize(&bytes)
+            .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
             bytes,
@@ -116,12 +117,26 @@ pub enum OutTensor<'a> {
 }
 
 /// Write named tensors (and optional metadata) to a safetensors file.
-pub fn write(path: &Path, tensors: Vec<(&str, OutTensor<'_>)>, metadata: Option<HashMap<String, String>>) -> Result<()> {
+pub fn write(
+    path: &Path,
+    tensors: Vec<(&str, OutTensor<'_>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
     let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, t)| match t {
-            OutTensor::F32(d, s) => (n.to_string(), Dtype::F32, s, d.iter().flat_map(|v| v.to_le_bytes()).collect()),
-            OutTensor::I32(d, s) => (n.to_string(), Dtype::I32, s, d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            OutTensor::F32(d, s) => (
+                n.to_string(),
+                Dtype::F32,
+                s,
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            OutTensor::I32(d, s) => (
+                n.to_string(),
+                Dtype::I32,
+                s,
+                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
         })
         .collect();
     let mut views = Vec::with_capacity(bytes.len());
@@ -130,6 +145,7 @@ pub fn write(path: &Path, tensors: Vec<(&str, OutTensor<'_>)>, metadata: Option<
             .map_err(|e| Error::invalid("write safetensors", format!("tensor `{n}`: {e}")))?;
         views.push((n.clone(), v));
     }
-    let out = safetensors::serialize(views, metadata).map_err(|e| Error::invalid("write safetensors", e.to_string()))?;
+    let out =
+        safetensors::serialize(views, metadata).map_err(|e| Error::invalid("write safetensors", e.to_string()))?;
     std::fs::write(path, out).map_err(|e| Error::io(path, e))
 }

@@ -105,8 +105,7 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 /// Reorder the rows of `t` to follow `coords` (both must hold the same coordinate set).
 pub fn rows_in_order(t: &SparseTensor, coords: &[[i32; 4]]) -> Vec<f32> {
     let c = t.channels();
-    let pos: std::collections::HashMap<[i32; 4], usize> =
-        t.coords().iter().enumerate().map(|(i, &q)| (q, i)).collect();
+    let pos: std::collections::HashMap<[i32; 4], usize> = t.coords().iter().enumerate().map(|(i, &q)| (q, i)).collect();
     assert_eq!(pos.len(), coords.len(), "output coordinate count differs");
     let mut out = Vec::with_capacity(coords.len() * c);
     for q in coords {

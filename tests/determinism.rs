@@ -1,0 +1,80 @@
+//! Same input, same bits: whatever the thread count, the kernel-map builder or the grouping.
+
+mod common;
+
+use common::*;
+use sparseconv::bench::pseudo_random;
+use sparseconv::cpu::{build_map, conv::conv_forward, tune::candidates};
+use sparseconv::{ConvWeight, Device, Engine, Grouping, KernelSpec, MapBuilder, Plan, SparseTensor};
+
+fn pool(n: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build()
+        .expect("thread pool")
+}
+
+#[test]
+fn real_scan_conv_is_bit_identical_across_threads_and_groupings() {
+    let vox = real_scan();
+    let (cin, cout) = (32, 32);
+    let n = vox.tensor.len();
+    let x = SparseTensor::new(vox.tensor.coord_set().clone(), pseudo_random(n * cin, 1, 1.0), cin).expect("x");
+    for (k, s) in [(3u32, 1u32), (2, 2)] {
+        let spec = KernelSpec::new(k, s, 1).expect("spec");
+        let w = pseudo_random(spec.volume() * cin * cout, 2, 0.2);
+        let bias = pseudo_random(cout, 3, 0.1);
+        let map = build_map(MapBuilder::Hash, x.coord_set(), spec).expect("map");
+        let reference = pool(1).install(|| {
+            conv_forward(&map, &Plan::ungrouped(&map), x.feats(), cin, &w, cout, Some(&bias)).expect("conv")
+        });
+        let mut plans = vec![("ungrouped".to_string(), Plan::ungrouped(&map))];
+        for c in candidates().into_iter().flatten() {
+            plans.push((format!("{c:?}"), Plan::grouped(&map, c)));
+        }
+        assert!(
+            plans.iter().any(|(_, p)| p.groups.iter().any(|g| g.offsets.len() > 1)),
+            "some plan groups offsets"
+        );
+        for threads in [1, 2, 3] {
+            for (label, plan) in &plans {
+                let out = pool(threads)
+                    .install(|| conv_forward(&map, plan, x.feats(), cin, &w, cout, Some(&bias)).expect("conv"));
+                assert!(
+                    out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "k{k} s{s}: {threads} threads, plan {label}: bits differ"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn engines_agree_bitwise_on_random_clouds() {
+    let x = random_tensor(42, 2, 10, 1, 0.3, 16);
+    let spec = KernelSpec::new(3, 1, 1).expect("spec");
+    let w = ConvWeight::new(pseudo_random(27 * 16 * 24, 5, 0.3), 27, 16, 24, None).expect("w");
+    let mut outs = Vec::new();
+    for st in strategies() {
+        for threads in [1, 2] {
+            let y = pool(threads).install(|| st.engine.conv(&x, &w, spec)).expect("conv");
+            outs.push((format!("{} x{threads}", st.label), y.into_feats()));
+        }
+    }
+    for (label, o) in &outs[1..] {
+        assert!(
+            o.iter().zip(&outs[0].1).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{label} differs from {}",
+            outs[0].0
+        );
+    }
+    // Repeated runs of the tuned engine (which re-times plans on a new engine) also agree.
+    let again = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Auto)
+        .conv(&x, &w, spec)
+        .expect("conv");
+    assert!(again
+        .feats()
+        .iter()
+        .zip(&outs[0].1)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
