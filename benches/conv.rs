@@ -13,7 +13,7 @@ use sparseconv::cpu::conv::conv_forward;
 use sparseconv::cpu::gemm::gemm_parallel;
 use sparseconv::cpu::{build_map, tune::tune};
 use sparseconv::voxel::voxelize;
-use sparseconv::{KernelSpec, MapBuilder, Plan};
+use sparseconv::{GroupingParams, KernelSpec, MapBuilder, Plan};
 
 fn row(name: &str, s: &Stats, flops: f64, extra: &str) {
     println!(
@@ -43,6 +43,21 @@ fn main() {
     let sub_map = build_map(MapBuilder::Hash, x0.coord_set(), sub).expect("map");
     let down_map = build_map(MapBuilder::Hash, x0.coord_set(), down).expect("map");
     let up_map = down_map.transposed();
+    // A deep, small layer: three k2 s2 downsamplings (tensor stride 8), where per-offset maps are
+    // a few hundred to a few thousand rows and grouping has something to win.
+    let mut deep = x0.coord_set().clone();
+    for _ in 0..3 {
+        deep = build_map(MapBuilder::Sort, &deep, down)
+            .expect("map")
+            .out_coords
+            .clone();
+    }
+    let deep_map = build_map(MapBuilder::Sort, &deep, sub).expect("map");
+    println!(
+        "# stride-8 k3 submanifold map: {} voxels, {} pairs",
+        deep_map.n_out(),
+        deep_map.total_pairs()
+    );
     println!(
         "# k3 submanifold map: {} pairs ({:.1} per voxel); k2 s2 down: {} -> {} voxels",
         sub_map.total_pairs(),
@@ -53,11 +68,13 @@ fn main() {
     println!("{:<34} {:>12} {:>9} {:>16}", "layer", "median", "mad", "throughput");
 
     let layers: Vec<(&str, &sparseconv::KernelMap, usize, usize)> = vec![
+        ("sub k3 4->32 (stem)", &sub_map, 4, 32),
         ("sub k3 32->32", &sub_map, 32, 32),
         ("sub k3 64->64", &sub_map, 64, 64),
         ("sub k3 128->128", &sub_map, 128, 128),
         ("down k2s2 32->64", &down_map, 32, 64),
         ("up k2s2 64->32 (transposed)", &up_map, 64, 32),
+        ("sub k3 256->256 @ stride 8", &deep_map, 256, 256),
     ];
     for (name, map, cin, cout) in layers {
         let x = pseudo_random(map.n_in() * cin, 11, 1.0);
@@ -67,6 +84,20 @@ fn main() {
         let ungrouped = Plan::ungrouped(map);
         let s_un = measure(1, min_runs, 1000, secs, || {
             std::hint::black_box(conv_forward(map, &ungrouped, &x, cin, &w, cout, None).expect("conv"));
+        });
+        let fixed = Plan::grouped(
+            map,
+            GroupingParams {
+                tolerance: 0.3,
+                max_rows: 1 << 17,
+            },
+        );
+        let s_fx = measure(1, min_runs, 1000, secs, || {
+            std::hint::black_box(conv_forward(map, &fixed, &x, cin, &w, cout, None).expect("conv"));
+        });
+        let ot = Plan::output_tiled(map);
+        let s_ot = measure(1, min_runs, 1000, secs, || {
+            std::hint::black_box(conv_forward(map, &ot, &x, cin, &w, cout, None).expect("conv"));
         });
         let (tuned, _) = tune(map, &x, cin, &w, cout, 3).expect("tune");
         let s_tu = measure(1, min_runs, 1000, secs, || {
@@ -87,10 +118,28 @@ fn main() {
             flops,
             &format!("{:.0}% of dense", 100.0 * s_un.gflops(flops) / g),
         );
+        row(
+            &format!("{name} grouped"),
+            &s_fx,
+            flops,
+            &format!(
+                "{:.0}% of dense  [tol 0.3 max 131072 -> {} groups, {:.0}% padding]",
+                100.0 * s_fx.gflops(flops) / g,
+                fixed.groups.len(),
+                100.0 * fixed.padding_fraction(map)
+            ),
+        );
+        row(
+            &format!("{name} output-tiled"),
+            &s_ot,
+            flops,
+            &format!("{:.0}% of dense", 100.0 * s_ot.gflops(flops) / g),
+        );
         let groups = tuned.groups.len();
-        let desc = match tuned.params {
-            Some(p) => format!("tol {} max {} -> {groups} groups", p.tolerance, p.max_rows),
-            None => "ungrouped".into(),
+        let desc = match (tuned.output_tiled, tuned.params) {
+            (true, _) => "output-tiled".into(),
+            (false, Some(p)) => format!("tol {} max {} -> {groups} groups", p.tolerance, p.max_rows),
+            (false, None) => "ungrouped".into(),
         };
         row(
             &format!("{name} tuned"),

@@ -77,7 +77,15 @@ pub struct Engine {
     builder: MapBuilder,
     grouping: Grouping,
     maps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
-    tuned: Mutex<HashMap<LayerKey, Option<GroupingParams>>>,
+    tuned: Mutex<HashMap<LayerKey, Tuned>>,
+}
+
+/// What the tuner chose for a layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tuned {
+    Ungrouped,
+    Grouped(GroupingParams),
+    OutputTiled,
 }
 
 /// A layer's identity for the tuner: tuned parameters carry over to new scans.
@@ -203,6 +211,7 @@ impl Engine {
         Ok(match self.grouping {
             Grouping::Off => Plan::ungrouped(map),
             Grouping::Fixed(p) => Plan::grouped(map, p),
+            Grouping::OutputTiled => Plan::output_tiled(map),
             Grouping::Auto => {
                 let key = LayerKey {
                     kind: map.kind,
@@ -213,16 +222,21 @@ impl Engine {
                 };
                 let known = self.tuned.lock().unwrap_or_else(|e| e.into_inner()).get(&key).copied();
                 match known {
-                    Some(Some(p)) => Plan::grouped(map, p),
-                    Some(None) => Plan::ungrouped(map),
+                    Some(Tuned::Grouped(p)) => Plan::grouped(map, p),
+                    Some(Tuned::Ungrouped) => Plan::ungrouped(map),
+                    Some(Tuned::OutputTiled) => Plan::output_tiled(map),
                     None => {
                         let (plan, _) = match self.device {
                             Device::Cpu => cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?,
                         };
-                        self.tuned
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(key, plan.params);
+                        self.tuned.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                            key,
+                            match (plan.output_tiled, plan.params) {
+                                (true, _) => Tuned::OutputTiled,
+                                (false, Some(p)) => Tuned::Grouped(p),
+                                (false, None) => Tuned::Ungrouped,
+                            },
+                        );
                         plan
                     }
                 }

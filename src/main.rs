@@ -355,7 +355,12 @@ fn cmd_stack(scan: &Path, format: Option<PointFormat>, voxel_size: f32, engine: 
                     (engine.conv_with_map(&map, &x, w)?, map)
                 }
             };
-            y.feats_mut().iter_mut().for_each(|v| *v = v.max(0.0));
+            {
+                use rayon::prelude::*;
+                y.feats_mut()
+                    .par_chunks_mut(1 << 14)
+                    .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+            }
             let dt = t.elapsed().as_secs_f64();
             if run > 0 {
                 per_layer[i].push(dt);

@@ -22,6 +22,8 @@ pub enum Grouping {
     /// Per-layer parameters picked by timing candidates on the actual input (cached per layer).
     #[default]
     Auto,
+    /// Every non-identity offset in one output-stationary group (CPU).
+    OutputTiled,
 }
 
 /// A set of offsets that run as one batched GEMM.
@@ -40,6 +42,9 @@ pub struct Plan {
     pub groups: Vec<Group>,
     /// The parameters that produced the plan (`None`: ungrouped).
     pub params: Option<GroupingParams>,
+    /// CPU execution order: run each group output-stationary (tasks own output rows and walk
+    /// the group's offsets) instead of weight-stationary (tasks own map pairs of one offset).
+    pub output_tiled: bool,
 }
 
 impl Plan {
@@ -54,7 +59,11 @@ impl Plan {
                 padded_rows: map.size(k),
             })
             .collect();
-        Plan { groups, params: None }
+        Plan {
+            groups,
+            params: None,
+            output_tiled: false,
+        }
     }
 
     /// Group contiguous runs of the canonical order (mirror pairs kept together) while the
@@ -110,6 +119,32 @@ impl Plan {
         Plan {
             groups,
             params: Some(p),
+            output_tiled: false,
+        }
+    }
+
+    /// All non-identity offsets in one group, executed output-stationary.
+    pub fn output_tiled(map: &KernelMap) -> Plan {
+        let order: Vec<usize> = map.canonical_order().into_iter().filter(|&k| map.size(k) > 0).collect();
+        let mut groups = Vec::new();
+        let rest: Vec<usize> = order.iter().copied().filter(|&k| Some(k) != map.identity).collect();
+        if let Some(c) = map.identity.filter(|&c| map.size(c) > 0) {
+            groups.push(Group {
+                offsets: vec![c],
+                padded_rows: map.size(c),
+            });
+        }
+        if !rest.is_empty() {
+            let m = rest.iter().map(|&k| map.size(k)).max().unwrap_or(0);
+            groups.push(Group {
+                offsets: rest,
+                padded_rows: m,
+            });
+        }
+        Plan {
+            groups,
+            params: None,
+            output_tiled: true,
         }
     }
 

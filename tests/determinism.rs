@@ -17,10 +17,9 @@ fn pool(n: usize) -> rayon::ThreadPool {
 #[test]
 fn real_scan_conv_is_bit_identical_across_threads_and_groupings() {
     let vox = real_scan();
-    let (cin, cout) = (32, 32);
     let n = vox.tensor.len();
-    let x = SparseTensor::new(vox.tensor.coord_set().clone(), pseudo_random(n * cin, 1, 1.0), cin).expect("x");
-    for (k, s) in [(3u32, 1u32), (2, 2)] {
+    for (k, s, cin, cout) in [(3u32, 1u32, 32, 32), (2, 2, 32, 32), (3, 1, 4, 16), (3, 1, 128, 96)] {
+        let x = SparseTensor::new(vox.tensor.coord_set().clone(), pseudo_random(n * cin, 1, 1.0), cin).expect("x");
         let spec = KernelSpec::new(k, s, 1).expect("spec");
         let w = pseudo_random(spec.volume() * cin * cout, 2, 0.2);
         let bias = pseudo_random(cout, 3, 0.1);
@@ -32,6 +31,7 @@ fn real_scan_conv_is_bit_identical_across_threads_and_groupings() {
         for c in candidates().into_iter().flatten() {
             plans.push((format!("{c:?}"), Plan::grouped(&map, c)));
         }
+        plans.push(("output-tiled".to_string(), Plan::output_tiled(&map)));
         assert!(
             plans.iter().any(|(_, p)| p.groups.iter().any(|g| g.offsets.len() > 1)),
             "some plan groups offsets"
@@ -42,7 +42,7 @@ fn real_scan_conv_is_bit_identical_across_threads_and_groupings() {
                     .install(|| conv_forward(&map, plan, x.feats(), cin, &w, cout, Some(&bias)).expect("conv"));
                 assert!(
                     out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "k{k} s{s}: {threads} threads, plan {label}: bits differ"
+                    "k{k} s{s} {cin}->{cout}: {threads} threads, plan {label}: bits differ"
                 );
             }
         }

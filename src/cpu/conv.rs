@@ -80,13 +80,12 @@ pub fn conv_forward(
     let t = tile_rows(cin, cout);
     for (gi, g) in plan.groups.iter().enumerate() {
         let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
-        if g.offsets.len() == 1 {
-            let k = g.offsets[0];
-            if Some(k) == map.identity {
-                identity(x, cin, wk(k), cout, &mut out, t, gi == 0);
-            } else {
-                fused(map, k, x, cin, wk(k), cout, &mut out, t);
-            }
+        if g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity {
+            identity(x, cin, wk(g.offsets[0]), cout, &mut out, t, gi == 0);
+        } else if plan.output_tiled {
+            output_tiled(map, &g.offsets, x, cin, w, cout, &mut out, t);
+        } else if g.offsets.len() == 1 {
+            fused(map, g.offsets[0], x, cin, wk(g.offsets[0]), cout, &mut out, t);
         } else {
             batched(map, &g.offsets, g.padded_rows, x, cin, w, cout, &mut out, t);
         }
@@ -221,4 +220,53 @@ fn batched(
                 }
             }
         });
+}
+
+/// Output-stationary execution of a run of offsets: each task owns `t` consecutive output rows
+/// and, offset by offset in order, gathers the inputs of its rows, multiplies, and adds into
+/// rows that stay in cache. The scatter never leaves the task's rows, and outputs in key order
+/// gather inputs from a narrow key window, so both sides hit cache far more than per-offset
+/// passes over the whole output.
+fn output_tiled(
+    map: &KernelMap,
+    offsets: &[usize],
+    x: &[f32],
+    cin: usize,
+    w: &[f32],
+    cout: usize,
+    out: &mut [f32],
+    t: usize,
+) {
+    out.par_chunks_mut(t * cout).enumerate().for_each_init(
+        || (vec![0f32; t * cin], vec![0f32; t * cout]),
+        |(a, c), (ci, oc)| {
+            let lo = (ci * t) as u32;
+            let hi = lo + (oc.len() / cout) as u32;
+            for &k in offsets {
+                let (ins, outs) = map.pairs(k);
+                let s = outs.partition_point(|&q| q < lo);
+                let e = outs.partition_point(|&q| q < hi);
+                let m = e - s;
+                if m == 0 {
+                    continue;
+                }
+                // Rows padded to a multiple of 16 (never 1: the GEMM crate's m = 1 path sums
+                // in another order, and every path must give the same bits per row).
+                let mp = m.div_ceil(16) * 16;
+                gather(x, cin, &ins[s..e], &mut a[..mp * cin]);
+                gemm_tile(
+                    mp,
+                    cin,
+                    cout,
+                    &a[..mp * cin],
+                    &w[k * cin * cout..(k + 1) * cin * cout],
+                    &mut c[..mp * cout],
+                );
+                for (r, &q) in outs[s..e].iter().enumerate() {
+                    let q = (q - lo) as usize;
+                    add_row(&mut oc[q * cout..(q + 1) * cout], &c[r * cout..(r + 1) * cout]);
+                }
+            }
+        },
+    );
 }

@@ -7,7 +7,8 @@ use crate::error::Result;
 use crate::kmap::KernelMap;
 use crate::plan::{GroupingParams, Plan};
 
-/// Candidate `(tolerance, max_rows)` pairs; `None` is the ungrouped plan.
+/// Candidate `(tolerance, max_rows)` pairs; `None` is the ungrouped plan. The output-tiled
+/// plan is always tried as well.
 pub fn candidates() -> Vec<Option<GroupingParams>> {
     let mut c = vec![None];
     for &tolerance in &[0.1f32, 0.3, 0.6] {
@@ -23,13 +24,19 @@ pub fn candidates() -> Vec<Option<GroupingParams>> {
 pub fn tune(map: &KernelMap, x: &[f32], cin: usize, w: &[f32], cout: usize, reps: usize) -> Result<(Plan, f64)> {
     let mut best: Option<(Plan, f64)> = None;
     let mut seen: Vec<Plan> = Vec::new();
-    for cand in candidates() {
-        let plan = match cand {
+    let plans = candidates()
+        .into_iter()
+        .map(|c| match c {
             None => Plan::ungrouped(map),
             Some(p) => Plan::grouped(map, p),
-        };
+        })
+        .chain(std::iter::once(Plan::output_tiled(map)));
+    for plan in plans {
         // Different parameters often give the same groups: time each distinct plan once.
-        if seen.iter().any(|s| s.groups == plan.groups) {
+        if seen
+            .iter()
+            .any(|s| s.groups == plan.groups && s.output_tiled == plan.output_tiled)
+        {
             continue;
         }
         seen.push(plan.clone());

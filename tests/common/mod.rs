@@ -80,6 +80,7 @@ pub fn strategies() -> Vec<Strategy> {
                 }),
             ),
             ("tuned", Grouping::Auto),
+            ("output-tiled", Grouping::OutputTiled),
         ] {
             out.push(Strategy {
                 label: format!("cpu/{bname}/{gname}"),
