@@ -327,6 +327,19 @@ pub(crate) fn scaled_offsets(spec: &KernelSpec, tensor_stride: i32) -> Result<Ve
 /// Output coordinates of a downsampling conv: unique `S·floor(c/S)` in packed-key order
 /// (S = input tensor stride × conv stride). Returns the sorted packed keys.
 pub(crate) fn downsample_keys(input: &CoordSet, spec: &KernelSpec) -> Result<(Vec<u64>, i32)> {
+    let s = output_stride(input, spec)?;
+    let mut keys = input
+        .coords()
+        .iter()
+        .map(|&c| parent_key(c, s))
+        .collect::<Result<Vec<u64>>>()?;
+    radsort::sort(&mut keys);
+    keys.dedup();
+    Ok((keys, s))
+}
+
+/// Tensor stride of a conv's output: input tensor stride × conv stride, checked against the key range.
+pub(crate) fn output_stride(input: &CoordSet, spec: &KernelSpec) -> Result<i32> {
     let s = input.stride() as i64 * spec.stride as i64;
     if s >= coords::COORD_LIMIT as i64 {
         return Err(Error::invalid(
@@ -334,21 +347,20 @@ pub(crate) fn downsample_keys(input: &CoordSet, spec: &KernelSpec) -> Result<(Ve
             format!("output tensor stride {s} is too large"),
         ));
     }
-    let s = s as i32;
-    let mut keys = Vec::with_capacity(input.len());
-    for &c in input.coords() {
-        let q = [
-            c[0],
-            coords::floor_div(c[1], s) * s,
-            coords::floor_div(c[2], s) * s,
-            coords::floor_div(c[3], s) * s,
-        ];
-        coords::check(q)?;
-        keys.push(coords::pack(q));
-    }
-    radsort::sort(&mut keys);
-    keys.dedup();
-    Ok((keys, s))
+    Ok(s as i32)
+}
+
+/// Packed key of the downsampled coordinate `S·floor(c/S)` (floor division: negatives round down).
+#[inline]
+pub(crate) fn parent_key(c: [i32; 4], s: i32) -> Result<u64> {
+    let q = [
+        c[0],
+        coords::floor_div(c[1], s) * s,
+        coords::floor_div(c[2], s) * s,
+        coords::floor_div(c[3], s) * s,
+    ];
+    coords::check(q)?;
+    Ok(coords::pack(q))
 }
 
 #[cfg(test)]

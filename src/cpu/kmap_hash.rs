@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::{assemble, query_plan};
 use crate::coords;
 use crate::error::Result;
-use crate::kmap::{scaled_offsets, KernelMap, KernelSpec, MapKind};
+use crate::kmap::{output_stride, parent_key, scaled_offsets, KernelMap, KernelSpec, MapKind};
 use crate::tensor::CoordSet;
 
 /// Build the submanifold (stride 1) or downsampling map of `spec` on `input` by hashing.
@@ -24,17 +24,10 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         (input.clone(), in_keys)
     } else {
         // Unique by hashing; sorted afterwards so both builders agree on the output row order.
-        let s = input.stride() * spec.stride as i32;
+        let s = output_stride(input, &spec)?;
         let mut set: HashSet<u64> = HashSet::with_capacity(in_keys.len() / 2);
         for &c in input.coords() {
-            let q = [
-                c[0],
-                coords::floor_div(c[1], s) * s,
-                coords::floor_div(c[2], s) * s,
-                coords::floor_div(c[3], s) * s,
-            ];
-            coords::check(q)?;
-            set.insert(coords::pack(q));
+            set.insert(parent_key(c, s)?);
         }
         let mut keys: Vec<u64> = set.into_iter().collect();
         radsort::sort(&mut keys);
