@@ -270,6 +270,50 @@ impl Engine {
         SparseTensor::new(map.out_coords.clone(), out, w.cout)
     }
 
+    /// ReLU in place.
+    pub fn relu(&self, x: &mut SparseTensor) {
+        match self.device {
+            Device::Cpu => cpu::elementwise::relu(x.feats_mut()),
+        }
+    }
+
+    /// `a += b` (same coordinates and channels), optionally followed by ReLU.
+    pub fn add(&self, a: &mut SparseTensor, b: &SparseTensor, then_relu: bool) -> Result<()> {
+        same_rows("residual add", a, b)?;
+        if a.channels() != b.channels() {
+            return Err(Error::invalid(
+                "residual add",
+                format!("{} channels + {} channels", a.channels(), b.channels()),
+            ));
+        }
+        match self.device {
+            Device::Cpu => cpu::elementwise::add(a.feats_mut(), b.feats(), then_relu),
+        }
+        Ok(())
+    }
+
+    /// Channel concat `[a | b]` of two tensors on the same coordinates.
+    pub fn concat(&self, a: &SparseTensor, b: &SparseTensor) -> Result<SparseTensor> {
+        same_rows("concat", a, b)?;
+        let f = match self.device {
+            Device::Cpu => cpu::elementwise::concat(a.feats(), a.channels(), b.feats(), b.channels()),
+        };
+        SparseTensor::new(a.coord_set().clone(), f, a.channels() + b.channels())
+    }
+
+    /// Point-wise linear layer `x · Wᵀ + b`, PyTorch layout `W: [out, in]`. Returns `[N, out]`.
+    pub fn linear(&self, x: &[f32], cin: usize, w: &[f32], b: &[f32], cout: usize) -> Result<Vec<f32>> {
+        if w.len() != cin * cout || b.len() != cout || (cin > 0 && x.len() % cin != 0) {
+            return Err(Error::invalid(
+                "linear",
+                format!("weight {} values, bias {} for {cin} -> {cout}", w.len(), b.len()),
+            ));
+        }
+        Ok(match self.device {
+            Device::Cpu => cpu::elementwise::linear(x, cin, w, b, cout),
+        })
+    }
+
     /// Sparse conv: submanifold for stride 1, downsampling otherwise.
     pub fn conv(&self, x: &SparseTensor, w: &ConvWeight, spec: KernelSpec) -> Result<SparseTensor> {
         let map = self.kernel_map(x.coord_set(), spec)?;
@@ -287,4 +331,15 @@ impl Engine {
         let map = self.transposed_map(x.coord_set(), target, spec)?;
         self.conv_with_map(&map, x, w)
     }
+}
+
+fn same_rows(op: &'static str, a: &SparseTensor, b: &SparseTensor) -> Result<()> {
+    let same = Arc::ptr_eq(a.coord_set(), b.coord_set()) || (a.stride() == b.stride() && a.coords() == b.coords());
+    if !same {
+        return Err(Error::invalid(
+            op,
+            format!("tensors on different coordinates ({} vs {} voxels)", a.len(), b.len()),
+        ));
+    }
+    Ok(())
 }

@@ -43,6 +43,7 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod kmap;
+pub mod nn;
 pub mod plan;
 pub mod reference;
 pub mod tensor;

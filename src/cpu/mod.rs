@@ -1,6 +1,7 @@
 //! CPU backend: kernel-map builders (hash, merge-sort) and the grouped gather–GEMM–scatter convolution.
 
 pub mod conv;
+pub mod elementwise;
 pub mod gemm;
 pub mod kmap_hash;
 pub mod kmap_sort;

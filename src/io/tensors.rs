@@ -90,6 +90,41 @@ impl TensorFile {
         })
     }
 
+    /// A float tensor of any rank, stored as F32, F16 or BF16, converted to f32.
+    pub fn float_any(&self, name: &str) -> Result<Tensor<f32>> {
+        let st = self.st();
+        let t = st
+            .tensor(name)
+            .map_err(|_| Error::format(&self.path, format!("missing tensor `{name}`")))?;
+        let b = t.data();
+        let data: Vec<f32> = match t.dtype() {
+            Dtype::F32 => super::le_f32(b),
+            Dtype::F16 => b
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => b
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(Error::format(
+                    &self.path,
+                    format!("tensor `{name}` has dtype {other:?}, expected a float type"),
+                ))
+            }
+        };
+        Ok(Tensor {
+            shape: t.shape().to_vec(),
+            data,
+        })
+    }
+
+    /// Dtype name of a tensor (for messages).
+    pub fn dtype(&self, name: &str) -> Option<String> {
+        self.st().tensor(name).ok().map(|t| format!("{:?}", t.dtype()))
+    }
+
     /// An i32 tensor of the given rank.
     pub fn i32(&self, name: &str, rank: usize) -> Result<Tensor<i32>> {
         let (shape, bytes) = self.view(name, Dtype::I32, rank)?;
@@ -112,6 +147,8 @@ impl TensorFile {
 pub enum OutTensor<'a> {
     /// f32 values with a shape.
     F32(&'a [f32], Vec<usize>),
+    /// f32 values stored as f16 (halves the file; for shipped weights).
+    F16(&'a [f32], Vec<usize>),
     /// i32 values with a shape.
     I32(&'a [i32], Vec<usize>),
 }
@@ -136,6 +173,12 @@ pub fn write(
                 Dtype::I32,
                 s,
                 d.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            OutTensor::F16(d, s) => (
+                n.to_string(),
+                Dtype::F16,
+                s,
+                d.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
             ),
         })
         .collect();

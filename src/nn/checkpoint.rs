@@ -1,0 +1,183 @@
+//! Named weight tensors with the exact names and shapes of TorchSparse / SPVNAS checkpoints.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::bench::pseudo_random;
+use crate::error::{Error, Result};
+use crate::io::tensors::{write, OutTensor, Tensor, TensorFile};
+
+/// Tensor-name prefixes that hold training state (optimizer moments, masks, rewind points) and
+/// that inference ignores.
+pub const TRAINING_PREFIXES: [&str; 3] = ["optim.", "mask.", "rewind."];
+
+/// A set of named f32 tensors: read from a safetensors file, or synthesised on demand.
+///
+/// Layers ask for their tensors by name and shape with [`Checkpoint::take`]; afterwards
+/// [`Checkpoint::finish`] rejects any tensor that no layer asked for (except BatchNorm's
+/// `num_batches_tracked` and the training-state prefixes), so a checkpoint for another
+/// architecture or width never loads silently.
+pub struct Checkpoint {
+    path: PathBuf,
+    tensors: BTreeMap<String, Tensor<f32>>,
+    metadata: HashMap<String, String>,
+    used: Mutex<BTreeSet<String>>,
+    random: Option<Mutex<(u64, BTreeMap<String, Tensor<f32>>)>>,
+}
+
+impl Checkpoint {
+    /// Read every float tensor of a safetensors file (F32, F16 or BF16).
+    pub fn load(path: &Path) -> Result<Self> {
+        let f = TensorFile::open(path)?;
+        let mut tensors = BTreeMap::new();
+        for name in f.names() {
+            if name.ends_with("num_batches_tracked") {
+                continue;
+            }
+            let t = f.float_any(&name)?;
+            if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+                return Err(Error::format(
+                    path,
+                    format!("tensor `{name}` has a NaN or infinite value at index {i}"),
+                ));
+            }
+            tensors.insert(name, t);
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            tensors,
+            metadata: f.metadata(),
+            used: Mutex::new(BTreeSet::new()),
+            random: None,
+        })
+    }
+
+    /// A checkpoint that invents every tensor a model asks for: He-scaled kernels and linear
+    /// weights, BatchNorm statistics near identity. For tests, benchmarks and shape discovery.
+    pub fn random(seed: u64) -> Self {
+        Self {
+            path: PathBuf::from("<random>"),
+            tensors: BTreeMap::new(),
+            metadata: HashMap::new(),
+            used: Mutex::new(BTreeSet::new()),
+            random: Some(Mutex::new((seed, BTreeMap::new()))),
+        }
+    }
+
+    /// The file's `__metadata__`.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Where the tensors came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tensor `name`, which must have exactly `shape`.
+    pub fn take(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if let Some(r) = &self.random {
+            let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
+            r.0 += 1;
+            let n: usize = shape.iter().product();
+            let data = synth(name, shape, n, r.0);
+            r.1.insert(
+                name.to_string(),
+                Tensor {
+                    shape: shape.to_vec(),
+                    data: data.clone(),
+                },
+            );
+            return Ok(data);
+        }
+        let t = self.tensors.get(name).ok_or_else(|| {
+            Error::format(
+                &self.path,
+                format!("missing tensor `{name}` (the model expects shape {shape:?})"),
+            )
+        })?;
+        if t.shape != shape {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "tensor `{name}` has shape {:?} but the model expects {shape:?}",
+                    t.shape
+                ),
+            ));
+        }
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        Ok(t.data.clone())
+    }
+
+    /// Fail on tensors no layer asked for (another architecture, width or class count).
+    pub fn finish(&self) -> Result<()> {
+        if self.random.is_some() {
+            return Ok(());
+        }
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, t) in &self.tensors {
+            if !used.contains(name) && !TRAINING_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                return Err(Error::format(
+                    &self.path,
+                    format!(
+                        "unknown tensor `{name}` with shape {:?} (weights for another architecture or width?)",
+                        t.shape
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensors a random checkpoint has invented so far (to save them).
+    pub fn synthesized(&self) -> BTreeMap<String, Tensor<f32>> {
+        self.random
+            .as_ref()
+            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).1.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Save named tensors (f32, or f16 when `half`) with metadata.
+pub fn save(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor<f32>>,
+    metadata: HashMap<String, String>,
+    half: bool,
+) -> Result<()> {
+    let list = tensors
+        .iter()
+        .map(|(n, t)| {
+            let v = if half {
+                OutTensor::F16(&t.data, t.shape.clone())
+            } else {
+                OutTensor::F32(&t.data, t.shape.clone())
+            };
+            (n.as_str(), v)
+        })
+        .collect();
+    write(path, list, Some(metadata))
+}
+
+fn synth(name: &str, shape: &[usize], n: usize, seed: u64) -> Vec<f32> {
+    let leaf = name.rsplit('.').next().unwrap_or("");
+    match leaf {
+        "running_var" => pseudo_random(n, seed, 0.25).into_iter().map(|v| 1.0 + v).collect(),
+        "running_mean" | "bias" => pseudo_random(n, seed, 0.1),
+        "weight" if shape.len() == 1 => pseudo_random(n, seed, 0.2).into_iter().map(|v| 1.0 + v).collect(),
+        _ => {
+            // Kernels [K, Cin, Cout] / [Cin, Cout] and linear weights [out, in]: He-uniform on fan-in.
+            let fan_in = match shape.len() {
+                3 => shape[0] * shape[1],
+                2 if leaf == "kernel" => shape[0],
+                2 => shape[1],
+                _ => 1,
+            };
+            pseudo_random(n, seed, (6.0 / fan_in.max(1) as f32).sqrt())
+        }
+    }
+}
