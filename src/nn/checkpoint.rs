@@ -12,6 +12,9 @@ use crate::io::tensors::{write, OutTensor, Tensor, TensorFile};
 /// that inference ignores.
 pub const TRAINING_PREFIXES: [&str; 3] = ["optim.", "mask.", "rewind."];
 
+/// State of a random checkpoint: the seed counter and what it has invented.
+type Synth = (u64, BTreeMap<String, Tensor<f32>>);
+
 /// A set of named f32 tensors: read from a safetensors file, or synthesised on demand.
 ///
 /// Layers ask for their tensors by name and shape with [`Checkpoint::take`]; afterwards
@@ -23,7 +26,7 @@ pub struct Checkpoint {
     tensors: BTreeMap<String, Tensor<f32>>,
     metadata: HashMap<String, String>,
     used: Mutex<BTreeSet<String>>,
-    random: Option<Mutex<(u64, BTreeMap<String, Tensor<f32>>)>>,
+    random: Option<Mutex<Synth>>,
 }
 
 impl Checkpoint {
