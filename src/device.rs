@@ -78,6 +78,7 @@ pub struct Engine {
     grouping: Grouping,
     maps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
     tuned: Mutex<HashMap<LayerKey, Tuned>>,
+    map_secs: Mutex<f64>,
 }
 
 /// What the tuner chose for a layer.
@@ -130,6 +131,11 @@ impl Engine {
         self.tuned.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
+    /// Seconds spent building kernel maps since the last call (for per-stage timings).
+    pub fn take_map_seconds(&self) -> f64 {
+        std::mem::take(&mut *self.map_secs.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Number of cached kernel maps.
     pub fn cached_maps(&self) -> usize {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).len()
@@ -139,7 +145,9 @@ impl Engine {
         if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(m.clone());
         }
+        let t0 = std::time::Instant::now();
         let m = Arc::new(build()?);
+        *self.map_secs.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed().as_secs_f64();
         self.maps
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -182,8 +190,9 @@ impl Engine {
             kind: MapKind::Up,
             spec,
         };
+        // Outside the cache closure, so its build time is counted once.
+        let down = self.kernel_map(target, spec)?;
         self.cached(key, || {
-            let down = self.kernel_map(target, spec)?;
             let same = Arc::ptr_eq(&down.out_coords, input)
                 || (down.out_coords.stride() == input.stride() && down.out_coords.coords() == input.coords());
             if !same {

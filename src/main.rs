@@ -14,8 +14,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sparseconv::bench::{conv_flops, pseudo_random, Stats};
+use sparseconv::io::kitti::{read_label, write_label, LearningMap, NUM_CLASSES};
 use sparseconv::io::tensors::{write, OutTensor, TensorFile};
 use sparseconv::io::PointFormat;
+use sparseconv::pipeline;
 use sparseconv::voxel::voxelize;
 use sparseconv::{ConvWeight, CoordSet, Device, Engine, Error, Grouping, KernelSpec, MapBuilder, Result, SparseTensor};
 
@@ -72,6 +74,78 @@ enum Cmd {
         /// Output tensors (safetensors): `coords` and `feats`.
         #[arg(long)]
         output: PathBuf,
+    },
+    /// Segment a LiDAR scan with MinkUNet: a class for every point.
+    Segment {
+        /// Scan (.bin, .pcd.bin, .ply, .npy) or voxelized `coords`/`feats` safetensors.
+        scan: PathBuf,
+        /// Weights (safetensors with TorchSparse/SPVNAS names).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Architecture (default: from the weights' metadata).
+        #[arg(long)]
+        arch: Option<String>,
+        /// Width factor (default: from the weights).
+        #[arg(long)]
+        cr: Option<f32>,
+        /// Device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Point format, overriding the file name.
+        #[arg(long)]
+        format: Option<String>,
+        /// Voxelization: `mean` (floor, mean features) or `spvnas` (rounded, first point).
+        #[arg(long, default_value = "mean")]
+        voxelize: String,
+        /// Write SemanticKITTI `.label` predictions (raw class ids, one u32 per point).
+        #[arg(long)]
+        out_labels: Option<PathBuf>,
+        /// Write `coords`, `feats` and `logits` per voxel (safetensors).
+        #[arg(long)]
+        logits: Option<PathBuf>,
+        /// Ground-truth `.label` for an IoU report.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// The SemanticKITTI yaml (learning map).
+        #[arg(long)]
+        yaml: Option<PathBuf>,
+    },
+    /// Per-class IoU and mIoU of predicted `.label` files against ground truth.
+    Eval {
+        /// Predicted `.label` files (raw SemanticKITTI ids).
+        preds: Vec<PathBuf>,
+        /// Ground-truth `.label` files, one per prediction.
+        #[arg(long, num_args = 1.., required = true)]
+        labels: Vec<PathBuf>,
+        /// The SemanticKITTI yaml (learning map).
+        #[arg(long)]
+        yaml: Option<PathBuf>,
+    },
+    /// Throughput of the segmentation network: warm-up, repeated runs, per-stage breakdown.
+    Bench {
+        /// Scans to run (each is timed separately and the results pooled).
+        scans: Vec<PathBuf>,
+        /// Weights; without them, synthetic weights of the same shapes (throughput only).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Architecture.
+        #[arg(long, default_value = "minkunet")]
+        arch: String,
+        /// Width factor (for synthetic weights; ignored with --model).
+        #[arg(long, default_value_t = 0.5)]
+        cr: f32,
+        /// Device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Untimed warm-up runs per scan (the first also tunes the grouping).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Timed runs per scan.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Voxelize a scan, build its kernel maps and run an 8-layer encoder/decoder stack of
     /// sparse convs (synthetic weights) over it, printing what ran and how fast.
@@ -148,6 +222,42 @@ fn run(cli: Cli) -> Result<()> {
             engine(kmap, grouping),
             &output,
         ),
+        Cmd::Segment {
+            scan,
+            model,
+            arch,
+            cr,
+            device,
+            format,
+            voxelize,
+            out_labels,
+            logits,
+            labels,
+            yaml,
+        } => cmd_segment(SegmentArgs {
+            scan,
+            model,
+            arch,
+            cr,
+            device,
+            format,
+            voxelize,
+            out_labels,
+            logits,
+            labels,
+            yaml,
+        }),
+        Cmd::Eval { preds, labels, yaml } => cmd_eval(&preds, &labels, yaml),
+        Cmd::Bench {
+            scans,
+            model,
+            arch,
+            cr,
+            device,
+            warmup,
+            runs,
+            json,
+        } => cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json),
         Cmd::Stack {
             scan,
             format,
@@ -427,4 +537,303 @@ fn cmd_stack(scan: &Path, format: Option<PointFormat>, voxel_size: f32, engine: 
 
 fn engine_builder_name(e: &Engine) -> String {
     format!("{:?}", e.builder())
+}
+
+fn check_device(device: &str) -> Result<Device> {
+    match device {
+        "cpu" => Ok(Device::Cpu),
+        "gpu" => Err(Error::invalid(
+            "--device",
+            "the GPU backend is not built yet (issue 3); use --device cpu",
+        )),
+        other => Err(Error::invalid(
+            "--device",
+            format!("expected cpu or gpu, got `{other}`"),
+        )),
+    }
+}
+
+fn default_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/models/minkunet_cr0.5.safetensors")
+}
+
+fn default_yaml() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/semantickitti/semantic-kitti.yaml")
+}
+
+struct SegmentArgs {
+    scan: PathBuf,
+    model: Option<PathBuf>,
+    arch: Option<String>,
+    cr: Option<f32>,
+    device: String,
+    format: Option<String>,
+    voxelize: String,
+    out_labels: Option<PathBuf>,
+    logits: Option<PathBuf>,
+    labels: Option<PathBuf>,
+    yaml: Option<PathBuf>,
+}
+
+fn load_model(model: Option<PathBuf>, arch: Option<&str>, cr: Option<f32>) -> Result<(pipeline::Model, f32, PathBuf)> {
+    let path = match model {
+        Some(p) => p,
+        None => {
+            let p = default_model();
+            if !p.exists() {
+                return Err(Error::invalid(
+                    "--model",
+                    format!(
+                        "no weights given and no bundled model at {} (pass --model WEIGHTS.safetensors)",
+                        p.display()
+                    ),
+                ));
+            }
+            p
+        }
+    };
+    let (m, cr) = pipeline::Model::load(&path, arch, cr)?;
+    Ok((m, cr, path))
+}
+
+fn cmd_segment(a: SegmentArgs) -> Result<()> {
+    let device = check_device(&a.device)?;
+    let format = a.format.map(|f| f.parse::<PointFormat>()).transpose()?;
+    let mode: pipeline::VoxelizeMode = a.voxelize.parse()?;
+    let (model, cr, mpath) = load_model(a.model, a.arch.as_deref(), a.cr)?;
+    let lm = LearningMap::load(&a.yaml.unwrap_or_else(default_yaml))?;
+    let engine = Engine::new(device, MapBuilder::Sort, Grouping::Auto);
+    let mut timings = pipeline::Timings::default();
+    let t0 = Instant::now();
+    let prepared = pipeline::prepare_file(&a.scan, format, mode)?;
+    timings.voxelize = t0.elapsed().as_secs_f64();
+    let gt = match &a.labels {
+        Some(p) => Some(read_label(p, Some(prepared.points))?),
+        None => None,
+    };
+    let seg = pipeline::segment(&engine, &model, &prepared, &mut timings)?;
+    println!(
+        "{}: {} points -> {} voxels; MinkUNet cr={cr} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}, conv {:.1}, other {:.1}) on {} threads",
+        a.scan.display(),
+        prepared.points,
+        prepared.voxels.len(),
+        mpath.display(),
+        timings.total() * 1e3,
+        timings.voxelize * 1e3,
+        timings.kernel_maps * 1e3,
+        timings.conv * 1e3,
+        timings.other * 1e3,
+        rayon::current_num_threads()
+    );
+    let mut hist = [0usize; NUM_CLASSES + 1];
+    for &l in &seg.point_labels {
+        hist[l as usize] += 1;
+    }
+    println!("{:<16} {:>9} {:>7}", "class", "points", "share");
+    for (id, &n) in hist.iter().enumerate().skip(1) {
+        if n > 0 {
+            println!(
+                "{:<16} {:>9} {:>6.1}%",
+                lm.train_name(id as u32),
+                n,
+                100.0 * n as f64 / seg.point_labels.len().max(1) as f64
+            );
+        }
+    }
+    if let Some(gt) = &gt {
+        let gt: Vec<u32> = gt.iter().map(|&r| lm.to_train(r)).collect();
+        print_iou(
+            &sparseconv::metrics::Confusion::from_labels(&seg.point_labels, &gt)?,
+            &lm,
+        );
+    }
+    if let Some(p) = &a.out_labels {
+        let raw: Vec<u32> = seg.point_labels.iter().map(|&t| lm.to_raw(t)).collect();
+        write_label(p, &raw)?;
+        println!("wrote {} labels to {}", raw.len(), p.display());
+    }
+    if let Some(p) = &a.logits {
+        let v = &prepared.voxels;
+        let coords: Vec<i32> = v.coords().iter().flatten().copied().collect();
+        write(
+            p,
+            vec![
+                ("coords", OutTensor::I32(&coords, vec![v.len(), 4])),
+                ("feats", OutTensor::F32(v.feats(), vec![v.len(), 4])),
+                ("logits", OutTensor::F32(&seg.logits, vec![v.len(), NUM_CLASSES])),
+            ],
+            None,
+        )?;
+        println!("wrote logits of {} voxels to {}", v.len(), p.display());
+    }
+    Ok(())
+}
+
+fn print_iou(c: &sparseconv::metrics::Confusion, lm: &LearningMap) {
+    println!("{:<16} {:>8}", "class", "IoU");
+    let ious = c.iou();
+    for (j, iou) in ious.iter().enumerate() {
+        match iou {
+            Some(v) => println!("{:<16} {:>7.1}%", lm.train_name(j as u32 + 1), 100.0 * v),
+            None => println!("{:<16} {:>8}", lm.train_name(j as u32 + 1), "n/a"),
+        }
+    }
+    match c.miou() {
+        Some(m) => println!(
+            "mIoU {:.1}% over {} classes present; accuracy {:.1}%",
+            100.0 * m,
+            ious.iter().flatten().count(),
+            100.0 * c.accuracy()
+        ),
+        None => println!("mIoU n/a (no labelled points)"),
+    }
+}
+
+fn cmd_eval(preds: &[PathBuf], labels: &[PathBuf], yaml: Option<PathBuf>) -> Result<()> {
+    if preds.is_empty() {
+        return Err(Error::invalid("eval", "give at least one predicted .label file"));
+    }
+    if preds.len() != labels.len() {
+        return Err(Error::invalid(
+            "eval",
+            format!("{} predictions but {} label files", preds.len(), labels.len()),
+        ));
+    }
+    let lm = LearningMap::load(&yaml.unwrap_or_else(default_yaml))?;
+    let mut total = sparseconv::metrics::Confusion::new();
+    for (p, g) in preds.iter().zip(labels) {
+        let gt = read_label(g, None)?;
+        let pred = read_label(p, Some(gt.len()))?;
+        let pt: Vec<u32> = pred.iter().map(|&r| lm.to_train(r)).collect();
+        let gtt: Vec<u32> = gt.iter().map(|&r| lm.to_train(r)).collect();
+        total.add(&sparseconv::metrics::Confusion::from_labels(&pt, &gtt)?);
+    }
+    print_iou(&total, &lm);
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_bench(
+    scans: &[PathBuf],
+    model: Option<PathBuf>,
+    arch: &str,
+    cr: f32,
+    device: &str,
+    warmup: usize,
+    runs: usize,
+    json: bool,
+) -> Result<()> {
+    let device = check_device(device)?;
+    if scans.is_empty() {
+        return Err(Error::invalid("bench", "give at least one scan"));
+    }
+    if runs == 0 {
+        return Err(Error::invalid("--runs", "must be at least 1"));
+    }
+    let (model, cr, source) = match model {
+        Some(p) => {
+            let (m, cr) = pipeline::Model::load(&p, Some(arch), None)?;
+            (m, cr, p.display().to_string())
+        }
+        None => {
+            if arch != "minkunet" {
+                return Err(Error::invalid(
+                    "--arch",
+                    format!("unknown or not yet supported architecture `{arch}`"),
+                ));
+            }
+            let ck = sparseconv::nn::checkpoint::Checkpoint::random(1);
+            let m = sparseconv::nn::minkunet::MinkUNet::load(&ck, cr, NUM_CLASSES)?;
+            (
+                pipeline::Model::MinkUNet(m),
+                cr,
+                "synthetic weights (throughput only)".to_string(),
+            )
+        }
+    };
+    let engine = Engine::new(device, MapBuilder::Sort, Grouping::Auto);
+    let bar = indicatif::ProgressBar::new((scans.len() * (warmup + runs)) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} runs {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if json || scans.len() * (warmup + runs) < 20 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let (mut vox, mut maps, mut conv, mut other, mut total) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut points, mut voxels) = (0usize, 0usize);
+    for scan in scans {
+        for r in 0..warmup + runs {
+            let mut t = pipeline::Timings::default();
+            let t0 = Instant::now();
+            let p = pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?;
+            t.voxelize = t0.elapsed().as_secs_f64();
+            let seg = pipeline::segment(&engine, &model, &p, &mut t)?;
+            std::hint::black_box(&seg.point_labels);
+            if r >= warmup {
+                vox.push(t.voxelize);
+                maps.push(t.kernel_maps);
+                conv.push(t.conv);
+                other.push(t.other);
+                total.push(t.total());
+                points += p.points;
+                voxels += p.voxels.len();
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let n = total.len() as f64;
+    let sum: f64 = total.iter().sum();
+    let st = |v: Vec<f64>| Stats::from_samples(v);
+    let (v, m, c, o, t) = (st(vox), st(maps), st(conv), st(other), st(total));
+    let threads = rayon::current_num_threads();
+    if json {
+        println!(
+            "{{\"arch\":\"{arch}\",\"cr\":{cr},\"device\":\"cpu\",\"threads\":{threads},\"scans\":{},\"runs\":{},\"scans_per_s\":{:.4},\"points_per_s\":{:.1},\"median_s\":{{\"voxelize\":{:.6},\"kernel_maps\":{:.6},\"conv\":{:.6},\"other\":{:.6},\"total\":{:.6}}},\"mad_s\":{{\"total\":{:.6}}}}}",
+            scans.len(),
+            t.runs,
+            n / sum,
+            points as f64 / sum,
+            v.median,
+            m.median,
+            c.median,
+            o.median,
+            t.median,
+            t.mad
+        );
+    } else {
+        println!(
+            "{arch} cr={cr} ({source}) on cpu, {threads} threads: {} scans x {runs} runs, {:.0} points and {:.0} voxels per scan",
+            scans.len(),
+            points as f64 / n,
+            voxels as f64 / n
+        );
+        println!(
+            "{:<12} {:>10} {:>10} {:>10} {:>10}",
+            "stage", "median ms", "mad ms", "min ms", "max ms"
+        );
+        for (name, s) in [
+            ("voxelize", v),
+            ("kernel maps", m),
+            ("conv", c),
+            ("other", o),
+            ("total", t),
+        ] {
+            println!(
+                "{:<12} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                name,
+                s.median * 1e3,
+                s.mad * 1e3,
+                s.min * 1e3,
+                s.max * 1e3
+            );
+        }
+        println!(
+            "{:.2} scans/s, {:.0} points/s (end to end: points in, labels out)",
+            n / sum,
+            points as f64 / sum
+        );
+    }
+    Ok(())
 }

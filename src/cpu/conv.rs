@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::gemm_tile;
+use super::gemm::{gemm_tile, gemm_tile_raw};
 use super::SharedMut;
 use crate::error::{Error, Result};
 use crate::kmap::KernelMap;
@@ -73,13 +73,23 @@ pub fn conv_forward(
 ) -> Result<Vec<f32>> {
     check_shapes(map, x, cin, w, cout, bias)?;
     let n_out = map.n_out();
-    let mut out = vec![0f32; n_out * cout];
     if cout == 0 || n_out == 0 {
-        return Ok(out);
+        return Ok(vec![0f32; n_out * cout]);
     }
     let t = tile_rows(cin, cout);
-    for (gi, g) in plan.groups.iter().enumerate() {
-        let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
+    let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
+    // A submanifold conv starts with its identity offset, which writes every output row:
+    // build the output from it directly instead of zeroing memory first.
+    let first_is_identity = plan
+        .groups
+        .first()
+        .is_some_and(|g| g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity && map.size(g.offsets[0]) == n_out);
+    let (mut out, skip) = if first_is_identity {
+        (identity_init(x, cin, wk(plan.groups[0].offsets[0]), cout, n_out, t), 1)
+    } else {
+        (vec![0f32; n_out * cout], 0)
+    };
+    for (gi, g) in plan.groups.iter().enumerate().skip(skip) {
         if g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity {
             identity(x, cin, wk(g.offsets[0]), cout, &mut out, t, gi == 0);
         } else if plan.output_tiled {
@@ -145,6 +155,34 @@ fn identity(x: &[f32], cin: usize, wk: &[f32], cout: usize, out: &mut [f32], t: 
             }
         },
     );
+}
+
+/// The identity offset as the first term: `out = x · W` into fresh memory, never zeroed.
+fn identity_init(x: &[f32], cin: usize, wk: &[f32], cout: usize, n: usize, t: usize) -> Vec<f32> {
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n * cout);
+    // SAFETY: MaybeUninit needs no initialization; every element is written below.
+    unsafe { out.set_len(n * cout) };
+    out.par_chunks_mut(t * cout).enumerate().for_each_init(
+        || (vec![0f32; t * cin], vec![0f32; t * cout]),
+        |(a, c), (ci, oc)| {
+            let rows = oc.len() / cout;
+            let xs = &x[ci * t * cin..(ci * t + rows) * cin];
+            if rows == t {
+                // SAFETY: `oc` holds t * cout elements; gemm writes all of them and reads none.
+                unsafe { gemm_tile_raw(t, cin, cout, xs, wk, oc.as_mut_ptr().cast::<f32>()) };
+            } else {
+                a[..rows * cin].copy_from_slice(xs);
+                a[rows * cin..].fill(0.0);
+                gemm_tile(t, cin, cout, a, wk, c);
+                for (d, s) in oc.iter_mut().zip(&c[..rows * cout]) {
+                    d.write(*s);
+                }
+            }
+        },
+    );
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: all n * cout elements were initialized above; same allocation, layout-compatible type.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
 }
 
 /// One offset alone: tiles of pairs, each gathered, multiplied and scattered by one task.

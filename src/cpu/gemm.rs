@@ -11,6 +11,48 @@ pub fn gemm_tile(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f3
     gemm_with(m, k, n, a, b, c, Parallelism::None);
 }
 
+/// [`gemm_tile`] into a raw destination of `m * n` f32 (possibly uninitialized: it is only written).
+///
+/// # Safety
+/// `c` must be valid for writes of `m * n` f32.
+pub unsafe fn gemm_tile_raw(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: *mut f32) {
+    assert!(a.len() >= m * k && b.len() >= k * n, "gemm operand too small");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        for i in 0..m * n {
+            // SAFETY: the caller guarantees m * n writable elements.
+            unsafe { c.add(i).write(0.0) };
+        }
+        return;
+    }
+    // SAFETY: operands checked above; the caller guarantees the destination.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 /// `c = a · b` using `threads` rayon threads inside the GEMM (the dense reference in benchmarks).
 pub fn gemm_parallel(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], threads: usize) {
     let par = if threads > 1 {

@@ -1,0 +1,343 @@
+//! The segmentation job: scan → model input features → voxels → network → labels per point,
+//! with per-stage timings.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::coords;
+use crate::device::Engine;
+use crate::error::{Error, Result};
+use crate::io::kitti::NUM_CLASSES;
+use crate::io::tensors::TensorFile;
+use crate::io::{read_points, PointFormat};
+use crate::nn::checkpoint::Checkpoint;
+use crate::nn::minkunet::MinkUNet;
+use crate::tensor::{CoordSet, SparseTensor};
+use crate::voxel::{voxelize, PointCloud};
+
+/// SemanticKITTI voxel size of the SPVNAS models, metres.
+pub const VOXEL_SIZE: f32 = 0.05;
+
+/// How points become voxels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VoxelizeMode {
+    /// `floor(xyz / voxel)`, features the mean over the voxel's points.
+    #[default]
+    Mean,
+    /// SPVNAS preprocessing: `round(xyz / voxel)` shifted so the minimum is 0, features of the
+    /// first point of each voxel.
+    Spvnas,
+}
+
+impl std::str::FromStr for VoxelizeMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(Self::Mean),
+            "spvnas" => Ok(Self::Spvnas),
+            _ => Err(Error::invalid(
+                "--voxelize",
+                format!("expected `mean` or `spvnas`, got `{s}`"),
+            )),
+        }
+    }
+}
+
+/// A loaded segmentation network.
+#[derive(Debug, Clone)]
+pub enum Model {
+    /// MinkUNet.
+    MinkUNet(MinkUNet),
+}
+
+impl Model {
+    /// Load weights; `arch` and `cr` come from the flags, else the file's metadata, else the
+    /// tensor shapes. A flag that contradicts the metadata is an error.
+    pub fn load(path: &Path, arch: Option<&str>, cr: Option<f32>) -> Result<(Model, f32)> {
+        let ck = Checkpoint::load(path)?;
+        let meta = ck.metadata().clone();
+        let meta_arch = meta.get("arch").cloned();
+        let arch = match (arch, meta_arch.as_deref()) {
+            (Some(a), Some(m)) if a != m => {
+                return Err(Error::format(
+                    path,
+                    format!("holds a `{m}` model but --arch {a} was given"),
+                ));
+            }
+            (Some(a), _) => a.to_string(),
+            (None, Some(m)) => m.to_string(),
+            (None, None) => "minkunet".to_string(),
+        };
+        let meta_cr = match meta.get("cr") {
+            Some(v) => Some(
+                v.parse::<f32>()
+                    .map_err(|_| Error::format(path, format!("metadata `cr` is not a number: `{v}`")))?,
+            ),
+            None => None,
+        };
+        let cr = match (cr, meta_cr) {
+            (Some(a), Some(m)) if (a - m).abs() > 1e-6 => {
+                return Err(Error::format(
+                    path,
+                    format!("holds a cr = {m} model but --cr {a} was given"),
+                ));
+            }
+            (Some(a), _) => a,
+            (None, Some(m)) => m,
+            // TorchSparse checkpoints carry no metadata: the stem width is 32·cr.
+            (None, None) => infer_cr(path)?,
+        };
+        let classes = match meta.get("classes") {
+            Some(v) => v
+                .parse::<usize>()
+                .map_err(|_| Error::format(path, format!("metadata `classes` is not an integer: `{v}`")))?,
+            None => NUM_CLASSES,
+        };
+        if classes != NUM_CLASSES {
+            return Err(Error::format(
+                path,
+                format!("model predicts {classes} classes; SemanticKITTI segmentation needs {NUM_CLASSES}"),
+            ));
+        }
+        if let Some(v) = meta.get("voxel_size") {
+            if v.parse::<f32>().ok().is_none_or(|v| (v - VOXEL_SIZE).abs() > 1e-6) {
+                return Err(Error::format(
+                    path,
+                    format!("model was trained at voxel size {v}, expected {VOXEL_SIZE}"),
+                ));
+            }
+        }
+        match arch.as_str() {
+            "minkunet" => Ok((Model::MinkUNet(MinkUNet::load(&ck, cr, classes)?), cr)),
+            other => Err(Error::invalid(
+                "--arch",
+                format!("unknown or not yet supported architecture `{other}` (supported: minkunet)"),
+            )),
+        }
+    }
+
+    /// Logits `[N, 19]` for voxels with 4 input features.
+    pub fn forward(&self, e: &Engine, x: &SparseTensor) -> Result<Vec<f32>> {
+        match self {
+            Model::MinkUNet(m) => m.forward(e, x),
+        }
+    }
+}
+
+fn infer_cr(path: &Path) -> Result<f32> {
+    let f = TensorFile::open(path)?;
+    let k = f.float_any("stem.0.kernel")?;
+    let c = *k.shape.last().unwrap_or(&0);
+    if k.shape.len() != 3 || c == 0 {
+        return Err(Error::format(
+            path,
+            format!("tensor `stem.0.kernel` has shape {:?}, expected [27, 4, C]", k.shape),
+        ));
+    }
+    Ok(c as f32 / 32.0)
+}
+
+/// Per-point model input `[N, 4]`: x, y, z, remission (nuScenes intensity / 255; 0 where the
+/// format has none).
+pub fn model_input(cloud: &PointCloud, format: PointFormat) -> Result<PointCloud> {
+    let mut out = Vec::with_capacity(cloud.len() * 4);
+    for i in 0..cloud.len() {
+        let p = cloud.point(i);
+        let r = match (format, p.len()) {
+            (PointFormat::NuScenes, n) if n >= 4 => p[3] / 255.0,
+            (_, n) if n >= 4 => p[3],
+            _ => 0.0,
+        };
+        out.extend_from_slice(&[p[0], p[1], p[2], r]);
+    }
+    PointCloud::new(out, 4)
+}
+
+/// Voxels for the network plus the map back to points.
+pub struct Prepared {
+    /// Model input.
+    pub voxels: SparseTensor,
+    /// Voxel row of every point (`None` when the input was already voxelized).
+    pub inverse: Option<Vec<u32>>,
+    /// Number of input points.
+    pub points: usize,
+}
+
+/// Voxelize points for the network.
+pub fn prepare_points(cloud: &PointCloud, mode: VoxelizeMode) -> Result<Prepared> {
+    if cloud.is_empty() {
+        return Err(Error::invalid("segment", "the scan holds no points"));
+    }
+    match mode {
+        VoxelizeMode::Mean => {
+            let v = voxelize(cloud, VOXEL_SIZE)?;
+            Ok(Prepared {
+                voxels: v.tensor,
+                inverse: Some(v.inverse),
+                points: cloud.len(),
+            })
+        }
+        VoxelizeMode::Spvnas => {
+            let mut c: Vec<[i32; 3]> = Vec::with_capacity(cloud.len());
+            for i in 0..cloud.len() {
+                let p = cloud.point(i);
+                let r = |v: f32| (v / VOXEL_SIZE).round();
+                let q = [r(p[0]), r(p[1]), r(p[2])];
+                if q.iter().any(|v| v.abs() >= coords::COORD_LIMIT as f32) {
+                    return Err(Error::invalid(
+                        "voxelize",
+                        format!("point {i} is too far from the origin"),
+                    ));
+                }
+                c.push([q[0] as i32, q[1] as i32, q[2] as i32]);
+            }
+            let mut lo = [i32::MAX; 3];
+            for q in &c {
+                for a in 0..3 {
+                    lo[a] = lo[a].min(q[a]);
+                }
+            }
+            let mut keyed: Vec<(u64, u32)> = c
+                .iter()
+                .enumerate()
+                .map(|(i, q)| (coords::pack([0, q[0] - lo[0], q[1] - lo[1], q[2] - lo[2]]), i as u32))
+                .collect();
+            // Out-of-range after the shift is impossible: the span is below 2 * COORD_LIMIT
+            // only if the scan fits; check to be sure.
+            for q in &c {
+                coords::check([0, q[0] - lo[0], q[1] - lo[1], q[2] - lo[2]])?;
+            }
+            radsort::sort_by_key(&mut keyed, |e| e.0);
+            let (mut vc, mut vf) = (Vec::new(), Vec::new());
+            let mut inverse = vec![0u32; cloud.len()];
+            let mut i = 0;
+            while i < keyed.len() {
+                let key = keyed[i].0;
+                let first = keyed[i].1 as usize;
+                vc.push(coords::unpack(key));
+                vf.extend_from_slice(cloud.point(first));
+                while i < keyed.len() && keyed[i].0 == key {
+                    inverse[keyed[i].1 as usize] = (vc.len() - 1) as u32;
+                    i += 1;
+                }
+            }
+            let set = Arc::new(CoordSet::new(vc, 1)?);
+            Ok(Prepared {
+                voxels: SparseTensor::new(set, vf, 4)?,
+                inverse: Some(inverse),
+                points: cloud.len(),
+            })
+        }
+    }
+}
+
+/// Read a scan (or already-voxelized `coords`/`feats` safetensors) into network input.
+pub fn prepare_file(path: &Path, format: Option<PointFormat>, mode: VoxelizeMode) -> Result<Prepared> {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with(".safetensors") {
+        let f = TensorFile::open(path)?;
+        let c = f.i32("coords", 2)?;
+        let x = f.f32("feats", 2)?;
+        if c.shape[1] != 4 || x.shape != [c.shape[0], 4] {
+            return Err(Error::format(
+                path,
+                format!(
+                    "expected coords [N, 4] and feats [N, 4], got {:?} and {:?}",
+                    c.shape, x.shape
+                ),
+            ));
+        }
+        if c.shape[0] == 0 {
+            return Err(Error::format(path, "the input holds no voxels"));
+        }
+        if let Some(i) = x.data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::format(
+                path,
+                format!("tensor `feats` has a NaN or infinite value at index {i}"),
+            ));
+        }
+        let rows: Vec<[i32; 4]> = c.data.chunks_exact(4).map(|r| [r[0], r[1], r[2], r[3]]).collect();
+        let set = CoordSet::new(rows, 1).map_err(|e| e.in_file(path))?;
+        let n = set.len();
+        return Ok(Prepared {
+            voxels: SparseTensor::new(Arc::new(set), x.data, 4)?,
+            inverse: None,
+            points: n,
+        });
+    }
+    let format = match format {
+        Some(f) => f,
+        None => PointFormat::detect(path)?,
+    };
+    let cloud = read_points(path, Some(format))?;
+    if cloud.is_empty() {
+        return Err(Error::format(path, "the scan holds no points"));
+    }
+    prepare_points(&model_input(&cloud, format)?, mode).map_err(|e| e.in_file(path))
+}
+
+/// Wall-clock seconds per stage of one scan.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Reading is excluded; voxelization and feature preparation.
+    pub voxelize: f64,
+    /// Kernel-map builds inside the network.
+    pub kernel_maps: f64,
+    /// Network forward minus kernel maps (convs, BN-folded biases, ReLU, adds, concat, classifier).
+    pub conv: f64,
+    /// Argmax and mapping back to points.
+    pub other: f64,
+}
+
+impl Timings {
+    /// Sum of the stages.
+    pub fn total(&self) -> f64 {
+        self.voxelize + self.kernel_maps + self.conv + self.other
+    }
+}
+
+/// Network output for one scan.
+pub struct Segmentation {
+    /// Logits `[V, 19]` per voxel; logit j is training id j + 1.
+    pub logits: Vec<f32>,
+    /// Training id (1..=19) per voxel.
+    pub voxel_labels: Vec<u32>,
+    /// Training id per input point (per voxel for voxelized input).
+    pub point_labels: Vec<u32>,
+}
+
+/// Run the network on prepared voxels. The engine's map cache is cleared first (a new scan).
+pub fn segment(e: &Engine, model: &Model, p: &Prepared, timings: &mut Timings) -> Result<Segmentation> {
+    e.clear_cache();
+    e.take_map_seconds();
+    let t0 = Instant::now();
+    let logits = model.forward(e, &p.voxels)?;
+    let fwd = t0.elapsed().as_secs_f64();
+    let maps = e.take_map_seconds();
+    timings.kernel_maps = maps;
+    timings.conv = (fwd - maps).max(0.0);
+    let t1 = Instant::now();
+    let voxel_labels: Vec<u32> = logits
+        .chunks_exact(NUM_CLASSES)
+        .map(|row| {
+            let mut best = 0;
+            for j in 1..row.len() {
+                if row[j] > row[best] {
+                    best = j;
+                }
+            }
+            best as u32 + 1
+        })
+        .collect();
+    let point_labels = match &p.inverse {
+        Some(inv) => inv.iter().map(|&v| voxel_labels[v as usize]).collect(),
+        None => voxel_labels.clone(),
+    };
+    timings.other = t1.elapsed().as_secs_f64();
+    Ok(Segmentation {
+        logits,
+        voxel_labels,
+        point_labels,
+    })
+}
