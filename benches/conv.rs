@@ -16,12 +16,7 @@ use sparseconv::voxel::voxelize;
 use sparseconv::{GroupingParams, KernelSpec, MapBuilder, Plan};
 
 fn row(name: &str, s: &Stats, flops: f64, extra: &str) {
-    println!(
-        "{name:<34} {:>9.3} ms  ±{:>6.3}  {:>8.1} GFLOP/s  {extra}",
-        s.median * 1e3,
-        s.mad * 1e3,
-        s.gflops(flops)
-    );
+    println!("{name:<34} {:>9.3} ms  ±{:>6.3}  {:>8.1} GFLOP/s  {extra}", s.median * 1e3, s.mad * 1e3, s.gflops(flops));
 }
 
 fn main() {
@@ -32,11 +27,7 @@ fn main() {
     let cloud = sparseconv::io::read_points(&scan, None).expect("bundled scan");
     let vox = voxelize(&cloud, 0.05).expect("voxelize");
     let x0 = vox.tensor;
-    println!(
-        "# conv bench: {} points -> {} voxels at 5 cm, {threads} threads",
-        cloud.len(),
-        x0.len()
-    );
+    println!("# conv bench: {} points -> {} voxels at 5 cm, {threads} threads", cloud.len(), x0.len());
 
     let sub = KernelSpec::new(3, 1, 1).expect("spec");
     let down = KernelSpec::new(2, 2, 1).expect("spec");
@@ -47,17 +38,10 @@ fn main() {
     // a few hundred to a few thousand rows and grouping has something to win.
     let mut deep = x0.coord_set().clone();
     for _ in 0..3 {
-        deep = build_map(MapBuilder::Sort, &deep, down)
-            .expect("map")
-            .out_coords
-            .clone();
+        deep = build_map(MapBuilder::Sort, &deep, down).expect("map").out_coords.clone();
     }
     let deep_map = build_map(MapBuilder::Sort, &deep, sub).expect("map");
-    println!(
-        "# stride-8 k3 submanifold map: {} voxels, {} pairs",
-        deep_map.n_out(),
-        deep_map.total_pairs()
-    );
+    println!("# stride-8 k3 submanifold map: {} voxels, {} pairs", deep_map.n_out(), deep_map.total_pairs());
     println!(
         "# k3 submanifold map: {} pairs ({:.1} per voxel); k2 s2 down: {} -> {} voxels",
         sub_map.total_pairs(),
@@ -85,13 +69,7 @@ fn main() {
         let s_un = measure(1, min_runs, 1000, secs, || {
             std::hint::black_box(conv_forward(map, &ungrouped, &x, cin, &w, cout, None).expect("conv"));
         });
-        let fixed = Plan::grouped(
-            map,
-            GroupingParams {
-                tolerance: 0.3,
-                max_rows: 1 << 17,
-            },
-        );
+        let fixed = Plan::grouped(map, GroupingParams { tolerance: 0.3, max_rows: 1 << 17 });
         let s_fx = measure(1, min_runs, 1000, secs, || {
             std::hint::black_box(conv_forward(map, &fixed, &x, cin, &w, cout, None).expect("conv"));
         });
@@ -112,12 +90,7 @@ fn main() {
             std::hint::black_box(&c);
         });
         let g = s_gemm.gflops(flops);
-        row(
-            &format!("{name} ungrouped"),
-            &s_un,
-            flops,
-            &format!("{:.0}% of dense", 100.0 * s_un.gflops(flops) / g),
-        );
+        row(&format!("{name} ungrouped"), &s_un, flops, &format!("{:.0}% of dense", 100.0 * s_un.gflops(flops) / g));
         row(
             &format!("{name} grouped"),
             &s_fx,
@@ -129,12 +102,7 @@ fn main() {
                 100.0 * fixed.padding_fraction(map)
             ),
         );
-        row(
-            &format!("{name} output-tiled"),
-            &s_ot,
-            flops,
-            &format!("{:.0}% of dense", 100.0 * s_ot.gflops(flops) / g),
-        );
+        row(&format!("{name} output-tiled"), &s_ot, flops, &format!("{:.0}% of dense", 100.0 * s_ot.gflops(flops) / g));
         let groups = tuned.groups.len();
         let desc = match (tuned.output_tiled, tuned.params) {
             (true, _) => "output-tiled".into(),

@@ -47,11 +47,8 @@ fn with_matrixmultiply(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &m
 
 fn main() {
     let threads = rayon::current_num_threads();
-    let crates: [(&str, Kernel); 3] = [
-        ("gemm", with_gemm),
-        ("faer", with_faer),
-        ("matrixmultiply", with_matrixmultiply),
-    ];
+    let crates: [(&str, Kernel); 3] =
+        [("gemm", with_gemm), ("faer", with_faer), ("matrixmultiply", with_matrixmultiply)];
     // (m, k, n, threads): conv tiles are single-threaded (the conv parallelizes over tiles).
     let shapes = [
         (512, 4, 32, 1),

@@ -23,11 +23,7 @@ fn coords() -> &'static Arc<CoordSet> {
 
 fn main() {
     let c = coords();
-    eprintln!(
-        "# kmap bench: {} voxels, {} threads",
-        c.len(),
-        rayon::current_num_threads()
-    );
+    eprintln!("# kmap bench: {} voxels, {} threads", c.len(), rayon::current_num_threads());
     divan::main();
 }
 

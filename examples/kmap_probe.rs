@@ -8,10 +8,7 @@ fn main() {
     let vox = sparseconv::voxel::voxelize(&cloud, 0.05).expect("vox");
     let c = vox.tensor.coord_set().clone();
     for (k, s) in [(3, 1), (2, 2)] {
-        for b in std::env::args()
-            .skip(1)
-            .map(|a| a.parse::<MapBuilder>().expect("builder"))
-        {
+        for b in std::env::args().skip(1).map(|a| a.parse::<MapBuilder>().expect("builder")) {
             let spec = KernelSpec::new(k, s, 1).expect("spec");
             let mut best = f64::MAX;
             for _ in 0..200 {

@@ -21,25 +21,13 @@ impl Stats {
     /// Summarize raw samples (seconds).
     pub fn from_samples(mut s: Vec<f64>) -> Stats {
         if s.is_empty() {
-            return Stats {
-                median: 0.0,
-                min: 0.0,
-                max: 0.0,
-                mad: 0.0,
-                runs: 0,
-            };
+            return Stats { median: 0.0, min: 0.0, max: 0.0, mad: 0.0, runs: 0 };
         }
         s.sort_by(f64::total_cmp);
         let median = s[s.len() / 2];
         let mut dev: Vec<f64> = s.iter().map(|x| (x - median).abs()).collect();
         dev.sort_by(f64::total_cmp);
-        Stats {
-            median,
-            min: s[0],
-            max: s[s.len() - 1],
-            mad: dev[dev.len() / 2],
-            runs: s.len(),
-        }
+        Stats { median, min: s[0], max: s[s.len() - 1], mad: dev[dev.len() / 2], runs: s.len() }
     }
 
     /// Throughput in GFLOP/s at the median time.

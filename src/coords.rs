@@ -51,10 +51,7 @@ pub fn delta_key(d: [i32; 3]) -> i64 {
 /// Check that a coordinate can be stored and packed.
 pub fn check(c: [i32; 4]) -> Result<()> {
     if c[0] < 0 || c[0] > MAX_BATCH {
-        return Err(Error::CoordRange {
-            coord: c,
-            msg: format!("batch index must be in 0..={MAX_BATCH}"),
-        });
+        return Err(Error::CoordRange { coord: c, msg: format!("batch index must be in 0..={MAX_BATCH}") });
     }
     for &v in &c[1..] {
         if !(-COORD_LIMIT..COORD_LIMIT).contains(&v) {
@@ -115,10 +112,7 @@ mod tests {
     fn shifted_keys_are_exact_at_the_range_edges() {
         let d = [COORD_LIMIT - 1, -(COORD_LIMIT - 1), 3];
         check_offset(d).unwrap();
-        for c in [
-            [2, -COORD_LIMIT, COORD_LIMIT - 1, -2],
-            [0, COORD_LIMIT - 1, -COORD_LIMIT, 0],
-        ] {
+        for c in [[2, -COORD_LIMIT, COORD_LIMIT - 1, -2], [0, COORD_LIMIT - 1, -COORD_LIMIT, 0]] {
             let shifted = (pack(c) as i64 + delta_key(d)) as u64;
             assert_eq!(unpack(shifted), [c[0], c[1] + d[0], c[2] + d[1], c[3] + d[2]]);
         }

@@ -47,11 +47,7 @@ impl ConvWeight {
         if kernel.len() != volume * cin * cout {
             return Err(Error::tensor(
                 "kernel",
-                format!(
-                    "expected [{volume}, {cin}, {cout}] = {} values, got {}",
-                    volume * cin * cout,
-                    kernel.len()
-                ),
+                format!("expected [{volume}, {cin}, {cout}] = {} values, got {}", volume * cin * cout, kernel.len()),
             ));
         }
         if let Some(b) = &bias {
@@ -59,13 +55,7 @@ impl ConvWeight {
                 return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
             }
         }
-        Ok(Self {
-            kernel,
-            volume,
-            cin,
-            cout,
-            bias,
-        })
+        Ok(Self { kernel, volume, cin, cout, bias })
     }
 }
 
@@ -102,12 +92,7 @@ struct LayerKey {
 impl Engine {
     /// An engine on `device` building maps with `builder` and grouping offsets per `grouping`.
     pub fn new(device: Device, builder: MapBuilder, grouping: Grouping) -> Self {
-        Self {
-            device,
-            builder,
-            grouping,
-            ..Default::default()
-        }
+        Self { device, builder, grouping, ..Default::default() }
     }
 
     /// The kernel-map builder.
@@ -148,26 +133,14 @@ impl Engine {
         let t0 = std::time::Instant::now();
         let m = Arc::new(build()?);
         *self.map_secs.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed().as_secs_f64();
-        self.maps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key, m.clone());
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).insert(key, m.clone());
         Ok(m)
     }
 
     /// The forward map of a conv on `input`: submanifold for stride 1, downsampling otherwise.
     pub fn kernel_map(&self, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<Arc<KernelMap>> {
-        let kind = if spec.stride == 1 {
-            MapKind::Submanifold
-        } else {
-            MapKind::Down
-        };
-        let key = MapKey {
-            input: input.id(),
-            target: 0,
-            kind,
-            spec,
-        };
+        let kind = if spec.stride == 1 { MapKind::Submanifold } else { MapKind::Down };
+        let key = MapKey { input: input.id(), target: 0, kind, spec };
         self.cached(key, || match self.device {
             Device::Cpu => cpu::build_map(self.builder, input, spec),
         })
@@ -184,12 +157,7 @@ impl Engine {
         if spec.stride < 2 {
             return Err(Error::invalid("transposed conv", "stride must be at least 2"));
         }
-        let key = MapKey {
-            input: input.id(),
-            target: target.id(),
-            kind: MapKind::Up,
-            spec,
-        };
+        let key = MapKey { input: input.id(), target: target.id(), kind: MapKind::Up, spec };
         // Outside the cache closure, so its build time is counted once.
         let down = self.kernel_map(target, spec)?;
         self.cached(key, || {
@@ -255,6 +223,34 @@ impl Engine {
 
     /// Run `x` through the conv of `map` with weights `w`.
     pub fn conv_with_map(&self, map: &KernelMap, x: &SparseTensor, w: &ConvWeight) -> Result<SparseTensor> {
+        self.conv_fused(map, x, w, None, false)
+    }
+
+    /// Conv of `map`, then `relu?(out + bias + residual)` fused into one pass.
+    pub fn conv_fused(
+        &self,
+        map: &KernelMap,
+        x: &SparseTensor,
+        w: &ConvWeight,
+        residual: Option<&SparseTensor>,
+        relu: bool,
+    ) -> Result<SparseTensor> {
+        if let Some(r) = residual {
+            let same = Arc::ptr_eq(r.coord_set(), &map.out_coords)
+                || (r.stride() == map.out_coords.stride() && r.coords() == map.out_coords.coords());
+            if !same || r.channels() != w.cout {
+                return Err(Error::invalid(
+                    "residual add",
+                    format!(
+                        "shortcut ({} voxels, {} channels) does not match the conv output ({} voxels, {} channels)",
+                        r.len(),
+                        r.channels(),
+                        map.n_out(),
+                        w.cout
+                    ),
+                ));
+            }
+        }
         if x.channels() != w.cin {
             return Err(Error::tensor(
                 "kernel",
@@ -273,8 +269,9 @@ impl Engine {
             ));
         }
         let plan = self.plan_for(map, x.feats(), w)?;
+        let epi = cpu::conv::Epilogue { bias: w.bias.as_deref(), residual: residual.map(|r| r.feats()), relu };
         let out = match self.device {
-            Device::Cpu => cpu::conv::conv_forward(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, w.bias.as_deref())?,
+            Device::Cpu => cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, epi)?,
         };
         SparseTensor::new(map.out_coords.clone(), out, w.cout)
     }

@@ -57,26 +57,17 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// A malformed-file error.
     pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::Format {
-            path: path.into(),
-            msg: msg.into(),
-        }
+        Error::Format { path: path.into(), msg: msg.into() }
     }
 
     /// An I/O error on a file.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     /// A bad-tensor error.
     pub fn tensor(name: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Tensor {
-            name: name.into(),
-            msg: msg.into(),
-        }
+        Error::Tensor { name: name.into(), msg: msg.into() }
     }
 
     /// An invalid-argument error.
@@ -87,14 +78,8 @@ impl Error {
     /// Prefix a file path to errors that do not carry one yet (tensor errors while reading a file).
     pub fn in_file(self, path: impl Into<PathBuf>) -> Self {
         match self {
-            Error::Tensor { name, msg } => Error::Format {
-                path: path.into(),
-                msg: format!("tensor `{name}`: {msg}"),
-            },
-            Error::Invalid { op, msg } => Error::Format {
-                path: path.into(),
-                msg: format!("{op}: {msg}"),
-            },
+            Error::Tensor { name, msg } => Error::Format { path: path.into(), msg: format!("tensor `{name}`: {msg}") },
+            Error::Invalid { op, msg } => Error::Format { path: path.into(), msg: format!("{op}: {msg}") },
             Error::CoordRange { coord, msg } => Error::Format {
                 path: path.into(),
                 msg: format!("coordinate {coord:?} is outside the supported range: {msg}"),

@@ -25,22 +25,13 @@ impl KernelSpec {
     /// A kernel spec after validation.
     pub fn new(size: u32, stride: u32, dilation: u32) -> Result<Self> {
         if size == 0 || size > 15 {
-            return Err(Error::invalid(
-                "kernel spec",
-                format!("kernel size must be in 1..=15, got {size}"),
-            ));
+            return Err(Error::invalid("kernel spec", format!("kernel size must be in 1..=15, got {size}")));
         }
         if stride == 0 || stride > 1 << 10 {
-            return Err(Error::invalid(
-                "kernel spec",
-                format!("stride must be in 1..=1024, got {stride}"),
-            ));
+            return Err(Error::invalid("kernel spec", format!("stride must be in 1..=1024, got {stride}")));
         }
         if dilation == 0 || dilation > 1 << 10 {
-            return Err(Error::invalid(
-                "kernel spec",
-                format!("dilation must be in 1..=1024, got {dilation}"),
-            ));
+            return Err(Error::invalid("kernel spec", format!("dilation must be in 1..=1024, got {dilation}")));
         }
         Ok(Self { size, stride, dilation })
     }
@@ -111,10 +102,7 @@ impl std::str::FromStr for MapBuilder {
         match s {
             "hash" => Ok(MapBuilder::Hash),
             "sort" => Ok(MapBuilder::Sort),
-            _ => Err(Error::invalid(
-                "kernel-map builder",
-                format!("expected `hash` or `sort`, got `{s}`"),
-            )),
+            _ => Err(Error::invalid("kernel-map builder", format!("expected `hash` or `sort`, got `{s}`"))),
         }
     }
 }
@@ -241,24 +229,12 @@ impl KernelMap {
             _ => None,
         };
         let mirror = match kind {
-            MapKind::Submanifold => offsets
-                .iter()
-                .map(|d| offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]]))
-                .collect(),
+            MapKind::Submanifold => {
+                offsets.iter().map(|d| offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]])).collect()
+            }
             _ => vec![None; kv],
         };
-        KernelMap {
-            kind,
-            spec,
-            offsets,
-            in_coords,
-            out_coords,
-            starts,
-            in_idx,
-            out_idx,
-            identity,
-            mirror,
-        }
+        KernelMap { kind, spec, offsets, in_coords, out_coords, starts, in_idx, out_idx, identity, mirror }
     }
 
     /// The transposed map: inputs and outputs swapped, each offset re-sorted by its new output row.
@@ -328,11 +304,7 @@ pub(crate) fn scaled_offsets(spec: &KernelSpec, tensor_stride: i32) -> Result<Ve
 /// (S = input tensor stride × conv stride). Returns the sorted packed keys.
 pub(crate) fn downsample_keys(input: &CoordSet, spec: &KernelSpec) -> Result<(Vec<u64>, i32)> {
     let s = output_stride(input, spec)?;
-    let mut keys = input
-        .coords()
-        .iter()
-        .map(|&c| parent_key(c, s))
-        .collect::<Result<Vec<u64>>>()?;
+    let mut keys = input.coords().iter().map(|&c| parent_key(c, s)).collect::<Result<Vec<u64>>>()?;
     radsort::sort(&mut keys);
     keys.dedup();
     Ok((keys, s))
@@ -342,10 +314,7 @@ pub(crate) fn downsample_keys(input: &CoordSet, spec: &KernelSpec) -> Result<(Ve
 pub(crate) fn output_stride(input: &CoordSet, spec: &KernelSpec) -> Result<i32> {
     let s = input.stride() as i64 * spec.stride as i64;
     if s >= coords::COORD_LIMIT as i64 {
-        return Err(Error::invalid(
-            "downsampling",
-            format!("output tensor stride {s} is too large"),
-        ));
+        return Err(Error::invalid("downsampling", format!("output tensor stride {s} is too large")));
     }
     Ok(s as i32)
 }
@@ -353,12 +322,7 @@ pub(crate) fn output_stride(input: &CoordSet, spec: &KernelSpec) -> Result<i32> 
 /// Packed key of the downsampled coordinate `S·floor(c/S)` (floor division: negatives round down).
 #[inline]
 pub(crate) fn parent_key(c: [i32; 4], s: i32) -> Result<u64> {
-    let q = [
-        c[0],
-        coords::floor_div(c[1], s) * s,
-        coords::floor_div(c[2], s) * s,
-        coords::floor_div(c[3], s) * s,
-    ];
+    let q = [c[0], coords::floor_div(c[1], s) * s, coords::floor_div(c[2], s) * s, coords::floor_div(c[3], s) * s];
     coords::check(q)?;
     Ok(coords::pack(q))
 }
@@ -377,19 +341,7 @@ mod tests {
         assert_eq!(o[9], [-1, -1, 0]);
         assert_eq!(o[13], [0, 0, 0]);
         let e = kernel_offsets(2, 2);
-        assert_eq!(
-            e,
-            vec![
-                [0, 0, 0],
-                [0, 0, 2],
-                [0, 2, 0],
-                [0, 2, 2],
-                [2, 0, 0],
-                [2, 0, 2],
-                [2, 2, 0],
-                [2, 2, 2]
-            ]
-        ); // z fastest for even kernels
+        assert_eq!(e, vec![[0, 0, 0], [0, 0, 2], [0, 2, 0], [0, 2, 2], [2, 0, 0], [2, 0, 2], [2, 2, 0], [2, 2, 2]]); // z fastest for even kernels
         assert_eq!(axis_offsets(4), -1..=2);
         assert_eq!(axis_offsets(5), -2..=2);
         assert_eq!(kernel_offsets(1, 4), vec![[0, 0, 0]]);

@@ -204,68 +204,29 @@ fn run(cli: Cli) -> Result<()> {
             .map_err(|e| Error::invalid("--threads", e.to_string()))?;
     }
     match cli.cmd {
-        Cmd::Conv {
-            input,
-            weight,
-            kernel_size,
-            stride,
-            dilation,
-            kmap,
-            grouping,
-            output,
-        } => cmd_conv(
-            &input,
-            &weight,
-            kernel_size,
-            stride,
-            dilation,
-            engine(kmap, grouping),
-            &output,
-        ),
-        Cmd::Segment {
-            scan,
-            model,
-            arch,
-            cr,
-            device,
-            format,
-            voxelize,
-            out_labels,
-            logits,
-            labels,
-            yaml,
-        } => cmd_segment(SegmentArgs {
-            scan,
-            model,
-            arch,
-            cr,
-            device,
-            format,
-            voxelize,
-            out_labels,
-            logits,
-            labels,
-            yaml,
-        }),
+        Cmd::Conv { input, weight, kernel_size, stride, dilation, kmap, grouping, output } => {
+            cmd_conv(&input, &weight, kernel_size, stride, dilation, engine(kmap, grouping), &output)
+        }
+        Cmd::Segment { scan, model, arch, cr, device, format, voxelize, out_labels, logits, labels, yaml } => {
+            cmd_segment(SegmentArgs {
+                scan,
+                model,
+                arch,
+                cr,
+                device,
+                format,
+                voxelize,
+                out_labels,
+                logits,
+                labels,
+                yaml,
+            })
+        }
         Cmd::Eval { preds, labels, yaml } => cmd_eval(&preds, &labels, yaml),
-        Cmd::Bench {
-            scans,
-            model,
-            arch,
-            cr,
-            device,
-            warmup,
-            runs,
-            json,
-        } => cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json),
-        Cmd::Stack {
-            scan,
-            format,
-            voxel_size,
-            kmap,
-            grouping,
-            repeat,
-        } => {
+        Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json } => {
+            cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json)
+        }
+        Cmd::Stack { scan, format, voxel_size, kmap, grouping, repeat } => {
             let format = format.map(|f| f.parse::<PointFormat>()).transpose()?;
             cmd_stack(&scan, format, voxel_size, engine(kmap, grouping), repeat)
         }
@@ -277,25 +238,16 @@ fn read_input(path: &Path) -> Result<SparseTensor> {
     let coords = f.i32("coords", 2)?;
     let feats = f.f32("feats", 2)?;
     if coords.shape[1] != 4 {
-        return Err(Error::format(
-            path,
-            format!("tensor `coords` has shape {:?}, expected [N, 4]", coords.shape),
-        ));
+        return Err(Error::format(path, format!("tensor `coords` has shape {:?}, expected [N, 4]", coords.shape)));
     }
     if feats.shape[0] != coords.shape[0] {
         return Err(Error::format(
             path,
-            format!(
-                "`coords` has {} rows but `feats` has {}",
-                coords.shape[0], feats.shape[0]
-            ),
+            format!("`coords` has {} rows but `feats` has {}", coords.shape[0], feats.shape[0]),
         ));
     }
     if let Some(i) = feats.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::format(
-            path,
-            format!("tensor `feats` has a NaN or infinite value at index {i}"),
-        ));
+        return Err(Error::format(path, format!("tensor `feats` has a NaN or infinite value at index {i}")));
     }
     let rows: Vec<[i32; 4]> = coords.data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
     let set = CoordSet::new(rows, 1).map_err(|e| e.in_file(path))?;
@@ -319,20 +271,14 @@ fn read_weight(path: &Path, spec: KernelSpec, cin: usize) -> Result<ConvWeight> 
     let bias = if f.contains("bias") {
         let b = f.f32("bias", 1)?;
         if b.shape[0] != cout {
-            return Err(Error::format(
-                path,
-                format!("tensor `bias` has shape {:?}, expected [{cout}]", b.shape),
-            ));
+            return Err(Error::format(path, format!("tensor `bias` has shape {:?}, expected [{cout}]", b.shape)));
         }
         Some(b.data)
     } else {
         None
     };
     if let Some(i) = k.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::format(
-            path,
-            format!("tensor `kernel` has a NaN or infinite value at index {i}"),
-        ));
+        return Err(Error::format(path, format!("tensor `kernel` has a NaN or infinite value at index {i}")));
     }
     ConvWeight::new(k.data, vol, cin, cout, bias).map_err(|e| e.in_file(path))
 }
@@ -398,13 +344,7 @@ fn cmd_stack(scan: &Path, format: Option<PointFormat>, voxel_size: f32, engine: 
                 Layer::Up(ci, co, _) => (8, ci, co),
             };
             let scale = (2.0 / (vol * cin) as f32).sqrt();
-            ConvWeight::new(
-                pseudo_random(vol * cin * cout, 1000 + i as u64, scale),
-                vol,
-                cin,
-                cout,
-                None,
-            )
+            ConvWeight::new(pseudo_random(vol * cin * cout, 1000 + i as u64, scale), vol, cin, cout, None)
         })
         .collect::<Result<_>>()?;
     println!(
@@ -467,23 +407,13 @@ fn cmd_stack(scan: &Path, format: Option<PointFormat>, voxel_size: f32, engine: 
             };
             {
                 use rayon::prelude::*;
-                y.feats_mut()
-                    .par_chunks_mut(1 << 14)
-                    .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+                y.feats_mut().par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
             }
             let dt = t.elapsed().as_secs_f64();
             if run > 0 {
                 per_layer[i].push(dt);
             } else {
-                summary.push((
-                    map.n_in(),
-                    map.n_out(),
-                    map.total_pairs(),
-                    w.cin,
-                    w.cout,
-                    map.kind,
-                    map.spec,
-                ));
+                summary.push((map.n_in(), map.n_out(), map.total_pairs(), w.cin, w.cout, map.kind, map.spec));
             }
             outs.push(y.coord_set().clone());
             x = y;
@@ -495,10 +425,7 @@ fn cmd_stack(scan: &Path, format: Option<PointFormat>, voxel_size: f32, engine: 
             t_total.push(t_start.elapsed().as_secs_f64());
         }
     }
-    println!(
-        "{:<4} {:<26} {:>16} {:>9} {:>10} {:>11}",
-        "#", "layer", "voxels in->out", "pairs", "ms", "GFLOP/s"
-    );
+    println!("{:<4} {:<26} {:>16} {:>9} {:>10} {:>11}", "#", "layer", "voxels in->out", "pairs", "ms", "GFLOP/s");
     let mut conv_sum = 0.0;
     let mut flops_sum = 0.0;
     for (i, (n_in, n_out, pairs, cin, cout, kind, spec)) in summary.iter().enumerate() {
@@ -516,11 +443,7 @@ fn cmd_stack(scan: &Path, format: Option<PointFormat>, voxel_size: f32, engine: 
             st.gflops(fl)
         );
     }
-    let (v, m, t) = (
-        Stats::from_samples(t_vox),
-        Stats::from_samples(t_map),
-        Stats::from_samples(t_total),
-    );
+    let (v, m, t) = (Stats::from_samples(t_vox), Stats::from_samples(t_map), Stats::from_samples(t_total));
     println!(
         "voxelize {:.2} ms | kernel maps {:.2} ms | convs {:.2} ms ({:.1} GFLOP/s) | total {:.2} ms ± {:.2} (median of {}) = {:.1} scans/s",
         v.median * 1e3,
@@ -542,14 +465,8 @@ fn engine_builder_name(e: &Engine) -> String {
 fn check_device(device: &str) -> Result<Device> {
     match device {
         "cpu" => Ok(Device::Cpu),
-        "gpu" => Err(Error::invalid(
-            "--device",
-            "the GPU backend is not built yet (issue 3); use --device cpu",
-        )),
-        other => Err(Error::invalid(
-            "--device",
-            format!("expected cpu or gpu, got `{other}`"),
-        )),
+        "gpu" => Err(Error::invalid("--device", "the GPU backend is not built yet (issue 3); use --device cpu")),
+        other => Err(Error::invalid("--device", format!("expected cpu or gpu, got `{other}`"))),
     }
 }
 
@@ -642,10 +559,7 @@ fn cmd_segment(a: SegmentArgs) -> Result<()> {
     }
     if let Some(gt) = &gt {
         let gt: Vec<u32> = gt.iter().map(|&r| lm.to_train(r)).collect();
-        print_iou(
-            &sparseconv::metrics::Confusion::from_labels(&seg.point_labels, &gt)?,
-            &lm,
-        );
+        print_iou(&sparseconv::metrics::Confusion::from_labels(&seg.point_labels, &gt)?, &lm);
     }
     if let Some(p) = &a.out_labels {
         let raw: Vec<u32> = seg.point_labels.iter().map(|&t| lm.to_raw(t)).collect();
@@ -694,10 +608,7 @@ fn cmd_eval(preds: &[PathBuf], labels: &[PathBuf], yaml: Option<PathBuf>) -> Res
         return Err(Error::invalid("eval", "give at least one predicted .label file"));
     }
     if preds.len() != labels.len() {
-        return Err(Error::invalid(
-            "eval",
-            format!("{} predictions but {} label files", preds.len(), labels.len()),
-        ));
+        return Err(Error::invalid("eval", format!("{} predictions but {} label files", preds.len(), labels.len())));
     }
     let lm = LearningMap::load(&yaml.unwrap_or_else(default_yaml))?;
     let mut total = sparseconv::metrics::Confusion::new();
@@ -737,18 +648,11 @@ fn cmd_bench(
         }
         None => {
             if arch != "minkunet" {
-                return Err(Error::invalid(
-                    "--arch",
-                    format!("unknown or not yet supported architecture `{arch}`"),
-                ));
+                return Err(Error::invalid("--arch", format!("unknown or not yet supported architecture `{arch}`")));
             }
             let ck = sparseconv::nn::checkpoint::Checkpoint::random(1);
             let m = sparseconv::nn::minkunet::MinkUNet::load(&ck, cr, NUM_CLASSES)?;
-            (
-                pipeline::Model::MinkUNet(m),
-                cr,
-                "synthetic weights (throughput only)".to_string(),
-            )
+            (pipeline::Model::MinkUNet(m), cr, "synthetic weights (throughput only)".to_string())
         }
     };
     let engine = Engine::new(device, MapBuilder::Sort, Grouping::Auto);
@@ -809,17 +713,8 @@ fn cmd_bench(
             points as f64 / n,
             voxels as f64 / n
         );
-        println!(
-            "{:<12} {:>10} {:>10} {:>10} {:>10}",
-            "stage", "median ms", "mad ms", "min ms", "max ms"
-        );
-        for (name, s) in [
-            ("voxelize", v),
-            ("kernel maps", m),
-            ("conv", c),
-            ("other", o),
-            ("total", t),
-        ] {
+        println!("{:<12} {:>10} {:>10} {:>10} {:>10}", "stage", "median ms", "mad ms", "min ms", "max ms");
+        for (name, s) in [("voxelize", v), ("kernel maps", m), ("conv", c), ("other", o), ("total", t)] {
             println!(
                 "{:<12} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
                 name,
@@ -829,11 +724,7 @@ fn cmd_bench(
                 s.max * 1e3
             );
         }
-        println!(
-            "{:.2} scans/s, {:.0} points/s (end to end: points in, labels out)",
-            n / sum,
-            points as f64 / sum
-        );
+        println!("{:.2} scans/s, {:.0} points/s (end to end: points in, labels out)", n / sum, points as f64 / sum);
     }
     Ok(())
 }

@@ -20,19 +20,13 @@ impl Default for Confusion {
 impl Confusion {
     /// No points yet.
     pub fn new() -> Self {
-        Self {
-            counts: vec![0; NUM_CLASSES * NUM_CLASSES],
-            missed: vec![0; NUM_CLASSES],
-        }
+        Self { counts: vec![0; NUM_CLASSES * NUM_CLASSES], missed: vec![0; NUM_CLASSES] }
     }
 
     /// Count predictions against ground truth (training ids 0..=19).
     pub fn from_labels(pred: &[u32], gt: &[u32]) -> Result<Self> {
         if pred.len() != gt.len() {
-            return Err(Error::invalid(
-                "IoU",
-                format!("{} predictions for {} labelled points", pred.len(), gt.len()),
-            ));
+            return Err(Error::invalid("IoU", format!("{} predictions for {} labelled points", pred.len(), gt.len())));
         }
         let mut c = Self::new();
         for (&p, &g) in pred.iter().zip(gt) {

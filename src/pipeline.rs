@@ -36,10 +36,7 @@ impl std::str::FromStr for VoxelizeMode {
         match s {
             "mean" => Ok(Self::Mean),
             "spvnas" => Ok(Self::Spvnas),
-            _ => Err(Error::invalid(
-                "--voxelize",
-                format!("expected `mean` or `spvnas`, got `{s}`"),
-            )),
+            _ => Err(Error::invalid("--voxelize", format!("expected `mean` or `spvnas`, got `{s}`"))),
         }
     }
 }
@@ -60,10 +57,7 @@ impl Model {
         let meta_arch = meta.get("arch").cloned();
         let arch = match (arch, meta_arch.as_deref()) {
             (Some(a), Some(m)) if a != m => {
-                return Err(Error::format(
-                    path,
-                    format!("holds a `{m}` model but --arch {a} was given"),
-                ));
+                return Err(Error::format(path, format!("holds a `{m}` model but --arch {a} was given")));
             }
             (Some(a), _) => a.to_string(),
             (None, Some(m)) => m.to_string(),
@@ -71,17 +65,13 @@ impl Model {
         };
         let meta_cr = match meta.get("cr") {
             Some(v) => Some(
-                v.parse::<f32>()
-                    .map_err(|_| Error::format(path, format!("metadata `cr` is not a number: `{v}`")))?,
+                v.parse::<f32>().map_err(|_| Error::format(path, format!("metadata `cr` is not a number: `{v}`")))?,
             ),
             None => None,
         };
         let cr = match (cr, meta_cr) {
             (Some(a), Some(m)) if (a - m).abs() > 1e-6 => {
-                return Err(Error::format(
-                    path,
-                    format!("holds a cr = {m} model but --cr {a} was given"),
-                ));
+                return Err(Error::format(path, format!("holds a cr = {m} model but --cr {a} was given")));
             }
             (Some(a), _) => a,
             (None, Some(m)) => m,
@@ -102,10 +92,7 @@ impl Model {
         }
         if let Some(v) = meta.get("voxel_size") {
             if v.parse::<f32>().ok().is_none_or(|v| (v - VOXEL_SIZE).abs() > 1e-6) {
-                return Err(Error::format(
-                    path,
-                    format!("model was trained at voxel size {v}, expected {VOXEL_SIZE}"),
-                ));
+                return Err(Error::format(path, format!("model was trained at voxel size {v}, expected {VOXEL_SIZE}")));
             }
         }
         match arch.as_str() {
@@ -172,11 +159,7 @@ pub fn prepare_points(cloud: &PointCloud, mode: VoxelizeMode) -> Result<Prepared
     match mode {
         VoxelizeMode::Mean => {
             let v = voxelize(cloud, VOXEL_SIZE)?;
-            Ok(Prepared {
-                voxels: v.tensor,
-                inverse: Some(v.inverse),
-                points: cloud.len(),
-            })
+            Ok(Prepared { voxels: v.tensor, inverse: Some(v.inverse), points: cloud.len() })
         }
         VoxelizeMode::Spvnas => {
             let mut c: Vec<[i32; 3]> = Vec::with_capacity(cloud.len());
@@ -185,10 +168,7 @@ pub fn prepare_points(cloud: &PointCloud, mode: VoxelizeMode) -> Result<Prepared
                 let r = |v: f32| (v / VOXEL_SIZE).round();
                 let q = [r(p[0]), r(p[1]), r(p[2])];
                 if q.iter().any(|v| v.abs() >= coords::COORD_LIMIT as f32) {
-                    return Err(Error::invalid(
-                        "voxelize",
-                        format!("point {i} is too far from the origin"),
-                    ));
+                    return Err(Error::invalid("voxelize", format!("point {i} is too far from the origin")));
                 }
                 c.push([q[0] as i32, q[1] as i32, q[2] as i32]);
             }
@@ -223,11 +203,7 @@ pub fn prepare_points(cloud: &PointCloud, mode: VoxelizeMode) -> Result<Prepared
                 }
             }
             let set = Arc::new(CoordSet::new(vc, 1)?);
-            Ok(Prepared {
-                voxels: SparseTensor::new(set, vf, 4)?,
-                inverse: Some(inverse),
-                points: cloud.len(),
-            })
+            Ok(Prepared { voxels: SparseTensor::new(set, vf, 4)?, inverse: Some(inverse), points: cloud.len() })
         }
     }
 }
@@ -242,29 +218,19 @@ pub fn prepare_file(path: &Path, format: Option<PointFormat>, mode: VoxelizeMode
         if c.shape[1] != 4 || x.shape != [c.shape[0], 4] {
             return Err(Error::format(
                 path,
-                format!(
-                    "expected coords [N, 4] and feats [N, 4], got {:?} and {:?}",
-                    c.shape, x.shape
-                ),
+                format!("expected coords [N, 4] and feats [N, 4], got {:?} and {:?}", c.shape, x.shape),
             ));
         }
         if c.shape[0] == 0 {
             return Err(Error::format(path, "the input holds no voxels"));
         }
         if let Some(i) = x.data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::format(
-                path,
-                format!("tensor `feats` has a NaN or infinite value at index {i}"),
-            ));
+            return Err(Error::format(path, format!("tensor `feats` has a NaN or infinite value at index {i}")));
         }
         let rows: Vec<[i32; 4]> = c.data.chunks_exact(4).map(|r| [r[0], r[1], r[2], r[3]]).collect();
         let set = CoordSet::new(rows, 1).map_err(|e| e.in_file(path))?;
         let n = set.len();
-        return Ok(Prepared {
-            voxels: SparseTensor::new(Arc::new(set), x.data, 4)?,
-            inverse: None,
-            points: n,
-        });
+        return Ok(Prepared { voxels: SparseTensor::new(Arc::new(set), x.data, 4)?, inverse: None, points: n });
     }
     let format = match format {
         Some(f) => f,
@@ -335,9 +301,5 @@ pub fn segment(e: &Engine, model: &Model, p: &Prepared, timings: &mut Timings) -
         None => voxel_labels.clone(),
     };
     timings.other = t1.elapsed().as_secs_f64();
-    Ok(Segmentation {
-        logits,
-        voxel_labels,
-        point_labels,
-    })
+    Ok(Segmentation { logits, voxel_labels, point_labels })
 }

@@ -54,16 +54,9 @@ impl Plan {
             .canonical_order()
             .into_iter()
             .filter(|&k| map.size(k) > 0)
-            .map(|k| Group {
-                offsets: vec![k],
-                padded_rows: map.size(k),
-            })
+            .map(|k| Group { offsets: vec![k], padded_rows: map.size(k) })
             .collect();
-        Plan {
-            groups,
-            params: None,
-            output_tiled: false,
-        }
+        Plan { groups, params: None, output_tiled: false }
     }
 
     /// Group contiguous runs of the canonical order (mirror pairs kept together) while the
@@ -86,10 +79,7 @@ impl Plan {
             }
             i += unit.len();
             if Some(k) == map.identity {
-                groups.push(Group {
-                    offsets: unit,
-                    padded_rows: map.size(k),
-                });
+                groups.push(Group { offsets: unit, padded_rows: map.size(k) });
                 continue;
             }
             let u_max = unit.iter().map(|&k| map.size(k)).max().unwrap_or(0);
@@ -99,10 +89,7 @@ impl Plan {
             let waste = padded - (cur_sum + u_sum);
             let fits = !cur.is_empty() && waste as f64 <= p.tolerance as f64 * padded as f64 && padded <= p.max_rows;
             if !fits && !cur.is_empty() {
-                groups.push(Group {
-                    offsets: std::mem::take(&mut cur),
-                    padded_rows: cur_max,
-                });
+                groups.push(Group { offsets: std::mem::take(&mut cur), padded_rows: cur_max });
                 cur_max = 0;
                 cur_sum = 0;
             }
@@ -111,16 +98,9 @@ impl Plan {
             cur_sum += u_sum;
         }
         if !cur.is_empty() {
-            groups.push(Group {
-                offsets: cur,
-                padded_rows: cur_max,
-            });
+            groups.push(Group { offsets: cur, padded_rows: cur_max });
         }
-        Plan {
-            groups,
-            params: Some(p),
-            output_tiled: false,
-        }
+        Plan { groups, params: Some(p), output_tiled: false }
     }
 
     /// All non-identity offsets in one group, executed output-stationary.
@@ -129,23 +109,13 @@ impl Plan {
         let mut groups = Vec::new();
         let rest: Vec<usize> = order.iter().copied().filter(|&k| Some(k) != map.identity).collect();
         if let Some(c) = map.identity.filter(|&c| map.size(c) > 0) {
-            groups.push(Group {
-                offsets: vec![c],
-                padded_rows: map.size(c),
-            });
+            groups.push(Group { offsets: vec![c], padded_rows: map.size(c) });
         }
         if !rest.is_empty() {
             let m = rest.iter().map(|&k| map.size(k)).max().unwrap_or(0);
-            groups.push(Group {
-                offsets: rest,
-                padded_rows: m,
-            });
+            groups.push(Group { offsets: rest, padded_rows: m });
         }
-        Plan {
-            groups,
-            params: None,
-            output_tiled: true,
-        }
+        Plan { groups, params: None, output_tiled: true }
     }
 
     /// Fraction of padded rows over all groups.

@@ -36,17 +36,8 @@ pub fn brute_force_map(
 
 /// Output coordinates of a downsampling conv, computed independently: sorted unique `S·floor(c/S)`.
 pub fn downsampled_coords(inputs: &[[i32; 4]], s: i32) -> Vec<[i32; 4]> {
-    let set: BTreeSet<[i32; 4]> = inputs
-        .iter()
-        .map(|c| {
-            [
-                c[0],
-                floor_div(c[1], s) * s,
-                floor_div(c[2], s) * s,
-                floor_div(c[3], s) * s,
-            ]
-        })
-        .collect();
+    let set: BTreeSet<[i32; 4]> =
+        inputs.iter().map(|c| [c[0], floor_div(c[1], s) * s, floor_div(c[2], s) * s, floor_div(c[3], s) * s]).collect();
     set.into_iter().collect()
 }
 

@@ -24,10 +24,7 @@ impl CoordSet {
     /// Validate coordinates: each in the packable range, a multiple of `stride`, and no duplicates.
     pub fn new(coords: Vec<[i32; 4]>, stride: i32) -> Result<Self> {
         if stride < 1 {
-            return Err(Error::tensor(
-                "coords",
-                format!("tensor stride must be >= 1, got {stride}"),
-            ));
+            return Err(Error::tensor("coords", format!("tensor stride must be >= 1, got {stride}")));
         }
         for (i, &c) in coords.iter().enumerate() {
             coords::check(c).map_err(|e| match e {
@@ -44,21 +41,14 @@ impl CoordSet {
         let mut keys: Vec<u64> = coords.iter().map(|&c| coords::pack(c)).collect();
         radsort::sort(&mut keys);
         if let Some(w) = keys.windows(2).find(|w| w[0] == w[1]) {
-            return Err(Error::tensor(
-                "coords",
-                format!("duplicate coordinate {:?}", coords::unpack(w[0])),
-            ));
+            return Err(Error::tensor("coords", format!("duplicate coordinate {:?}", coords::unpack(w[0]))));
         }
         Ok(Self::new_unchecked(coords, stride))
     }
 
     /// Coordinates produced by this crate's own builders, which are unique and in range by construction.
     pub(crate) fn new_unchecked(coords: Vec<[i32; 4]>, stride: i32) -> Self {
-        Self {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            coords,
-            stride,
-        }
+        Self { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), coords, stride }
     }
 
     /// Unique identity of this coordinate set (for caches).
@@ -110,11 +100,7 @@ impl SparseTensor {
         if coords.len() > u32::MAX as usize {
             return Err(Error::tensor("coords", "more than 2^32 - 1 voxels"));
         }
-        Ok(Self {
-            coords,
-            feats,
-            channels,
-        })
+        Ok(Self { coords, feats, channels })
     }
 
     /// Build from coordinate rows and features at tensor stride 1.

@@ -19,10 +19,7 @@ impl PointCloud {
     /// Validate a point matrix: `dims >= 3`, whole rows, finite x, y, z.
     pub fn new(data: Vec<f32>, dims: usize) -> Result<Self> {
         if dims < 3 {
-            return Err(Error::tensor(
-                "points",
-                format!("need at least x, y, z per point, got {dims} values"),
-            ));
+            return Err(Error::tensor("points", format!("need at least x, y, z per point, got {dims} values")));
         }
         if data.len() % dims != 0 {
             return Err(Error::tensor(
@@ -31,10 +28,7 @@ impl PointCloud {
             ));
         }
         if let Some(i) = data.chunks_exact(dims).position(|p| !p.iter().all(|v| v.is_finite())) {
-            return Err(Error::tensor(
-                "points",
-                format!("point {i} has a NaN or infinite value"),
-            ));
+            return Err(Error::tensor("points", format!("point {i} has a NaN or infinite value")));
         }
         Ok(Self { data, dims })
     }
@@ -70,12 +64,7 @@ pub fn voxel_coord(p: &[f32], voxel_size: f32, batch: i32) -> Result<[i32; 4]> {
         let v = (p[a] / voxel_size).floor();
         if !(v >= -(coords::COORD_LIMIT as f32) && v < coords::COORD_LIMIT as f32) {
             return Err(Error::CoordRange {
-                coord: [
-                    batch,
-                    (p[0] / voxel_size) as i32,
-                    (p[1] / voxel_size) as i32,
-                    (p[2] / voxel_size) as i32,
-                ],
+                coord: [batch, (p[0] / voxel_size) as i32, (p[1] / voxel_size) as i32, (p[2] / voxel_size) as i32],
                 msg: format!(
                     "point ({}, {}, {}) is more than {} voxels from the origin",
                     p[0],
@@ -99,23 +88,14 @@ pub fn voxelize(cloud: &PointCloud, voxel_size: f32) -> Result<Voxelized> {
 /// Features are the per-voxel mean of every point column, summed in point order in f64.
 pub fn voxelize_batch(clouds: &[PointCloud], voxel_size: f32) -> Result<Voxelized> {
     if !(voxel_size.is_finite() && voxel_size > 0.0) {
-        return Err(Error::invalid(
-            "voxelize",
-            format!("voxel size must be positive, got {voxel_size}"),
-        ));
+        return Err(Error::invalid("voxelize", format!("voxel size must be positive, got {voxel_size}")));
     }
     if clouds.len() > coords::MAX_BATCH as usize + 1 {
-        return Err(Error::invalid(
-            "voxelize",
-            format!("at most {} scans per batch", coords::MAX_BATCH + 1),
-        ));
+        return Err(Error::invalid("voxelize", format!("at most {} scans per batch", coords::MAX_BATCH + 1)));
     }
     let dims = clouds.first().map_or(3, |c| c.dims);
     if let Some(c) = clouds.iter().find(|c| c.dims != dims) {
-        return Err(Error::invalid(
-            "voxelize",
-            format!("scans have {dims} and {} values per point", c.dims),
-        ));
+        return Err(Error::invalid("voxelize", format!("scans have {dims} and {} values per point", c.dims)));
     }
     let total: usize = clouds.iter().map(|c| c.len()).sum();
     if total > u32::MAX as usize {
@@ -159,21 +139,14 @@ pub fn voxelize_batch(clouds: &[PointCloud], voxel_size: f32) -> Result<Voxelize
         i = j;
     }
     let set = Arc::new(CoordSet::new_unchecked(coords_out, 1));
-    Ok(Voxelized {
-        tensor: SparseTensor::new(set, feats, dims)?,
-        inverse,
-        counts,
-    })
+    Ok(Voxelized { tensor: SparseTensor::new(set, feats, dims)?, inverse, counts })
 }
 
 /// Bring voxel rows `[V, C]` back to points: point `i` gets row `inverse[i]`.
 pub fn devoxelize(voxel_feats: &[f32], channels: usize, inverse: &[u32]) -> Result<Vec<f32>> {
     let v = voxel_feats.len().checked_div(channels).unwrap_or(0);
     if let Some(&bad) = inverse.iter().find(|&&r| r as usize >= v) {
-        return Err(Error::invalid(
-            "devoxelize",
-            format!("inverse map points at voxel {bad} of {v}"),
-        ));
+        return Err(Error::invalid("devoxelize", format!("inverse map points at voxel {bad} of {v}")));
     }
     let mut out = Vec::with_capacity(inverse.len() * channels);
     for &r in inverse {

@@ -45,10 +45,7 @@ fn write_weight(path: &Path, kernel: &[f32], shape: Vec<usize>, bias: Option<&[f
 
 fn run_conv(args: &[&str]) -> (i32, String) {
     let out = bin().arg("conv").args(args).output().expect("run binary");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
 }
 
 #[test]
@@ -58,12 +55,7 @@ fn conv_command_matches_dense_reference() {
     let feats = pseudo_random(coords.len() * cin, 1, 1.0);
     let input = tmp("in.safetensors");
     write_input(&input, &coords, &feats, cin);
-    for (k, s, d, kmap) in [
-        (3u32, 1u32, 1u32, "hash"),
-        (3, 1, 2, "sort"),
-        (2, 2, 1, "sort"),
-        (3, 2, 1, "hash"),
-    ] {
+    for (k, s, d, kmap) in [(3u32, 1u32, 1u32, "hash"), (3, 1, 2, "sort"), (2, 2, 1, "sort"), (3, 2, 1, "hash")] {
         let spec = KernelSpec::new(k, s, d).expect("spec");
         let kernel = pseudo_random(spec.volume() * cin * cout, 2, 0.3);
         let bias = pseudo_random(cout, 3, 0.1);
@@ -92,11 +84,7 @@ fn conv_command_matches_dense_reference() {
         let of = f.f32("feats", 2).expect("feats");
         assert_eq!(of.shape[1], cout);
         let outs: Vec<[i32; 4]> = oc.data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
-        let want_coords = if s == 1 {
-            coords.clone()
-        } else {
-            downsampled_coords(&coords, s as i32)
-        };
+        let want_coords = if s == 1 { coords.clone() } else { downsampled_coords(&coords, s as i32) };
         assert_eq!(coord_set(&outs), coord_set(&want_coords));
         let want = dense_conv(&coords, &feats, cin, &outs, &kernel, cout, spec, 1, 1, Some(&bias));
         assert!(rel_err(&of.data, &want) < 2e-5, "k{k} s{s} d{d}");
@@ -119,12 +107,7 @@ fn bad_conv_input_is_one_line_and_exit_2() {
     let wrong_cin = tmp("wrong_cin.safetensors");
     write_weight(&wrong_cin, &pseudo_random(27 * 4 * 2, 2, 0.1), vec![27, 4, 2], None);
     let wrong_bias = tmp("wrong_bias.safetensors");
-    write_weight(
-        &wrong_bias,
-        &pseudo_random(27 * 3 * 2, 2, 0.1),
-        vec![27, 3, 2],
-        Some(&[0.0; 3]),
-    );
+    write_weight(&wrong_bias, &pseudo_random(27 * 3 * 2, 2, 0.1), vec![27, 3, 2], Some(&[0.0; 3]));
     let nan_w = tmp("nan_w.safetensors");
     let mut k = pseudo_random(27 * 3 * 2, 2, 0.1);
     k[5] = f32::NAN;
@@ -137,10 +120,7 @@ fn bad_conv_input_is_one_line_and_exit_2() {
         &rows,
         vec![
             ("coords", OutTensor::I32(&flat, vec![coords.len(), 4])),
-            (
-                "feats",
-                OutTensor::F32(&feats[..feats.len() - 3], vec![coords.len() - 1, 3]),
-            ),
+            ("feats", OutTensor::F32(&feats[..feats.len() - 3], vec![coords.len() - 1, 3])),
         ],
         None,
     )
@@ -164,16 +144,8 @@ fn bad_conv_input_is_one_line_and_exit_2() {
         (vec![g(&good_in), g(&good_w), "0".into()], "kernel size"),
     ];
     for (args, needle) in cases {
-        let (code, err) = run_conv(&[
-            "--input",
-            &args[0],
-            "--weight",
-            &args[1],
-            "--kernel-size",
-            &args[2],
-            "--output",
-            &g(&out),
-        ]);
+        let (code, err) =
+            run_conv(&["--input", &args[0], "--weight", &args[1], "--kernel-size", &args[2], "--output", &g(&out)]);
         assert_eq!(code, 2, "{needle}: exit code, stderr: {err}");
         assert!(err.contains(needle), "stderr `{err}` should mention `{needle}`");
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
@@ -198,22 +170,12 @@ fn bad_conv_input_is_one_line_and_exit_2() {
 #[test]
 fn stack_command_runs_and_rejects_bad_scans() {
     let out = bin()
-        .args([
-            "stack",
-            repo("data/tiny/sequences/00/velodyne/000000.bin")
-                .to_str()
-                .expect("utf8"),
-            "--repeat",
-            "1",
-        ])
+        .args(["stack", repo("data/tiny/sequences/00/velodyne/000000.bin").to_str().expect("utf8"), "--repeat", "1"])
         .output()
         .expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        stdout.contains("scans/s") && stdout.contains("Submanifold k3 s1 4->32"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("scans/s") && stdout.contains("Submanifold k3 s1 4->32"), "{stdout}");
     let empty = tmp("empty.bin");
     std::fs::write(&empty, b"").expect("write");
     for (p, needle) in [(empty, "no points"), (tmp("nope.bin"), "nope.bin")] {

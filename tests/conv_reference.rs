@@ -42,42 +42,15 @@ fn forward_conv_matches_dense_grid() {
         let x = random_tensor(seed, 2, 6 * ts, ts, 0.3, cin);
         let spec = KernelSpec::new(k, s, d).expect("spec");
         let w = weight(spec.volume(), cin, cout, seed, ci % 2 == 0);
-        let outs = if s == 1 {
-            x.coords().to_vec()
-        } else {
-            downsampled_coords(x.coords(), ts * s as i32)
-        };
-        let want = dense_conv(
-            x.coords(),
-            x.feats(),
-            cin,
-            &outs,
-            &w.kernel,
-            cout,
-            spec,
-            ts,
-            1,
-            w.bias.as_deref(),
-        );
+        let outs = if s == 1 { x.coords().to_vec() } else { downsampled_coords(x.coords(), ts * s as i32) };
+        let want = dense_conv(x.coords(), x.feats(), cin, &outs, &w.kernel, cout, spec, ts, 1, w.bias.as_deref());
         for st in strategies() {
-            let y = st
-                .engine
-                .conv(&x, &w, spec)
-                .unwrap_or_else(|e| panic!("{}: case {ci}: {e}", st.label));
-            assert_eq!(
-                coord_set(y.coords()),
-                coord_set(&outs),
-                "{}: case {ci}: output coords",
-                st.label
-            );
+            let y = st.engine.conv(&x, &w, spec).unwrap_or_else(|e| panic!("{}: case {ci}: {e}", st.label));
+            assert_eq!(coord_set(y.coords()), coord_set(&outs), "{}: case {ci}: output coords", st.label);
             assert_eq!(y.stride(), ts * s as i32, "{}: case {ci}: output stride", st.label);
             let got = rows_in_order(&y, &outs);
             let e = rel_err(&got, &want);
-            assert!(
-                e < TOL,
-                "{}: case {ci} k{k} s{s} d{d} ts{ts} {cin}->{cout}: rel err {e}",
-                st.label
-            );
+            assert!(e < TOL, "{}: case {ci} k{k} s{s} d{d} ts{ts} {cin}->{cout}: rel err {e}", st.label);
         }
     }
 }
@@ -111,11 +84,7 @@ fn transposed_conv_matches_dense_grid() {
             );
             assert_eq!(y.coords(), fine.coords(), "{}: transposed output coords", st.label);
             let e = rel_err(y.feats(), &want);
-            assert!(
-                e < TOL,
-                "{}: transposed case {ci} k{k} s{s} d{d}: rel err {e}",
-                st.label
-            );
+            assert!(e < TOL, "{}: transposed case {ci} k{k} s{s} d{d}: rel err {e}", st.label);
         }
     }
 }
@@ -127,10 +96,7 @@ fn empty_input_gives_empty_output() {
         for (k, s) in [(3, 1), (2, 2)] {
             let spec = KernelSpec::new(k, s, 1).expect("spec");
             let w = weight(spec.volume(), 4, 8, 1, true);
-            let y = st
-                .engine
-                .conv(&x, &w, spec)
-                .unwrap_or_else(|e| panic!("{}: {e}", st.label));
+            let y = st.engine.conv(&x, &w, spec).unwrap_or_else(|e| panic!("{}: {e}", st.label));
             assert!(y.is_empty() && y.channels() == 8, "{}", st.label);
         }
     }
@@ -147,10 +113,7 @@ fn single_isolated_voxels_see_only_the_centre() {
     .expect("tensor");
     let w = weight(27, 1, 2, 9, true);
     for st in strategies() {
-        let y = st
-            .engine
-            .conv(&x, &w, KernelSpec::new(3, 1, 1).expect("spec"))
-            .expect("conv");
+        let y = st.engine.conv(&x, &w, KernelSpec::new(3, 1, 1).expect("spec")).expect("conv");
         let b = w.bias.as_ref().expect("bias");
         for (i, v) in [1.0f32, 2.0, -3.0].iter().enumerate() {
             for j in 0..2 {
@@ -165,27 +128,14 @@ fn mismatched_shapes_are_errors() {
     let x = random_tensor(5, 1, 4, 1, 0.5, 3);
     let spec = KernelSpec::new(3, 1, 1).expect("spec");
     let engine = sparseconv::Engine::default();
-    assert!(
-        engine.conv(&x, &weight(27, 4, 2, 1, false), spec).is_err(),
-        "cin mismatch"
-    );
-    assert!(
-        engine.conv(&x, &weight(8, 3, 2, 1, false), spec).is_err(),
-        "volume mismatch"
-    );
+    assert!(engine.conv(&x, &weight(27, 4, 2, 1, false), spec).is_err(), "cin mismatch");
+    assert!(engine.conv(&x, &weight(8, 3, 2, 1, false), spec).is_err(), "volume mismatch");
     assert!(ConvWeight::new(vec![0.0; 10], 27, 3, 2, None).is_err());
     assert!(ConvWeight::new(vec![0.0; 27 * 6], 27, 3, 2, Some(vec![0.0; 3])).is_err());
     // Transposed conv onto coordinates that were not the source of the input.
     let other = sparseconv::SparseTensor::from_parts(vec![[0, 40, 40, 40]], vec![1.0; 3], 3).expect("tensor");
-    let down = engine
-        .conv(&x, &weight(8, 3, 3, 1, false), KernelSpec::new(2, 2, 1).expect("spec"))
-        .expect("down");
+    let down = engine.conv(&x, &weight(8, 3, 3, 1, false), KernelSpec::new(2, 2, 1).expect("spec")).expect("down");
     assert!(engine
-        .conv_transposed(
-            &down,
-            other.coord_set(),
-            &weight(8, 3, 3, 1, false),
-            KernelSpec::new(2, 2, 1).expect("spec")
-        )
+        .conv_transposed(&down, other.coord_set(), &weight(8, 3, 3, 1, false), KernelSpec::new(2, 2, 1).expect("spec"))
         .is_err());
 }

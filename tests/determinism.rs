@@ -8,10 +8,7 @@ use sparseconv::cpu::{build_map, conv::conv_forward, tune::candidates};
 use sparseconv::{ConvWeight, Device, Engine, Grouping, KernelSpec, MapBuilder, Plan, SparseTensor};
 
 fn pool(n: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build()
-        .expect("thread pool")
+    rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("thread pool")
 }
 
 #[test]
@@ -32,10 +29,7 @@ fn real_scan_conv_is_bit_identical_across_threads_and_groupings() {
             plans.push((format!("{c:?}"), Plan::grouped(&map, c)));
         }
         plans.push(("output-tiled".to_string(), Plan::output_tiled(&map)));
-        assert!(
-            plans.iter().any(|(_, p)| p.groups.iter().any(|g| g.offsets.len() > 1)),
-            "some plan groups offsets"
-        );
+        assert!(plans.iter().any(|(_, p)| p.groups.iter().any(|g| g.offsets.len() > 1)), "some plan groups offsets");
         for threads in [1, 2, 3] {
             for (label, plan) in &plans {
                 let out = pool(threads)
@@ -69,12 +63,6 @@ fn engines_agree_bitwise_on_random_clouds() {
         );
     }
     // Repeated runs of the tuned engine (which re-times plans on a new engine) also agree.
-    let again = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Auto)
-        .conv(&x, &w, spec)
-        .expect("conv");
-    assert!(again
-        .feats()
-        .iter()
-        .zip(&outs[0].1)
-        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    let again = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Auto).conv(&x, &w, spec).expect("conv");
+    assert!(again.feats().iter().zip(&outs[0].1).all(|(a, b)| a.to_bits() == b.to_bits()));
 }

@@ -19,10 +19,7 @@ fn tmp(name: &str) -> PathBuf {
 
 fn err_names_file(r: sparseconv::Result<impl std::fmt::Debug>, path: &Path, needle: &str) {
     let e = r.expect_err("should fail").to_string();
-    assert!(
-        e.contains(&path.display().to_string()),
-        "error does not name the file: {e}"
-    );
+    assert!(e.contains(&path.display().to_string()), "error does not name the file: {e}");
     assert!(e.contains(needle), "error `{e}` does not mention `{needle}`");
 }
 
@@ -38,11 +35,7 @@ fn semantickitti_scan_and_labels() {
     assert_eq!(lm.to_train(252), 1, "moving car folds into car");
     assert_eq!(lm.to_raw(9), 40);
     assert_eq!(lm.train_name(9), "road");
-    assert_eq!(
-        lm.colors.get(&40),
-        Some(&[255, 0, 255]),
-        "road colour (BGR [255,0,255] -> RGB)"
-    );
+    assert_eq!(lm.colors.get(&40), Some(&[255, 0, 255]), "road colour (BGR [255,0,255] -> RGB)");
     let mut hist = [0usize; 20];
     for &l in &labels {
         hist[lm.to_train(l) as usize] += 1;
@@ -131,10 +124,7 @@ fn ply_roundtrip_ascii_and_binary() {
     .expect("write");
     err_names_file(read_ply(&noz), &noz, "`z`");
     let nan = tmp("nan.ply");
-    let bad = PointCloud {
-        data: vec![1.0, f32::NAN, 2.0],
-        dims: 3,
-    };
+    let bad = PointCloud { data: vec![1.0, f32::NAN, 2.0], dims: 3 };
     write_ply(&nan, &bad, &[], true).expect("write");
     err_names_file(read_ply(&nan), &nan, "NaN");
 }

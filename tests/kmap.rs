@@ -16,10 +16,7 @@ fn pairs_of(map: &KernelMap) -> Vec<Vec<(u32, u32)>> {
             let (i, o) = map.pairs(k);
             let v: Vec<(u32, u32)> = i.iter().copied().zip(o.iter().copied()).collect();
             // Canonical form: sorted by output row.
-            assert!(
-                v.windows(2).all(|w| w[0].1 < w[1].1),
-                "offset {k}: pairs not sorted by output"
-            );
+            assert!(v.windows(2).all(|w| w[0].1 < w[1].1), "offset {k}: pairs not sorted by output");
             let mut v = v;
             v.sort_unstable();
             v
@@ -37,43 +34,21 @@ fn assert_same_map(a: &KernelMap, b: &KernelMap, what: &str) {
 
 #[test]
 fn builders_match_brute_force() {
-    let specs = [
-        (1, 1, 1),
-        (2, 1, 1),
-        (3, 1, 1),
-        (3, 1, 2),
-        (5, 1, 1),
-        (2, 2, 1),
-        (3, 2, 1),
-        (3, 2, 2),
-        (5, 2, 1),
-        (2, 3, 1),
-    ];
+    let specs =
+        [(1, 1, 1), (2, 1, 1), (3, 1, 1), (3, 1, 2), (5, 1, 1), (2, 2, 1), (3, 2, 1), (3, 2, 2), (5, 2, 1), (2, 3, 1)];
     for ts in [1, 2] {
         for (si, &(k, s, d)) in specs.iter().enumerate() {
             let x = random_tensor(10 + si as u64, 2, 7 * ts, ts, 0.25, 1);
             let spec = KernelSpec::new(k, s, d).expect("spec");
-            let outs = if s == 1 {
-                x.coords().to_vec()
-            } else {
-                downsampled_coords(x.coords(), ts * s as i32)
-            };
+            let outs = if s == 1 { x.coords().to_vec() } else { downsampled_coords(x.coords(), ts * s as i32) };
             let want = brute_force_map(x.coords(), &outs, spec, ts, 1);
             let mut built = Vec::new();
             for builder in [MapBuilder::Hash, MapBuilder::Sort] {
                 let label = format!("{builder:?} k{k} s{s} d{d} ts{ts}");
                 let map = build_map(builder, x.coord_set(), spec).expect("map");
-                assert_eq!(
-                    map.out_coords.coords(),
-                    &outs[..],
-                    "{label}: output coords in key order"
-                );
+                assert_eq!(map.out_coords.coords(), &outs[..], "{label}: output coords in key order");
                 assert_eq!(pairs_of(&map), want, "{label}: pairs");
-                assert_eq!(
-                    map.kind,
-                    if s == 1 { MapKind::Submanifold } else { MapKind::Down },
-                    "{label}"
-                );
+                assert_eq!(map.kind, if s == 1 { MapKind::Submanifold } else { MapKind::Down }, "{label}");
                 built.push(map);
             }
             assert_same_map(&built[0], &built[1], &format!("hash vs sort k{k} s{s} d{d} ts{ts}"));
@@ -130,17 +105,12 @@ fn engine_caches_maps_per_coordinate_set() {
     let a = e.kernel_map(x.coord_set(), spec).expect("map");
     let b = e.kernel_map(x.coord_set(), spec).expect("map");
     assert!(Arc::ptr_eq(&a, &b), "same coords + spec: one build");
-    let c = e
-        .kernel_map(x.coord_set(), KernelSpec::new(3, 1, 2).expect("spec"))
-        .expect("map");
+    let c = e.kernel_map(x.coord_set(), KernelSpec::new(3, 1, 2).expect("spec")).expect("map");
     assert!(!Arc::ptr_eq(&a, &c), "dilation is part of the key");
     let down = KernelSpec::new(2, 2, 1).expect("spec");
     let d1 = e.kernel_map(x.coord_set(), down).expect("down");
     let d2 = e.kernel_map(x.coord_set(), down).expect("down");
-    assert!(
-        Arc::ptr_eq(&d1.out_coords, &d2.out_coords),
-        "downsampled coords are shared"
-    );
+    assert!(Arc::ptr_eq(&d1.out_coords, &d2.out_coords), "downsampled coords are shared");
     let up = e.transposed_map(&d1.out_coords, x.coord_set(), down).expect("up");
     assert_eq!(up.kind, MapKind::Up);
     assert_eq!(e.cached_maps(), 4);
@@ -163,19 +133,11 @@ fn coordinates_outside_the_key_range_are_errors() {
     }
     // The extreme corners that do fit still map correctly.
     let lim = sparseconv::coords::COORD_LIMIT;
-    let c = vec![
-        [0, -lim, -lim, -lim],
-        [0, -lim + 1, -lim, -lim],
-        [0, lim - 1, lim - 1, lim - 1],
-    ];
+    let c = vec![[0, -lim, -lim, -lim], [0, -lim + 1, -lim, -lim], [0, lim - 1, lim - 1, lim - 1]];
     let x = Arc::new(CoordSet::new(c.clone(), 1).expect("coords"));
     let spec = KernelSpec::new(3, 1, 1).expect("spec");
     let want = brute_force_map(&c, &c, spec, 1, 1);
     for b in [MapBuilder::Hash, MapBuilder::Sort] {
-        assert_eq!(
-            pairs_of(&build_map(b, &x, spec).expect("map")),
-            want,
-            "{b:?} at the range edges"
-        );
+        assert_eq!(pairs_of(&build_map(b, &x, spec).expect("map")), want, "{b:?} at the range edges");
     }
 }

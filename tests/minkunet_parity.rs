@@ -32,12 +32,7 @@ fn conv(w: &W, name: &str, x: &Feat, outs: &[[i32; 4]], k: u32, s: u32, sign: i3
     let spec = KernelSpec::new(k, s, 1).expect("spec");
     let stride = if sign > 0 { x.stride } else { out_stride };
     let f = dense_conv(&x.coords, &x.f, x.c, outs, &kt.data, cout, spec, stride, sign, None);
-    Feat {
-        coords: outs.to_vec(),
-        stride: out_stride,
-        f,
-        c: cout,
-    }
+    Feat { coords: outs.to_vec(), stride: out_stride, f, c: cout }
 }
 
 fn bn(w: &W, p: &str, x: &mut Feat, relu: bool) {
@@ -62,12 +57,7 @@ fn residual(w: &W, p: &str, x: &Feat) -> Feat {
         bn(w, &format!("{p}.downsample.1"), &mut s, false);
         s
     } else {
-        Feat {
-            coords: x.coords.clone(),
-            stride: x.stride,
-            f: x.f.clone(),
-            c: x.c,
-        }
+        Feat { coords: x.coords.clone(), stride: x.stride, f: x.f.clone(), c: x.c }
     };
     for (a, b) in y.f.iter_mut().zip(&sc.f) {
         *a = (*a + *b).max(0.0);
@@ -92,16 +82,7 @@ fn reference_forward(w: &W, x0: Feat) -> Vec<f32> {
     }
     for u in 1..=4 {
         let skip = skips.pop().expect("skip");
-        let mut up = conv(
-            w,
-            &format!("up{u}.0.net.0.kernel"),
-            &h,
-            &skip.coords,
-            2,
-            2,
-            -1,
-            skip.stride,
-        );
+        let mut up = conv(w, &format!("up{u}.0.net.0.kernel"), &h, &skip.coords, 2, 2, -1, skip.stride);
         bn(w, &format!("up{u}.0.net.1"), &mut up, true);
         let c = up.c + skip.c;
         let mut f = Vec::with_capacity(up.coords.len() * c);
@@ -109,12 +90,7 @@ fn reference_forward(w: &W, x0: Feat) -> Vec<f32> {
             f.extend_from_slice(&up.f[i * up.c..(i + 1) * up.c]);
             f.extend_from_slice(&skip.f[i * skip.c..(i + 1) * skip.c]);
         }
-        let cat = Feat {
-            coords: skip.coords.clone(),
-            stride: skip.stride,
-            f,
-            c,
-        };
+        let cat = Feat { coords: skip.coords.clone(), stride: skip.stride, f, c };
         h = residual(w, &format!("up{u}.1.0"), &cat);
         h = residual(w, &format!("up{u}.1.1"), &h);
     }
@@ -160,24 +136,14 @@ fn minkunet_matches_independent_reference_on_real_scan_crop() {
     assert_eq!(weights["stage1.0.net.0.kernel"].shape, vec![8, 16, 16]);
     assert_eq!(weights["stage2.1.downsample.0.kernel"].shape, vec![16, 32]);
     assert_eq!(weights["classifier.0.weight"].shape, vec![19, 48]);
-    assert!(
-        !weights.contains_key("stage1.1.downsample.0.kernel"),
-        "identity shortcut at equal widths"
-    );
+    assert!(!weights.contains_key("stage1.1.downsample.0.kernel"), "identity shortcut at equal widths");
     let dir = std::env::temp_dir().join(format!("sparseconv-parity-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("minkunet.safetensors");
     save(&path, &weights, HashMap::new(), false).expect("save");
     let model = MinkUNet::load(&Checkpoint::load(&path).expect("load"), cr, 19).expect("model");
-    let want = reference_forward(
-        &weights,
-        Feat {
-            coords: x.coords().to_vec(),
-            stride: 1,
-            f: x.feats().to_vec(),
-            c: 4,
-        },
-    );
+    let want =
+        reference_forward(&weights, Feat { coords: x.coords().to_vec(), stride: 1, f: x.feats().to_vec(), c: 4 });
     // The reference is not degenerate: logits vary across voxels and classes.
     let spread = want.iter().fold(f32::MIN, |a, &b| a.max(b)) - want.iter().fold(f32::MAX, |a, &b| a.min(b));
     assert!(spread > 1.0, "reference logits nearly constant (spread {spread})");
@@ -202,17 +168,8 @@ fn checkpoints_for_another_width_or_arch_are_rejected() {
     save(&path, &weights, HashMap::new(), true).expect("save f16");
     MinkUNet::load(&Checkpoint::load(&path).expect("load"), 0.5, 19).expect("f16 weights load");
     let e = MinkUNet::load(&Checkpoint::load(&path).expect("load"), 1.0, 19).expect_err("cr 1.0");
-    assert!(
-        e.to_string().contains("stem.0.kernel") && e.to_string().contains("[27, 4, 32]"),
-        "{e}"
-    );
-    weights.insert(
-        "head.extra".into(),
-        Tensor {
-            shape: vec![2],
-            data: vec![0.0; 2],
-        },
-    );
+    assert!(e.to_string().contains("stem.0.kernel") && e.to_string().contains("[27, 4, 32]"), "{e}");
+    weights.insert("head.extra".into(), Tensor { shape: vec![2], data: vec![0.0; 2] });
     save(&path, &weights, HashMap::new(), false).expect("save");
     let e = MinkUNet::load(&Checkpoint::load(&path).expect("load"), 0.5, 19).expect_err("unknown");
     assert!(e.to_string().contains("unknown tensor `head.extra`"), "{e}");
@@ -220,8 +177,5 @@ fn checkpoints_for_another_width_or_arch_are_rejected() {
     weights.remove("up4.1.1.net.4.running_var");
     save(&path, &weights, HashMap::new(), false).expect("save");
     let e = MinkUNet::load(&Checkpoint::load(&path).expect("load"), 0.5, 19).expect_err("missing");
-    assert!(
-        e.to_string().contains("missing tensor `up4.1.1.net.4.running_var`"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("missing tensor `up4.1.1.net.4.running_var`"), "{e}");
 }

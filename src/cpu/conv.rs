@@ -36,21 +36,13 @@ pub fn check_shapes(
     if x.len() != map.n_in() * cin {
         return Err(Error::tensor(
             "feats",
-            format!(
-                "expected [{}, {cin}] for the kernel map's inputs, got {} values",
-                map.n_in(),
-                x.len()
-            ),
+            format!("expected [{}, {cin}] for the kernel map's inputs, got {} values", map.n_in(), x.len()),
         ));
     }
     if w.len() != kv * cin * cout {
         return Err(Error::tensor(
             "kernel",
-            format!(
-                "expected [{kv}, {cin}, {cout}] ({} values), got {} values",
-                kv * cin * cout,
-                w.len()
-            ),
+            format!("expected [{kv}, {cin}, {cout}] ({} values), got {} values", kv * cin * cout, w.len()),
         ));
     }
     if let Some(b) = bias {
@@ -59,6 +51,18 @@ pub fn check_shapes(
         }
     }
     Ok(())
+}
+
+/// What follows the convolution, fused into one pass over the output:
+/// `out = relu?(out + bias + residual)`, in that order.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Epilogue<'a> {
+    /// Per-channel bias `[Cout]` (a folded BatchNorm's shift).
+    pub bias: Option<&'a [f32]>,
+    /// A tensor `[N_out, Cout]` to add (residual shortcut).
+    pub residual: Option<&'a [f32]>,
+    /// Clamp at zero afterwards.
+    pub relu: bool,
 }
 
 /// `out[q] = Σ_k W[k]ᵀ · x[in(k, q)] (+ bias)` over the pairs of `map`, executed by `plan`.
@@ -71,7 +75,29 @@ pub fn conv_forward(
     cout: usize,
     bias: Option<&[f32]>,
 ) -> Result<Vec<f32>> {
+    conv_forward_ex(map, plan, x, cin, w, cout, Epilogue { bias, ..Default::default() })
+}
+
+/// [`conv_forward`] with a fused epilogue (bias, residual add, ReLU).
+pub fn conv_forward_ex(
+    map: &KernelMap,
+    plan: &Plan,
+    x: &[f32],
+    cin: usize,
+    w: &[f32],
+    cout: usize,
+    epi: Epilogue<'_>,
+) -> Result<Vec<f32>> {
+    let bias = epi.bias;
     check_shapes(map, x, cin, w, cout, bias)?;
+    if let Some(r) = epi.residual {
+        if r.len() != map.n_out() * cout {
+            return Err(Error::tensor(
+                "residual",
+                format!("expected [{}, {cout}], got {} values", map.n_out(), r.len()),
+            ));
+        }
+    }
     let n_out = map.n_out();
     if cout == 0 || n_out == 0 {
         return Ok(vec![0f32; n_out * cout]);
@@ -100,10 +126,25 @@ pub fn conv_forward(
             batched(map, &g.offsets, g.padded_rows, x, cin, w, cout, &mut out, t);
         }
     }
-    if let Some(b) = bias {
-        out.par_chunks_mut(cout).for_each(|row| {
-            for (o, &bv) in row.iter_mut().zip(b) {
-                *o += bv;
+    if bias.is_some() || epi.residual.is_some() || epi.relu {
+        out.par_chunks_mut(SCATTER_CHUNK * cout).enumerate().for_each(|(ci, oc)| {
+            for (r, row) in oc.chunks_exact_mut(cout).enumerate() {
+                if let Some(b) = bias {
+                    for (o, &bv) in row.iter_mut().zip(b) {
+                        *o += bv;
+                    }
+                }
+                if let Some(res) = epi.residual {
+                    let q = ci * SCATTER_CHUNK + r;
+                    for (o, &rv) in row.iter_mut().zip(&res[q * cout..(q + 1) * cout]) {
+                        *o += rv;
+                    }
+                }
+                if epi.relu {
+                    for o in row.iter_mut() {
+                        *o = o.max(0.0);
+                    }
+                }
             }
         });
     }
@@ -242,22 +283,20 @@ fn batched(
         },
     );
     let buf = &buf;
-    out.par_chunks_mut(SCATTER_CHUNK * cout)
-        .enumerate()
-        .for_each(|(ci, oc)| {
-            let lo = (ci * SCATTER_CHUNK) as u32;
-            let hi = lo + (oc.len() / cout) as u32;
-            for (g, &k) in offsets.iter().enumerate() {
-                let (_, outs) = map.pairs(k);
-                let a = outs.partition_point(|&q| q < lo);
-                let b = outs.partition_point(|&q| q < hi);
-                for (p, &q) in outs[a..b].iter().enumerate().map(|(i, q)| (a + i, q)) {
-                    let r = (q - lo) as usize;
-                    let row = g * mpad + p;
-                    add_row(&mut oc[r * cout..(r + 1) * cout], &buf[row * cout..(row + 1) * cout]);
-                }
+    out.par_chunks_mut(SCATTER_CHUNK * cout).enumerate().for_each(|(ci, oc)| {
+        let lo = (ci * SCATTER_CHUNK) as u32;
+        let hi = lo + (oc.len() / cout) as u32;
+        for (g, &k) in offsets.iter().enumerate() {
+            let (_, outs) = map.pairs(k);
+            let a = outs.partition_point(|&q| q < lo);
+            let b = outs.partition_point(|&q| q < hi);
+            for (p, &q) in outs[a..b].iter().enumerate().map(|(i, q)| (a + i, q)) {
+                let r = (q - lo) as usize;
+                let row = g * mpad + p;
+                add_row(&mut oc[r * cout..(r + 1) * cout], &buf[row * cout..(row + 1) * cout]);
             }
-        });
+        }
+    });
 }
 
 /// Output-stationary execution of a run of offsets: each task owns `t` consecutive output rows
@@ -292,14 +331,7 @@ fn output_tiled(
                 // in another order, and every path must give the same bits per row).
                 let mp = m.div_ceil(16) * 16;
                 gather(x, cin, &ins[s..e], &mut a[..mp * cin]);
-                gemm_tile(
-                    mp,
-                    cin,
-                    cout,
-                    &a[..mp * cin],
-                    &w[k * cin * cout..(k + 1) * cin * cout],
-                    &mut c[..mp * cout],
-                );
+                gemm_tile(mp, cin, cout, &a[..mp * cin], &w[k * cin * cout..(k + 1) * cin * cout], &mut c[..mp * cout]);
                 for (r, &q) in outs[s..e].iter().enumerate() {
                     let q = (q - lo) as usize;
                     add_row(&mut oc[q * cout..(q + 1) * cout], &c[r * cout..(r + 1) * cout]);

@@ -8,8 +8,7 @@ const CHUNK: usize = 1 << 14;
 
 /// `x = max(x, 0)` in place.
 pub fn relu(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK)
-        .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
 }
 
 /// `a += b` in place (optionally followed by ReLU).

@@ -55,19 +55,12 @@ pub unsafe fn gemm_tile_raw(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], 
 
 /// `c = a · b` using `threads` rayon threads inside the GEMM (the dense reference in benchmarks).
 pub fn gemm_parallel(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], threads: usize) {
-    let par = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
+    let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
     gemm_with(m, k, n, a, b, c, par);
 }
 
 fn gemm_with(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], par: Parallelism) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "gemm operand too small"
-    );
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm operand too small");
     if m == 0 || n == 0 {
         return;
     }

@@ -48,12 +48,5 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         vec![(ins, outs)]
     });
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok(KernelMap::from_pairs(
-        kind,
-        spec,
-        offsets,
-        input.clone(),
-        out_coords,
-        per,
-    ))
+    Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out_coords, per))
 }

@@ -14,12 +14,8 @@ use crate::tensor::CoordSet;
 /// Build the submanifold (stride 1) or downsampling map of `spec` on `input` by merging sorted keys.
 pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
     let offsets = scaled_offsets(&spec, input.stride())?;
-    let mut in_sorted: Vec<(u64, u32)> = input
-        .coords()
-        .par_iter()
-        .enumerate()
-        .map(|(i, &c)| (coords::pack(c), i as u32))
-        .collect();
+    let mut in_sorted: Vec<(u64, u32)> =
+        input.coords().par_iter().enumerate().map(|(i, &c)| (coords::pack(c), i as u32)).collect();
     // Rows produced by this crate are already in key order; sort only when they are not.
     if !in_sorted.is_sorted_by_key(|e| e.0) {
         radsort::sort_by_key(&mut in_sorted, |e| e.0);
@@ -50,10 +46,7 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         let d0 = offsets[col[0].0];
         let dcol = coords::delta_key([d0[0], d0[1], 0]);
         let dzs: Vec<i64> = col.iter().map(|&(k, _)| offsets[k][2] as i64).collect();
-        let (zlo, zhi) = (
-            dzs.iter().copied().min().unwrap_or(0),
-            dzs.iter().copied().max().unwrap_or(0),
-        );
+        let (zlo, zhi) = (dzs.iter().copied().min().unwrap_or(0), dzs.iter().copied().max().unwrap_or(0));
         let mut lists: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); col.len()];
         let mut j = 0usize;
         for &(ok, q) in out_sorted {
@@ -75,12 +68,5 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         lists
     });
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok(KernelMap::from_pairs(
-        kind,
-        spec,
-        offsets,
-        input.clone(),
-        out_coords,
-        per,
-    ))
+    Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out_coords, per))
 }

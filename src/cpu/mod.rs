@@ -70,21 +70,13 @@ pub(crate) fn assemble(
 /// `(dx, dy) > (0, 0) or (dx, dy) == (0, 0) and dz > 0`, since map(-δ) is the transpose of
 /// map(δ). Choosing a half-space keeps whole z-columns together for the merge-sort builder.
 pub(crate) fn query_plan(offsets: &[[i32; 3]], submanifold: bool) -> (Option<usize>, Vec<(usize, Option<usize>)>) {
-    let identity = if submanifold {
-        offsets.iter().position(|d| *d == [0, 0, 0])
-    } else {
-        None
-    };
+    let identity = if submanifold { offsets.iter().position(|d| *d == [0, 0, 0]) } else { None };
     let mut tasks = Vec::new();
     for (k, d) in offsets.iter().enumerate() {
         if Some(k) == identity {
             continue;
         }
-        let m = if submanifold {
-            offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]])
-        } else {
-            None
-        };
+        let m = if submanifold { offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]]) } else { None };
         let upper = (d[0], d[1]) > (0, 0) || ((d[0], d[1]) == (0, 0) && d[2] > 0);
         if m.is_none() || upper {
             tasks.push((k, m));

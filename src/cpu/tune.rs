@@ -33,10 +33,7 @@ pub fn tune(map: &KernelMap, x: &[f32], cin: usize, w: &[f32], cout: usize, reps
         .chain(std::iter::once(Plan::output_tiled(map)));
     for plan in plans {
         // Different parameters often give the same groups: time each distinct plan once.
-        if seen
-            .iter()
-            .any(|s| s.groups == plan.groups && s.output_tiled == plan.output_tiled)
-        {
+        if seen.iter().any(|s| s.groups == plan.groups && s.output_tiled == plan.output_tiled) {
             continue;
         }
         seen.push(plan.clone());

@@ -26,23 +26,11 @@ pub fn read_f32_rows(path: &Path, cols: usize, what: &str) -> Result<PointCloud>
         ));
     }
     let data = le_f32(&bytes);
-    if let Some(i) = data
-        .chunks_exact(cols)
-        .position(|p| !p[..3].iter().all(|v| v.is_finite()))
-    {
-        return Err(Error::format(
-            path,
-            format!("point {i} has a NaN or infinite coordinate"),
-        ));
+    if let Some(i) = data.chunks_exact(cols).position(|p| !p[..3].iter().all(|v| v.is_finite())) {
+        return Err(Error::format(path, format!("point {i} has a NaN or infinite coordinate")));
     }
-    if let Some(i) = data
-        .chunks_exact(cols)
-        .position(|p| !p[3..].iter().all(|v| v.is_finite()))
-    {
-        return Err(Error::format(
-            path,
-            format!("point {i} has a NaN or infinite attribute"),
-        ));
+    if let Some(i) = data.chunks_exact(cols).position(|p| !p[3..].iter().all(|v| v.is_finite())) {
+        return Err(Error::format(path, format!("point {i} has a NaN or infinite attribute")));
     }
     PointCloud::new(data, cols).map_err(|e| e.in_file(path))
 }
@@ -62,16 +50,10 @@ pub fn read_label(path: &Path, expected: Option<usize>) -> Result<Vec<u32>> {
             format!("{} bytes is not a whole number of u32 labels: truncated", bytes.len()),
         ));
     }
-    let labels: Vec<u32> = bytes
-        .chunks_exact(4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
+    let labels: Vec<u32> = bytes.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     if let Some(n) = expected {
         if labels.len() != n {
-            return Err(Error::format(
-                path,
-                format!("{} labels for a scan of {n} points", labels.len()),
-            ));
+            return Err(Error::format(path, format!("{} labels for a scan of {n} points", labels.len())));
         }
     }
     Ok(labels)
@@ -97,9 +79,7 @@ pub struct LearningMap {
 }
 
 fn int_map(doc: &Yaml, key: &str, path: &Path) -> Result<BTreeMap<u32, Yaml>> {
-    let h = doc[key]
-        .as_hash()
-        .ok_or_else(|| Error::format(path, format!("missing mapping `{key}`")))?;
+    let h = doc[key].as_hash().ok_or_else(|| Error::format(path, format!("missing mapping `{key}`")))?;
     let mut out = BTreeMap::new();
     for (k, v) in h {
         let k = k
@@ -126,20 +106,14 @@ impl LearningMap {
         for (k, v) in int_map(doc, "learning_map", path)? {
             let t = as_u32(&v, "learning_map")?;
             if t as usize > NUM_CLASSES {
-                return Err(Error::format(
-                    path,
-                    format!("learning_map sends {k} to {t} (> {NUM_CLASSES})"),
-                ));
+                return Err(Error::format(path, format!("learning_map sends {k} to {t} (> {NUM_CLASSES})")));
             }
             learning_map.insert(k, t);
         }
         let mut inverse = vec![0u32; NUM_CLASSES + 1];
         for (k, v) in int_map(doc, "learning_map_inv", path)? {
             if k as usize > NUM_CLASSES {
-                return Err(Error::format(
-                    path,
-                    format!("learning_map_inv has training id {k} (> {NUM_CLASSES})"),
-                ));
+                return Err(Error::format(path, format!("learning_map_inv has training id {k} (> {NUM_CLASSES})")));
             }
             inverse[k as usize] = as_u32(&v, "learning_map_inv")?;
         }
@@ -153,18 +127,10 @@ impl LearningMap {
                 .as_vec()
                 .filter(|c| c.len() == 3)
                 .ok_or_else(|| Error::format(path, format!("color_map entry {k} is not [b, g, r]")))?;
-            let c: Vec<u8> = bgr
-                .iter()
-                .map(|x| x.as_i64().and_then(|x| u8::try_from(x).ok()).unwrap_or(0))
-                .collect();
+            let c: Vec<u8> = bgr.iter().map(|x| x.as_i64().and_then(|x| u8::try_from(x).ok()).unwrap_or(0)).collect();
             colors.insert(k, [c[2], c[1], c[0]]);
         }
-        Ok(Self {
-            learning_map,
-            inverse,
-            names,
-            colors,
-        })
+        Ok(Self { learning_map, inverse, names, colors })
     }
 
     /// Training id (0..=19) of a raw label (instance bits ignored); unknown classes map to 0.

@@ -44,10 +44,7 @@ impl PointFormat {
     /// Choose the format from the file name. `.pcd.bin` is checked before `.bin`: a nuScenes
     /// file's size is also a multiple of 16 bytes, so the size can never decide.
     pub fn detect(path: &Path) -> Result<Self> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().to_ascii_lowercase())
-            .unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
         if name.ends_with(".pcd.bin") {
             Ok(PointFormat::NuScenes)
         } else if name.ends_with(".bin") {
@@ -85,8 +82,5 @@ pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
 
 /// Little-endian f32 values of `bytes` (length a multiple of 4).
 pub(crate) fn le_f32(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
 }

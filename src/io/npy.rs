@@ -60,9 +60,7 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
     let bad = |m: String| Error::format(path, m);
     let npy = NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a valid .npy file: {e}")))?;
     if npy.order() == Order::Fortran {
-        return Err(bad(
-            "Fortran-ordered arrays are not supported (save with np.ascontiguousarray)".into(),
-        ));
+        return Err(bad("Fortran-ordered arrays are not supported (save with np.ascontiguousarray)".into()));
     }
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
     let ts = match npy.dtype() {
@@ -76,35 +74,19 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         (TypeChar::Float, 8) => NpyValues::F64(npy.into_vec::<f64>().map_err(read_err)?),
         (TypeChar::Int, 8) => NpyValues::I64(npy.into_vec::<i64>().map_err(read_err)?),
         (TypeChar::Int, 4) => NpyValues::I32(npy.into_vec::<i32>().map_err(read_err)?),
-        (TypeChar::Int, 2) => NpyValues::I32(
-            npy.into_vec::<i16>()
-                .map_err(read_err)?
-                .into_iter()
-                .map(i32::from)
-                .collect(),
-        ),
-        (TypeChar::Int, 1) => NpyValues::I32(
-            npy.into_vec::<i8>()
-                .map_err(read_err)?
-                .into_iter()
-                .map(i32::from)
-                .collect(),
-        ),
+        (TypeChar::Int, 2) => {
+            NpyValues::I32(npy.into_vec::<i16>().map_err(read_err)?.into_iter().map(i32::from).collect())
+        }
+        (TypeChar::Int, 1) => {
+            NpyValues::I32(npy.into_vec::<i8>().map_err(read_err)?.into_iter().map(i32::from).collect())
+        }
         (TypeChar::Uint, 4) => NpyValues::U32(npy.into_vec::<u32>().map_err(read_err)?),
-        (TypeChar::Uint, 2) => NpyValues::U32(
-            npy.into_vec::<u16>()
-                .map_err(read_err)?
-                .into_iter()
-                .map(u32::from)
-                .collect(),
-        ),
-        (TypeChar::Uint, 1) => NpyValues::U32(
-            npy.into_vec::<u8>()
-                .map_err(read_err)?
-                .into_iter()
-                .map(u32::from)
-                .collect(),
-        ),
+        (TypeChar::Uint, 2) => {
+            NpyValues::U32(npy.into_vec::<u16>().map_err(read_err)?.into_iter().map(u32::from).collect())
+        }
+        (TypeChar::Uint, 1) => {
+            NpyValues::U32(npy.into_vec::<u8>().map_err(read_err)?.into_iter().map(u32::from).collect())
+        }
         _ => return Err(bad(format!("unsupported dtype {ts}"))),
     };
     let n = match &values {
@@ -124,10 +106,7 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
 pub fn read_points(path: &Path) -> Result<PointCloud> {
     let a = read_npy(path)?;
     if a.shape.len() != 2 || a.shape[1] < 3 {
-        return Err(Error::format(
-            path,
-            format!("expected points of shape [N, D>=3], got {:?}", a.shape),
-        ));
+        return Err(Error::format(path, format!("expected points of shape [N, D>=3], got {:?}", a.shape)));
     }
     if a.to_i64().is_some() {
         return Err(Error::format(path, "expected a float array of points, got integers"));

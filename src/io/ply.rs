@@ -37,11 +37,7 @@ pub fn read_ply(path: &Path) -> Result<PointCloud> {
         let one_line = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
         Error::format(path, format!("invalid PLY: {one_line}"))
     })?;
-    let def = ply
-        .header
-        .elements
-        .get("vertex")
-        .ok_or_else(|| Error::format(path, "no `vertex` element"))?;
+    let def = ply.header.elements.get("vertex").ok_or_else(|| Error::format(path, "no `vertex` element"))?;
     for axis in ["x", "y", "z"] {
         if !def.properties.contains_key(axis) {
             return Err(Error::format(path, format!("vertex element has no `{axis}` property")));
@@ -52,11 +48,7 @@ pub fn read_ply(path: &Path) -> Result<PointCloud> {
     if verts.len() != def.count {
         return Err(Error::format(
             path,
-            format!(
-                "header declares {} vertices, file holds {}: truncated",
-                def.count,
-                verts.len()
-            ),
+            format!("header declares {} vertices, file holds {}: truncated", def.count, verts.len()),
         ));
     }
     let dims = if extra.is_some() { 4 } else { 3 };
@@ -87,15 +79,10 @@ pub fn write_ply(path: &Path, cloud: &PointCloud, extra: &[&str], binary: bool) 
     }
     let names: Vec<&str> = ["x", "y", "z"].iter().copied().chain(extra.iter().copied()).collect();
     let mut ply = Ply::<DefaultElement>::new();
-    ply.header.encoding = if binary {
-        Encoding::BinaryLittleEndian
-    } else {
-        Encoding::Ascii
-    };
+    ply.header.encoding = if binary { Encoding::BinaryLittleEndian } else { Encoding::Ascii };
     let mut el = ElementDef::new("vertex".to_string());
     for n in &names {
-        el.properties
-            .add(PropertyDef::new(n.to_string(), PropertyType::Scalar(ScalarType::Float)));
+        el.properties.add(PropertyDef::new(n.to_string(), PropertyType::Scalar(ScalarType::Float)));
     }
     ply.header.elements.add(el);
     let verts: Vec<DefaultElement> = (0..cloud.len())
@@ -109,8 +96,6 @@ pub fn write_ply(path: &Path, cloud: &PointCloud, extra: &[&str], binary: bool) 
         .collect();
     ply.payload.insert("vertex".to_string(), verts);
     let mut buf = Vec::new();
-    Writer::new()
-        .write_ply(&mut buf, &mut ply)
-        .map_err(|e| Error::format(path, format!("cannot encode PLY: {e}")))?;
+    Writer::new().write_ply(&mut buf, &mut ply).map_err(|e| Error::format(path, format!("cannot encode PLY: {e}")))?;
     std::fs::write(path, buf).map_err(|e| Error::io(path, e))
 }

@@ -30,10 +30,7 @@ impl TensorFile {
         let bytes = read_file(path)?;
         SafeTensors::deserialize(&bytes)
             .map_err(|e| Error::format(path, format!("not a valid safetensors file: {e}")))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            bytes,
-        })
+        Ok(Self { path: path.to_path_buf(), bytes })
     }
 
     fn st(&self) -> SafeTensors<'_> {
@@ -50,10 +47,7 @@ impl TensorFile {
 
     /// The file's `__metadata__`.
     pub fn metadata(&self) -> HashMap<String, String> {
-        SafeTensors::read_metadata(&self.bytes)
-            .ok()
-            .and_then(|(_, m)| m.metadata().clone())
-            .unwrap_or_default()
+        SafeTensors::read_metadata(&self.bytes).ok().and_then(|(_, m)| m.metadata().clone()).unwrap_or_default()
     }
 
     /// True when the file holds a tensor of that name.
@@ -63,9 +57,7 @@ impl TensorFile {
 
     fn view(&self, name: &str, dtype: Dtype, rank: usize) -> Result<(Vec<usize>, Vec<u8>)> {
         let st = self.st();
-        let t = st
-            .tensor(name)
-            .map_err(|_| Error::format(&self.path, format!("missing tensor `{name}`")))?;
+        let t = st.tensor(name).map_err(|_| Error::format(&self.path, format!("missing tensor `{name}`")))?;
         if t.dtype() != dtype {
             return Err(Error::format(
                 &self.path,
@@ -84,29 +76,18 @@ impl TensorFile {
     /// An f32 tensor of the given rank.
     pub fn f32(&self, name: &str, rank: usize) -> Result<Tensor<f32>> {
         let (shape, bytes) = self.view(name, Dtype::F32, rank)?;
-        Ok(Tensor {
-            shape,
-            data: super::le_f32(&bytes),
-        })
+        Ok(Tensor { shape, data: super::le_f32(&bytes) })
     }
 
     /// A float tensor of any rank, stored as F32, F16 or BF16, converted to f32.
     pub fn float_any(&self, name: &str) -> Result<Tensor<f32>> {
         let st = self.st();
-        let t = st
-            .tensor(name)
-            .map_err(|_| Error::format(&self.path, format!("missing tensor `{name}`")))?;
+        let t = st.tensor(name).map_err(|_| Error::format(&self.path, format!("missing tensor `{name}`")))?;
         let b = t.data();
         let data: Vec<f32> = match t.dtype() {
             Dtype::F32 => super::le_f32(b),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
+            Dtype::F16 => b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::BF16 => b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
             other => {
                 return Err(Error::format(
                     &self.path,
@@ -114,10 +95,7 @@ impl TensorFile {
                 ))
             }
         };
-        Ok(Tensor {
-            shape: t.shape().to_vec(),
-            data,
-        })
+        Ok(Tensor { shape: t.shape().to_vec(), data })
     }
 
     /// Dtype name of a tensor (for messages).
@@ -130,10 +108,7 @@ impl TensorFile {
         let (shape, bytes) = self.view(name, Dtype::I32, rank)?;
         Ok(Tensor {
             shape,
-            data: bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
+            data: bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         })
     }
 
@@ -162,24 +137,11 @@ pub fn write(
     let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(n, t)| match t {
-            OutTensor::F32(d, s) => (
-                n.to_string(),
-                Dtype::F32,
-                s,
-                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-            OutTensor::I32(d, s) => (
-                n.to_string(),
-                Dtype::I32,
-                s,
-                d.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ),
-            OutTensor::F16(d, s) => (
-                n.to_string(),
-                Dtype::F16,
-                s,
-                d.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-            ),
+            OutTensor::F32(d, s) => (n.to_string(), Dtype::F32, s, d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            OutTensor::I32(d, s) => (n.to_string(), Dtype::I32, s, d.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            OutTensor::F16(d, s) => {
+                (n.to_string(), Dtype::F16, s, d.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect())
+            }
         })
         .collect();
     let mut views = Vec::with_capacity(bytes.len());

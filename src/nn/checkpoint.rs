@@ -40,10 +40,7 @@ impl Checkpoint {
             }
             let t = f.float_any(&name)?;
             if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
-                return Err(Error::format(
-                    path,
-                    format!("tensor `{name}` has a NaN or infinite value at index {i}"),
-                ));
+                return Err(Error::format(path, format!("tensor `{name}` has a NaN or infinite value at index {i}")));
             }
             tensors.insert(name, t);
         }
@@ -85,34 +82,19 @@ impl Checkpoint {
             r.0 += 1;
             let n: usize = shape.iter().product();
             let data = synth(name, shape, n, r.0);
-            r.1.insert(
-                name.to_string(),
-                Tensor {
-                    shape: shape.to_vec(),
-                    data: data.clone(),
-                },
-            );
+            r.1.insert(name.to_string(), Tensor { shape: shape.to_vec(), data: data.clone() });
             return Ok(data);
         }
         let t = self.tensors.get(name).ok_or_else(|| {
-            Error::format(
-                &self.path,
-                format!("missing tensor `{name}` (the model expects shape {shape:?})"),
-            )
+            Error::format(&self.path, format!("missing tensor `{name}` (the model expects shape {shape:?})"))
         })?;
         if t.shape != shape {
             return Err(Error::format(
                 &self.path,
-                format!(
-                    "tensor `{name}` has shape {:?} but the model expects {shape:?}",
-                    t.shape
-                ),
+                format!("tensor `{name}` has shape {:?} but the model expects {shape:?}", t.shape),
             ));
         }
-        self.used
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string());
+        self.used.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
         Ok(t.data.clone())
     }
 
@@ -138,10 +120,7 @@ impl Checkpoint {
 
     /// The tensors a random checkpoint has invented so far (to save them).
     pub fn synthesized(&self) -> BTreeMap<String, Tensor<f32>> {
-        self.random
-            .as_ref()
-            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).1.clone())
-            .unwrap_or_default()
+        self.random.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).1.clone()).unwrap_or_default()
     }
 }
 
@@ -155,11 +134,8 @@ pub fn save(
     let list = tensors
         .iter()
         .map(|(n, t)| {
-            let v = if half {
-                OutTensor::F16(&t.data, t.shape.clone())
-            } else {
-                OutTensor::F32(&t.data, t.shape.clone())
-            };
+            let v =
+                if half { OutTensor::F16(&t.data, t.shape.clone()) } else { OutTensor::F32(&t.data, t.shape.clone()) };
             (n.as_str(), v)
         })
         .collect();

@@ -83,38 +83,38 @@ impl Conv {
         relu: bool,
     ) -> Result<Self> {
         let vol = spec.volume();
-        let shape: Vec<usize> = if spec.size == 1 {
-            vec![cin, cout]
-        } else {
-            vec![vol, cin, cout]
-        };
+        let shape: Vec<usize> = if spec.size == 1 { vec![cin, cout] } else { vec![vol, cin, cout] };
         let mut kernel = ck.take(name, &shape)?;
         let (a, b) = BatchNorm::load(ck, bn, cout)?.affine();
         for (j, v) in kernel.iter_mut().enumerate() {
             *v = (*v as f64 * a[j % cout]) as f32;
         }
         let bias = b.iter().map(|&v| v as f32).collect();
-        Ok(Self {
-            spec,
-            transposed,
-            weight: ConvWeight::new(kernel, vol, cin, cout, Some(bias))?,
-            relu,
-        })
+        Ok(Self { spec, transposed, weight: ConvWeight::new(kernel, vol, cin, cout, Some(bias))?, relu })
     }
 
     /// Run the conv; a transposed conv needs the coordinates it upsamples back to.
     pub fn forward(&self, e: &Engine, x: &SparseTensor, target: Option<&Arc<CoordSet>>) -> Result<SparseTensor> {
-        let mut y = match (self.transposed, target) {
-            (true, Some(t)) => e.conv_transposed(x, t, &self.weight, self.spec)?,
+        self.forward_add(e, x, target, None)
+    }
+
+    /// Run the conv with a residual added before the ReLU (`relu(conv(x) + r)`, or
+    /// `conv(x) + r` without ReLU), fused into the conv's output pass.
+    pub fn forward_add(
+        &self,
+        e: &Engine,
+        x: &SparseTensor,
+        target: Option<&Arc<CoordSet>>,
+        residual: Option<&SparseTensor>,
+    ) -> Result<SparseTensor> {
+        let map = match (self.transposed, target) {
+            (true, Some(t)) => e.transposed_map(x.coord_set(), t, self.spec)?,
             (true, None) => {
                 return Err(crate::Error::invalid("transposed conv", "no target coordinates given"));
             }
-            (false, _) => e.conv(x, &self.weight, self.spec)?,
+            (false, _) => e.kernel_map(x.coord_set(), self.spec)?,
         };
-        if self.relu {
-            e.relu(&mut y);
-        }
-        Ok(y)
+        e.conv_fused(&map, x, &self.weight, residual, self.relu)
     }
 }
 
@@ -124,7 +124,7 @@ impl Conv {
 pub struct Residual {
     /// First conv + BN + ReLU (`net.0`, `net.1`).
     pub c1: Conv,
-    /// Second conv + BN (`net.3`, `net.4`).
+    /// Second conv + BN (`net.3`, `net.4`); its ReLU applies after the shortcut is added.
     pub c2: Conv,
     /// 1×1 conv + BN shortcut (`downsample.0`, `downsample.1`) when the width changes.
     pub shortcut: Option<Conv>,
@@ -134,26 +134,9 @@ impl Residual {
     /// Load the block `{p}` (`{p}.net.0.kernel`, …, `{p}.downsample.0.kernel`).
     pub fn load(ck: &Checkpoint, p: &str, cin: usize, cout: usize) -> Result<Self> {
         let k3 = KernelSpec::new(3, 1, 1)?;
-        let c1 = Conv::load_bn(
-            ck,
-            &format!("{p}.net.0.kernel"),
-            &format!("{p}.net.1"),
-            k3,
-            cin,
-            cout,
-            false,
-            true,
-        )?;
-        let c2 = Conv::load_bn(
-            ck,
-            &format!("{p}.net.3.kernel"),
-            &format!("{p}.net.4"),
-            k3,
-            cout,
-            cout,
-            false,
-            false,
-        )?;
+        let c1 = Conv::load_bn(ck, &format!("{p}.net.0.kernel"), &format!("{p}.net.1"), k3, cin, cout, false, true)?;
+        // The block's final ReLU follows the shortcut add, which c2's epilogue fuses in.
+        let c2 = Conv::load_bn(ck, &format!("{p}.net.3.kernel"), &format!("{p}.net.4"), k3, cout, cout, false, true)?;
         let shortcut = if cin != cout {
             Some(Conv::load_bn(
                 ck,
@@ -171,15 +154,14 @@ impl Residual {
         Ok(Self { c1, c2, shortcut })
     }
 
-    /// Run the block.
+    /// Run the block (the shortcut add and final ReLU fused into the second conv).
     pub fn forward(&self, e: &Engine, x: &SparseTensor) -> Result<SparseTensor> {
         let h = self.c1.forward(e, x, None)?;
-        let mut y = self.c2.forward(e, &h, None)?;
-        match &self.shortcut {
-            Some(s) => e.add(&mut y, &s.forward(e, x, None)?, true)?,
-            None => e.add(&mut y, x, true)?,
-        }
-        Ok(y)
+        let sc = match &self.shortcut {
+            Some(s) => Some(s.forward(e, x, None)?),
+            None => None,
+        };
+        self.c2.forward_add(e, &h, None, Some(sc.as_ref().unwrap_or(x)))
     }
 }
 

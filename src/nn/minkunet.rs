@@ -17,19 +17,13 @@ pub const IN_CHANNELS: usize = 4;
 /// Channel widths for width factor `cr` (`int(cr · c)` as in SPVNAS).
 pub fn channels(cr: f32) -> Result<[usize; 9]> {
     if !(cr.is_finite() && cr > 0.0 && cr <= 8.0) {
-        return Err(Error::invalid(
-            "--cr",
-            format!("width factor must be in (0, 8], got {cr}"),
-        ));
+        return Err(Error::invalid("--cr", format!("width factor must be in (0, 8], got {cr}")));
     }
     let mut cs = [0usize; 9];
     for (c, b) in cs.iter_mut().zip(BASE_CHANNELS) {
         *c = (cr as f64 * b as f64) as usize;
         if *c == 0 {
-            return Err(Error::invalid(
-                "--cr",
-                format!("width factor {cr} gives a layer with 0 channels"),
-            ));
+            return Err(Error::invalid("--cr", format!("width factor {cr} gives a layer with 0 channels")));
         }
     }
     Ok(cs)
@@ -124,14 +118,7 @@ impl MinkUNet {
         }
         let classifier = Linear::load(ck, "classifier.0", cs[8], num_classes)?;
         ck.finish()?;
-        Ok(Self {
-            cr,
-            num_classes,
-            stem,
-            stages,
-            ups,
-            classifier,
-        })
+        Ok(Self { cr, num_classes, stem, stages, ups, classifier })
     }
 
     /// Logits `[N, num_classes]` for the voxels of `x` (4 input channels), in `x`'s row order.
@@ -139,10 +126,7 @@ impl MinkUNet {
         if x.channels() != IN_CHANNELS {
             return Err(Error::tensor(
                 "feats",
-                format!(
-                    "MinkUNet takes {IN_CHANNELS} input features (x, y, z, remission), got {}",
-                    x.channels()
-                ),
+                format!("MinkUNet takes {IN_CHANNELS} input features (x, y, z, remission), got {}", x.channels()),
             ));
         }
         if x.is_empty() {
@@ -159,9 +143,7 @@ impl MinkUNet {
             }
         }
         for up in &self.ups {
-            let skip = skips
-                .pop()
-                .ok_or_else(|| Error::invalid("MinkUNet", "unbalanced skips"))?;
+            let skip = skips.pop().ok_or_else(|| Error::invalid("MinkUNet", "unbalanced skips"))?;
             let u = up.up.forward(e, &h, Some(skip.coord_set()))?;
             h = e.concat(&u, &skip)?;
             for b in &up.blocks {

@@ -72,13 +72,7 @@ pub fn strategies() -> Vec<Strategy> {
     for (bname, builder) in [("hash", MapBuilder::Hash), ("sort", MapBuilder::Sort)] {
         for (gname, grouping) in [
             ("ungrouped", Grouping::Off),
-            (
-                "grouped",
-                Grouping::Fixed(GroupingParams {
-                    tolerance: 0.9,
-                    max_rows: 1 << 20,
-                }),
-            ),
+            ("grouped", Grouping::Fixed(GroupingParams { tolerance: 0.9, max_rows: 1 << 20 })),
             ("tuned", Grouping::Auto),
             ("output-tiled", Grouping::OutputTiled),
         ] {
