@@ -182,7 +182,14 @@ fn engine(kmap: KmapArg, grouping: GroupingArg) -> Engine {
     Engine::new(Device::Cpu, b, g)
 }
 
+/// `mi_option_purge_delay` in the bundled mimalloc v2 (`mimalloc.h`, enum `mi_option_e`).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> ExitCode {
+    // Keep freed pages mapped: every layer frees and allocates multi-megabyte feature buffers,
+    // and handing them back to the OS makes the next layer page-fault them in again.
+    // SAFETY: setting an allocator option has no memory-safety preconditions.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
