@@ -537,10 +537,11 @@ fn cmd_segment(a: SegmentArgs) -> Result<()> {
     };
     let seg = pipeline::segment(&engine, &model, &prepared, &mut timings)?;
     println!(
-        "{}: {} points -> {} voxels; MinkUNet cr={cr} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}, conv {:.1}, other {:.1}) on {} threads",
+        "{}: {} points -> {} voxels; {} cr={cr} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}, conv {:.1}, other {:.1}) on {} threads",
         a.scan.display(),
         prepared.points,
         prepared.voxels.len(),
+        model.arch(),
         mpath.display(),
         timings.total() * 1e3,
         timings.voxelize * 1e3,
@@ -654,12 +655,9 @@ fn cmd_bench(
             (m, cr, p.display().to_string())
         }
         None => {
-            if arch != "minkunet" {
-                return Err(Error::invalid("--arch", format!("unknown or not yet supported architecture `{arch}`")));
-            }
             let ck = sparseconv::nn::checkpoint::Checkpoint::random(1);
-            let m = sparseconv::nn::minkunet::MinkUNet::load(&ck, cr, NUM_CLASSES)?;
-            (pipeline::Model::MinkUNet(m), cr, "synthetic weights (throughput only)".to_string())
+            let m = pipeline::Model::load_arch(arch, &ck, cr, NUM_CLASSES)?;
+            (m, cr, "synthetic weights (throughput only)".to_string())
         }
     };
     let engine = Engine::new(device, MapBuilder::Sort, Grouping::Auto);

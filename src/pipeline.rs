@@ -13,6 +13,8 @@ use crate::io::tensors::TensorFile;
 use crate::io::{read_points, PointFormat};
 use crate::nn::checkpoint::Checkpoint;
 use crate::nn::minkunet::MinkUNet;
+use crate::nn::points::PointTensor;
+use crate::nn::spvcnn::Spvcnn;
 use crate::tensor::{CoordSet, SparseTensor};
 use crate::voxel::{voxelize, PointCloud};
 
@@ -46,6 +48,9 @@ impl std::str::FromStr for VoxelizeMode {
 pub enum Model {
     /// MinkUNet.
     MinkUNet(MinkUNet),
+    /// SPVCNN; as in SPVNAS, its points are the input voxels (one per voxel, at the voxel's
+    /// integer coordinate, with the voxel's features).
+    Spvcnn(Spvcnn),
 }
 
 impl Model {
@@ -95,12 +100,25 @@ impl Model {
                 return Err(Error::format(path, format!("model was trained at voxel size {v}, expected {VOXEL_SIZE}")));
             }
         }
-        match arch.as_str() {
-            "minkunet" => Ok((Model::MinkUNet(MinkUNet::load(&ck, cr, classes)?), cr)),
-            other => Err(Error::invalid(
-                "--arch",
-                format!("unknown or not yet supported architecture `{other}` (supported: minkunet)"),
-            )),
+        Ok((Model::load_arch(&arch, &ck, cr, classes)?, cr))
+    }
+
+    /// Load architecture `arch` from a checkpoint.
+    pub fn load_arch(arch: &str, ck: &Checkpoint, cr: f32, classes: usize) -> Result<Model> {
+        match arch {
+            "minkunet" => Ok(Model::MinkUNet(MinkUNet::load(ck, cr, classes)?)),
+            "spvcnn" => Ok(Model::Spvcnn(Spvcnn::load(ck, cr, classes)?)),
+            other => {
+                Err(Error::invalid("--arch", format!("unknown architecture `{other}` (expected minkunet or spvcnn)")))
+            }
+        }
+    }
+
+    /// Architecture name as in the weights' metadata.
+    pub fn arch(&self) -> &'static str {
+        match self {
+            Model::MinkUNet(_) => "minkunet",
+            Model::Spvcnn(_) => "spvcnn",
         }
     }
 
@@ -108,6 +126,12 @@ impl Model {
     pub fn forward(&self, e: &Engine, x: &SparseTensor) -> Result<Vec<f32>> {
         match self {
             Model::MinkUNet(m) => m.forward(e, x),
+            Model::Spvcnn(m) => {
+                let coords = x.coords().iter().map(|c| [c[1] as f32, c[2] as f32, c[3] as f32]).collect();
+                let batch = x.coords().iter().map(|c| c[0]).collect();
+                let z = PointTensor::new(coords, batch, x.feats().to_vec(), x.channels())?;
+                m.forward(e, &z)
+            }
         }
     }
 }

@@ -179,3 +179,164 @@ fn checkpoints_for_another_width_or_arch_are_rejected() {
     let e = MinkUNet::load(&Checkpoint::load(&path).expect("load"), 0.5, 19).expect_err("missing");
     assert!(e.to_string().contains("missing tensor `up4.1.1.net.4.running_var`"), "{e}");
 }
+
+/// Trilinear voxel→point by brute force over a BTreeMap (independent of the engine's hashing).
+fn v2p_ref(x: &Feat, pts: &[[i32; 4]]) -> Vec<f32> {
+    let idx: BTreeMap<[i32; 4], usize> = x.coords.iter().enumerate().map(|(i, &c)| (c, i)).collect();
+    let s = x.stride;
+    let mut out = vec![0f32; pts.len() * x.c];
+    for (i, p) in pts.iter().enumerate() {
+        let lo: Vec<i32> = (1..4).map(|a| p[a].div_euclid(s) * s).collect();
+        let mut ws = Vec::new();
+        for dx in 0..2 {
+            for dy in 0..2 {
+                for dz in 0..2 {
+                    let d = [dx, dy, dz];
+                    let q = [p[0], lo[0] + dx * s, lo[1] + dy * s, lo[2] + dz * s];
+                    if let Some(&r) = idx.get(&q) {
+                        let w: f64 = (0..3)
+                            .map(|a| {
+                                let (pa, la) = (p[a + 1] as f64, lo[a] as f64);
+                                if d[a] == 1 {
+                                    pa - la
+                                } else {
+                                    la + s as f64 - pa
+                                }
+                            })
+                            .product::<f64>()
+                            / (s as f64).powi(3);
+                        ws.push((r, w));
+                    }
+                }
+            }
+        }
+        let sum: f64 = ws.iter().map(|x| x.1).sum::<f64>() + 1e-8;
+        for (r, w) in ws {
+            for j in 0..x.c {
+                out[i * x.c + j] += (w / sum * x.f[r * x.c + j] as f64) as f32;
+            }
+        }
+    }
+    out
+}
+
+fn p2v_ref(x: &Feat, pts: &[[i32; 4]], pf: &[f32], c: usize) -> Feat {
+    let idx: BTreeMap<[i32; 4], usize> = x.coords.iter().enumerate().map(|(i, &q)| (q, i)).collect();
+    let s = x.stride;
+    let mut sum = vec![0f64; x.coords.len() * c];
+    let mut n = vec![0usize; x.coords.len()];
+    for (i, p) in pts.iter().enumerate() {
+        let q = [p[0], p[1].div_euclid(s) * s, p[2].div_euclid(s) * s, p[3].div_euclid(s) * s];
+        if let Some(&r) = idx.get(&q) {
+            n[r] += 1;
+            for j in 0..c {
+                sum[r * c + j] += pf[i * c + j] as f64;
+            }
+        }
+    }
+    let f =
+        (0..x.coords.len() * c).map(|k| if n[k / c] == 0 { 0.0 } else { (sum[k] / n[k / c] as f64) as f32 }).collect();
+    Feat { coords: x.coords.clone(), stride: s, f, c }
+}
+
+fn mlp_ref(w: &W, i: usize, f: &[f32], cin: usize) -> Vec<f32> {
+    let lw = t(w, &format!("point_transforms.{i}.0.weight"));
+    let lb = &t(w, &format!("point_transforms.{i}.0.bias")).data;
+    let cout = lw.shape[0];
+    let n = f.len() / cin;
+    let mut h = Feat { coords: vec![[0; 4]; n], stride: 1, f: vec![0.0; n * cout], c: cout };
+    for r in 0..n {
+        for o in 0..cout {
+            let mut acc = lb[o] as f64;
+            for j in 0..cin {
+                acc += f[r * cin + j] as f64 * lw.data[o * cin + j] as f64;
+            }
+            h.f[r * cout + o] = acc as f32;
+        }
+    }
+    bn(w, &format!("point_transforms.{i}.1"), &mut h, true);
+    h.f
+}
+
+fn spvcnn_reference(w: &W, x0: Feat) -> Vec<f32> {
+    let pts = x0.coords.clone();
+    let mut h = conv(w, "stem.0.kernel", &x0, &x0.coords, 3, 1, 1, 1);
+    bn(w, "stem.1", &mut h, true);
+    let mut s0 = conv(w, "stem.3.kernel", &h, &h.coords, 3, 1, 1, 1);
+    bn(w, "stem.4", &mut s0, true);
+    let z0 = v2p_ref(&s0, &pts);
+    let c0 = s0.c;
+    let mut h = p2v_ref(&s0, &pts, &z0, c0);
+    let mut skips = vec![s0];
+    for s in 1..=4 {
+        let outs = downsampled_coords(&h.coords, h.stride * 2);
+        let mut d = conv(w, &format!("stage{s}.0.net.0.kernel"), &h, &outs, 2, 2, 1, h.stride * 2);
+        bn(w, &format!("stage{s}.0.net.1"), &mut d, true);
+        h = residual(w, &format!("stage{s}.1"), &d);
+        h = residual(w, &format!("stage{s}.2"), &h);
+        if s < 4 {
+            skips.push(Feat { coords: h.coords.clone(), stride: h.stride, f: h.f.clone(), c: h.c });
+        }
+    }
+    let (mut zf, mut zc) = (z0, c0);
+    let mut mi = 0;
+    for u in 1..=4 {
+        if u == 1 || u == 3 {
+            let mut f = v2p_ref(&h, &pts);
+            for (a, m) in f.iter_mut().zip(mlp_ref(w, mi, &zf, zc)) {
+                *a += m;
+            }
+            mi += 1;
+            zc = h.c;
+            zf = f;
+            h = p2v_ref(&h, &pts, &zf, zc);
+        }
+        let skip = skips.pop().expect("skip");
+        let mut up = conv(w, &format!("up{u}.0.net.0.kernel"), &h, &skip.coords, 2, 2, -1, skip.stride);
+        bn(w, &format!("up{u}.0.net.1"), &mut up, true);
+        let c = up.c + skip.c;
+        let mut f = Vec::with_capacity(up.coords.len() * c);
+        for i in 0..up.coords.len() {
+            f.extend_from_slice(&up.f[i * up.c..(i + 1) * up.c]);
+            f.extend_from_slice(&skip.f[i * skip.c..(i + 1) * skip.c]);
+        }
+        let cat = Feat { coords: skip.coords.clone(), stride: skip.stride, f, c };
+        h = residual(w, &format!("up{u}.1.0"), &cat);
+        h = residual(w, &format!("up{u}.1.1"), &h);
+    }
+    let mut f = v2p_ref(&h, &pts);
+    for (a, m) in f.iter_mut().zip(mlp_ref(w, 2, &zf, zc)) {
+        *a += m;
+    }
+    let lw = t(w, "classifier.0.weight");
+    let lb = &t(w, "classifier.0.bias").data;
+    let (nc, cin) = (lw.shape[0], lw.shape[1]);
+    let mut out = vec![0f32; pts.len() * nc];
+    for i in 0..pts.len() {
+        for o in 0..nc {
+            let mut acc = lb[o] as f64;
+            for j in 0..cin {
+                acc += f[i * cin + j] as f64 * lw.data[o * cin + j] as f64;
+            }
+            out[i * nc + o] = acc as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn spvcnn_matches_independent_reference_on_real_scan_crop() {
+    use sparseconv::pipeline::Model;
+    let x = cropped_scan();
+    let synth = Checkpoint::random(11);
+    let model = Model::load_arch("spvcnn", &synth, 0.5, 19).expect("spvcnn");
+    let weights = synth.synthesized();
+    assert_eq!(weights["point_transforms.0.0.weight"].shape, vec![128, 16]);
+    assert_eq!(weights["point_transforms.2.1.running_var"].shape, vec![48]);
+    let want = spvcnn_reference(&weights, Feat { coords: x.coords().to_vec(), stride: 1, f: x.feats().to_vec(), c: 4 });
+    for st in strategies() {
+        let got = model.forward(&st.engine, &x).expect("forward");
+        let e = rel_err(&got, &want);
+        assert!(e < 1e-3, "{}: SPVCNN logits differ from the reference: rel err {e}", st.label);
+    }
+}

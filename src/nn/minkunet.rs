@@ -67,6 +67,13 @@ pub struct MinkUNet {
 impl MinkUNet {
     /// Load from a checkpoint (BatchNorm folded into the convs), rejecting unknown tensors.
     pub fn load(ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
+        let m = Self::load_parts(ck, cr, num_classes)?;
+        ck.finish()?;
+        Ok(m)
+    }
+
+    /// Load the tensors MinkUNet shares with SPVCNN, leaving others for the caller.
+    pub fn load_parts(ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
         let cs = channels(cr)?;
         let k3 = KernelSpec::new(3, 1, 1)?;
         let k2s2 = KernelSpec::new(2, 2, 1)?;
@@ -117,7 +124,6 @@ impl MinkUNet {
             });
         }
         let classifier = Linear::load(ck, "classifier.0", cs[8], num_classes)?;
-        ck.finish()?;
         Ok(Self { cr, num_classes, stem, stages, ups, classifier })
     }
 

@@ -4,3 +4,5 @@
 pub mod checkpoint;
 pub mod layers;
 pub mod minkunet;
+pub mod points;
+pub mod spvcnn;

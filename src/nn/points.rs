@@ -1,0 +1,221 @@
+//! SPVCNN's point branch (Liu et al., NeurIPS 2019; Tang et al., ECCV 2020): points with float
+//! coordinates in voxel units, trilinear voxel→point interpolation and point→voxel averaging.
+
+use std::sync::Arc;
+
+use hashbrown::HashMap;
+use rayon::prelude::*;
+
+use crate::coords;
+use crate::error::{Error, Result};
+use crate::tensor::{CoordSet, SparseTensor};
+
+/// Points: float coordinates in voxel units `(x, y, z)`, a batch index, and features `[P, C]`.
+#[derive(Debug, Clone)]
+pub struct PointTensor {
+    /// Coordinates in voxel units (metres / voxel size).
+    pub coords: Vec<[f32; 3]>,
+    /// Batch index per point.
+    pub batch: Vec<i32>,
+    /// Features, row-major `[P, C]`.
+    pub feats: Vec<f32>,
+    /// Channels `C`.
+    pub channels: usize,
+}
+
+impl PointTensor {
+    /// Validate shapes and finiteness.
+    pub fn new(coords: Vec<[f32; 3]>, batch: Vec<i32>, feats: Vec<f32>, channels: usize) -> Result<Self> {
+        if batch.len() != coords.len() || feats.len() != coords.len() * channels {
+            return Err(Error::tensor(
+                "points",
+                format!(
+                    "{} coordinates, {} batch indices, {} feature values for {channels} channels",
+                    coords.len(),
+                    batch.len(),
+                    feats.len()
+                ),
+            ));
+        }
+        if let Some(i) = coords.iter().position(|c| !c.iter().all(|v| v.is_finite())) {
+            return Err(Error::tensor("points", format!("point {i} has a NaN or infinite coordinate")));
+        }
+        Ok(Self { coords, batch, feats, channels })
+    }
+
+    /// Number of points.
+    pub fn len(&self) -> usize {
+        self.coords.len()
+    }
+
+    /// True when there are no points.
+    pub fn is_empty(&self) -> bool {
+        self.coords.is_empty()
+    }
+
+    /// The same points with other features.
+    pub fn with_feats(&self, feats: Vec<f32>, channels: usize) -> Result<Self> {
+        Self::new(self.coords.clone(), self.batch.clone(), feats, channels)
+    }
+
+    /// Packed key of the voxel at tensor stride `s` holding point `i`: `s·floor(p/s)`.
+    fn voxel_key(&self, i: usize, s: i32) -> Result<u64> {
+        let p = self.coords[i];
+        let mut c = [self.batch[i], 0, 0, 0];
+        for a in 0..3 {
+            let v = (p[a] / s as f32).floor() * s as f32;
+            if !(v >= -(coords::COORD_LIMIT as f32) && v < coords::COORD_LIMIT as f32) {
+                return Err(Error::tensor("points", format!("point {i} is outside the coordinate range")));
+            }
+            c[a + 1] = v as i32;
+        }
+        coords::check(c)?;
+        Ok(coords::pack(c))
+    }
+}
+
+fn row_index(x: &CoordSet) -> HashMap<u64, u32> {
+    x.coords().iter().enumerate().map(|(i, &c)| (coords::pack(c), i as u32)).collect()
+}
+
+/// Voxelize points at stride 1 (`floor`), averaging features: SPVCNN's `initial_voxelize` with
+/// equal point and voxel resolution. Returns the voxels (packed-key order) and each point's row.
+pub fn initial_voxelize(z: &PointTensor) -> Result<(SparseTensor, Vec<u32>)> {
+    let mut keyed: Vec<(u64, u32)> = (0..z.len()).map(|i| Ok((z.voxel_key(i, 1)?, i as u32))).collect::<Result<_>>()?;
+    radsort::sort_by_key(&mut keyed, |e| e.0);
+    let c = z.channels;
+    let (mut vc, mut vf) = (Vec::new(), Vec::new());
+    let mut idx = vec![0u32; z.len()];
+    let mut acc = vec![0f64; c];
+    let mut i = 0;
+    while i < keyed.len() {
+        let key = keyed[i].0;
+        acc.fill(0.0);
+        let start = i;
+        while i < keyed.len() && keyed[i].0 == key {
+            let p = keyed[i].1 as usize;
+            idx[p] = vc.len() as u32;
+            for (a, &v) in acc.iter_mut().zip(&z.feats[p * c..(p + 1) * c]) {
+                *a += v as f64;
+            }
+            i += 1;
+        }
+        let n = (i - start) as f64;
+        vf.extend(acc.iter().map(|a| (a / n) as f32));
+        vc.push(coords::unpack(key));
+    }
+    let set = Arc::new(CoordSet::new(vc, 1)?);
+    Ok((SparseTensor::new(set, vf, c)?, idx))
+}
+
+/// Trilinear interpolation of voxel features at the points (TorchSparse `voxel_to_point`):
+/// the 8 voxels around `s·floor(p/s)` (x outermost, z fastest) weighted by distance; absent
+/// voxels get weight 0 and the rest are renormalized.
+pub fn voxel_to_point(x: &SparseTensor, z: &PointTensor) -> Result<Vec<f32>> {
+    let s = x.stride();
+    let sf = s as f32;
+    let index = row_index(x.coord_set());
+    let c = x.channels();
+    let keys: Vec<u64> = (0..z.len()).map(|i| z.voxel_key(i, s)).collect::<Result<_>>()?;
+    let mut out = vec![0f32; z.len() * c];
+    out.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| {
+        let p = z.coords[i];
+        let base = keys[i];
+        let mut w = [0f32; 8];
+        let mut rows = [u32::MAX; 8];
+        let lo: [f32; 3] = std::array::from_fn(|a| (p[a] / sf).floor() * sf);
+        for (j, slot) in rows.iter_mut().enumerate() {
+            let d = [(j >> 2) as i32 & 1, (j >> 1) as i32 & 1, j as i32 & 1];
+            let key = (base as i64 + coords::delta_key([d[0] * s, d[1] * s, d[2] * s])) as u64;
+            if let Some(&r) = index.get(&key) {
+                *slot = r;
+                let f = |a: usize| if d[a] == 1 { p[a] - lo[a] } else { lo[a] + sf - p[a] };
+                w[j] = f(0) * f(1) * f(2) / (sf * sf * sf);
+            }
+        }
+        let sum: f32 = w.iter().sum::<f32>() + 1e-8;
+        for (j, &r) in rows.iter().enumerate() {
+            if r != u32::MAX {
+                let wj = w[j] / sum;
+                for (o, &v) in row.iter_mut().zip(&x.feats()[r as usize * c..(r as usize + 1) * c]) {
+                    *o += wj * v;
+                }
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// Average point features into the voxels of `x` (TorchSparse `point_to_voxel`): each point
+/// goes to `s·floor(p/s)`; voxels without points get zeros. Output lives on `x`'s coordinates.
+pub fn point_to_voxel(x: &SparseTensor, z: &PointTensor) -> Result<SparseTensor> {
+    let s = x.stride();
+    let index = row_index(x.coord_set());
+    let c = z.channels;
+    let n = x.len();
+    let mut sums = vec![0f64; n * c];
+    let mut counts = vec![0u32; n];
+    for i in 0..z.len() {
+        if let Some(&r) = index.get(&z.voxel_key(i, s)?) {
+            let r = r as usize;
+            counts[r] += 1;
+            for (a, &v) in sums[r * c..(r + 1) * c].iter_mut().zip(&z.feats[i * c..(i + 1) * c]) {
+                *a += v as f64;
+            }
+        }
+    }
+    let feats: Vec<f32> = sums
+        .chunks(c.max(1))
+        .zip(&counts)
+        .flat_map(|(row, &k)| row.iter().map(move |v| if k == 0 { 0.0 } else { (v / k as f64) as f32 }))
+        .collect();
+    SparseTensor::new(x.coord_set().clone(), feats, c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(coords: Vec<[i32; 4]>, stride: i32, feats: Vec<f32>, c: usize) -> SparseTensor {
+        SparseTensor::new(Arc::new(CoordSet::new(coords, stride).unwrap()), feats, c).unwrap()
+    }
+
+    #[test]
+    fn trilinear_weights_by_hand() {
+        // Voxels at stride 2: (0,0,0) = 1, (2,0,0) = 3, (0,0,2) = 10; the rest absent.
+        let x = tensor(vec![[0, 0, 0, 0], [0, 2, 0, 0], [0, 0, 0, 2]], 2, vec![1.0, 3.0, 10.0], 1);
+        // Point at (0.5, 0, 1): weights x: 0.75 / 0.25, y: 1 / 0, z: 0.5 / 0.5.
+        let z = PointTensor::new(vec![[0.5, 0.0, 1.0], [-0.5, 0.0, 0.0]], vec![0, 0], vec![0.0; 2], 1).unwrap();
+        let f = voxel_to_point(&x, &z).unwrap();
+        // corners present: (0,0,0) w=.75*.5=.375, (0,0,2) w=.375, (2,0,0) w=.25*.5=.125 ; sum .875
+        let want = (0.375 * 1.0 + 0.375 * 10.0 + 0.125 * 3.0) / 0.875;
+        assert!((f[0] - want).abs() < 1e-5, "{} vs {want}", f[0]);
+        // A negative point floors to (-2,0,0), whose corners (-2..0) include (0,0,0) only.
+        assert!((f[1] - 1.0).abs() < 1e-5, "{}", f[1]);
+        // Averaging back: both points land in voxels (0,0,0) and (-2,0,0); only (0,0,0) exists.
+        let z2 = z.with_feats(vec![4.0, 8.0], 1).unwrap();
+        let v = point_to_voxel(&x, &z2).unwrap();
+        assert_eq!(v.feats(), &[4.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn integer_points_at_stride_1_pick_their_voxel() {
+        let z = PointTensor::new(
+            vec![[3.0, -2.0, 5.0], [3.5, -1.5, 5.9], [-7.0, 0.0, 0.0]],
+            vec![0, 0, 1],
+            vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            2,
+        )
+        .unwrap();
+        let (x, idx) = initial_voxelize(&z).unwrap();
+        assert_eq!(x.coords(), &[[0, 3, -2, 5], [1, -7, 0, 0]]);
+        assert_eq!(idx, vec![0, 0, 1]);
+        assert_eq!(x.feats(), &[2.0, 3.0, 5.0, 6.0]);
+        let back = voxel_to_point(
+            &x,
+            &PointTensor::new(vec![[3.0, -2.0, 5.0], [-7.0, 0.0, 0.0]], vec![0, 1], vec![0.0; 4], 2).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(back, vec![2.0, 3.0, 5.0, 6.0]);
+    }
+}

@@ -1,0 +1,106 @@
+//! SPVCNN (Tang et al., ECCV 2020): MinkUNet's voxel branch plus a point branch that carries
+//! per-point features through three point-wise MLPs and meets the voxels by trilinear
+//! devoxelization and point-to-voxel averaging. Module names follow SPVNAS.
+
+use super::checkpoint::Checkpoint;
+use super::layers::{BatchNorm, Linear};
+use super::minkunet::{channels, MinkUNet, IN_CHANNELS};
+use super::points::{initial_voxelize, point_to_voxel, voxel_to_point, PointTensor};
+use crate::device::Engine;
+use crate::error::{Error, Result};
+
+/// SPVCNN: the MinkUNet body plus `point_transforms.{0,1,2}` (Linear + BatchNorm1d + ReLU).
+#[derive(Debug, Clone)]
+pub struct Spvcnn {
+    /// Stem, stages, up stages and classifier, as in MinkUNet.
+    pub body: MinkUNet,
+    /// Point MLPs with BatchNorm folded in (ReLU after each).
+    pub point_transforms: [Linear; 3],
+}
+
+impl Spvcnn {
+    /// Load from a checkpoint, rejecting unknown tensors.
+    pub fn load(ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
+        let cs = channels(cr)?;
+        let body = MinkUNet::load_parts(ck, cr, num_classes)?;
+        let dims = [(cs[0], cs[4]), (cs[4], cs[6]), (cs[6], cs[8])];
+        let mut pts = Vec::new();
+        for (i, &(cin, cout)) in dims.iter().enumerate() {
+            let mut lin = Linear::load(ck, &format!("point_transforms.{i}.0"), cin, cout)?;
+            let (a, b) = BatchNorm::load(ck, &format!("point_transforms.{i}.1"), cout)?.affine();
+            for o in 0..cout {
+                for j in 0..cin {
+                    let w = &mut lin.weight[o * cin + j];
+                    *w = (*w as f64 * a[o]) as f32;
+                }
+                lin.bias[o] = (lin.bias[o] as f64 * a[o] + b[o]) as f32;
+            }
+            pts.push(lin);
+        }
+        ck.finish()?;
+        let point_transforms: [Linear; 3] =
+            pts.try_into().map_err(|_| Error::invalid("SPVCNN", "expected three point transforms"))?;
+        Ok(Self { body, point_transforms })
+    }
+
+    fn mlp(&self, e: &Engine, i: usize, z: &PointTensor) -> Result<Vec<f32>> {
+        let mut f = self.point_transforms[i].forward(e, &z.feats)?;
+        f.iter_mut().for_each(|v| *v = v.max(0.0));
+        Ok(f)
+    }
+
+    /// Logits `[P, num_classes]` per point. `z` holds 4 features (x, y, z, remission) and
+    /// coordinates in voxel units.
+    pub fn forward(&self, e: &Engine, z: &PointTensor) -> Result<Vec<f32>> {
+        if z.channels != IN_CHANNELS {
+            return Err(Error::tensor(
+                "feats",
+                format!("SPVCNN takes {IN_CHANNELS} input features, got {}", z.channels),
+            ));
+        }
+        if z.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = &self.body;
+        let (x0, _) = initial_voxelize(z)?;
+        let x0 = b.stem[0].forward(e, &x0, None)?;
+        let x0 = b.stem[1].forward(e, &x0, None)?;
+        let z0 = z.with_feats(voxel_to_point(&x0, z)?, x0.channels())?;
+        let mut h = point_to_voxel(&x0, &z0)?;
+        let mut skips = vec![x0];
+        for (si, st) in b.stages.iter().enumerate() {
+            h = st.down.forward(e, &h, None)?;
+            for blk in &st.blocks {
+                h = blk.forward(e, &h)?;
+            }
+            if si < 3 {
+                skips.push(h.clone());
+            }
+        }
+        // Point branch meets the voxels after the encoder, after up2 and after up4.
+        let mut z_cur = z0;
+        let mut zi = 0;
+        for (ui, up) in b.ups.iter().enumerate() {
+            if ui == 0 || ui == 2 {
+                let mut f = voxel_to_point(&h, &z_cur)?;
+                for (a, m) in f.iter_mut().zip(self.mlp(e, zi, &z_cur)?) {
+                    *a += m;
+                }
+                z_cur = z_cur.with_feats(f, h.channels())?;
+                zi += 1;
+                h = point_to_voxel(&h, &z_cur)?;
+            }
+            let skip = skips.pop().ok_or_else(|| Error::invalid("SPVCNN", "unbalanced skips"))?;
+            let u = up.up.forward(e, &h, Some(skip.coord_set()))?;
+            h = e.concat(&u, &skip)?;
+            for blk in &up.blocks {
+                h = blk.forward(e, &h)?;
+            }
+        }
+        let mut f = voxel_to_point(&h, &z_cur)?;
+        for (a, m) in f.iter_mut().zip(self.mlp(e, 2, &z_cur)?) {
+            *a += m;
+        }
+        b.classifier.forward(e, &f)
+    }
+}
