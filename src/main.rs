@@ -109,6 +109,13 @@ enum Cmd {
         /// The SemanticKITTI yaml (learning map).
         #[arg(long)]
         yaml: Option<PathBuf>,
+        /// Write a rerun recording: points coloured by class, ground truth and errors (with
+        /// --labels), stage timings. Needs the `rerun` cargo feature.
+        #[arg(long)]
+        rerun: Option<PathBuf>,
+        /// Open the recording in the rerun viewer (when `rerun` is on PATH).
+        #[arg(long, requires = "rerun")]
+        spawn: bool,
     },
     /// Per-class IoU and mIoU of predicted `.label` files against ground truth.
     Eval {
@@ -214,21 +221,35 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Conv { input, weight, kernel_size, stride, dilation, kmap, grouping, output } => {
             cmd_conv(&input, &weight, kernel_size, stride, dilation, engine(kmap, grouping), &output)
         }
-        Cmd::Segment { scan, model, arch, cr, device, format, voxelize, out_labels, logits, labels, yaml } => {
-            cmd_segment(SegmentArgs {
-                scan,
-                model,
-                arch,
-                cr,
-                device,
-                format,
-                voxelize,
-                out_labels,
-                logits,
-                labels,
-                yaml,
-            })
-        }
+        Cmd::Segment {
+            scan,
+            model,
+            arch,
+            cr,
+            device,
+            format,
+            voxelize,
+            out_labels,
+            logits,
+            labels,
+            yaml,
+            rerun,
+            spawn,
+        } => cmd_segment(SegmentArgs {
+            scan,
+            model,
+            arch,
+            cr,
+            device,
+            format,
+            voxelize,
+            out_labels,
+            logits,
+            labels,
+            yaml,
+            rerun,
+            spawn,
+        }),
         Cmd::Eval { preds, labels, yaml } => cmd_eval(&preds, &labels, yaml),
         Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json } => {
             cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json)
@@ -497,6 +518,8 @@ struct SegmentArgs {
     logits: Option<PathBuf>,
     labels: Option<PathBuf>,
     yaml: Option<PathBuf>,
+    rerun: Option<PathBuf>,
+    spawn: bool,
 }
 
 fn load_model(model: Option<PathBuf>, arch: Option<&str>, cr: Option<f32>) -> Result<(pipeline::Model, f32, PathBuf)> {
@@ -527,6 +550,9 @@ fn cmd_segment(a: SegmentArgs) -> Result<()> {
     let (model, cr, mpath) = load_model(a.model, a.arch.as_deref(), a.cr)?;
     let lm = LearningMap::load(&a.yaml.unwrap_or_else(default_yaml))?;
     let engine = Engine::new(device, MapBuilder::Sort, Grouping::Auto);
+    if a.rerun.is_some() && !cfg!(feature = "rerun") {
+        return Err(Error::invalid("--rerun", "this build has no rerun support (build with `--features rerun`)"));
+    }
     let mut timings = pipeline::Timings::default();
     let t0 = Instant::now();
     let prepared = pipeline::prepare_file(&a.scan, format, mode)?;
@@ -565,10 +591,38 @@ fn cmd_segment(a: SegmentArgs) -> Result<()> {
             );
         }
     }
-    if let Some(gt) = &gt {
-        let gt: Vec<u32> = gt.iter().map(|&r| lm.to_train(r)).collect();
-        print_iou(&sparseconv::metrics::Confusion::from_labels(&seg.point_labels, &gt)?, &lm);
+    let gt_train: Option<Vec<u32>> = gt.as_ref().map(|g| g.iter().map(|&r| lm.to_train(r)).collect());
+    if let Some(gt) = &gt_train {
+        print_iou(&sparseconv::metrics::Confusion::from_labels(&seg.point_labels, gt)?, &lm);
     }
+    #[cfg(feature = "rerun")]
+    if let Some(path) = &a.rerun {
+        let points = match pipeline::points_of(&a.scan, format)? {
+            Some(p) => p,
+            None => voxel_points(&prepared.voxels),
+        };
+        sparseconv::viz::rerun::write_rrd(
+            path,
+            &sparseconv::viz::rerun::SceneLog {
+                points: &points,
+                pred: &seg.point_labels,
+                gt: gt_train.as_deref(),
+                classes: &lm,
+                timings,
+            },
+        )?;
+        println!("wrote rerun recording {}", path.display());
+        if a.spawn {
+            match std::process::Command::new("rerun").arg(path).spawn() {
+                Ok(_) => println!("opened the rerun viewer"),
+                Err(e) => {
+                    eprintln!("warning: could not start the `rerun` viewer ({e}); open {} yourself", path.display())
+                }
+            }
+        }
+    }
+    #[cfg(not(feature = "rerun"))]
+    let _ = a.spawn;
     if let Some(p) = &a.out_labels {
         let raw: Vec<u32> = seg.point_labels.iter().map(|&t| lm.to_raw(t)).collect();
         write_label(p, &raw)?;
@@ -589,6 +643,14 @@ fn cmd_segment(a: SegmentArgs) -> Result<()> {
         println!("wrote logits of {} voxels to {}", v.len(), p.display());
     }
     Ok(())
+}
+
+/// Voxel centres in metres, for recordings of already-voxelized input.
+#[cfg(feature = "rerun")]
+fn voxel_points(v: &SparseTensor) -> sparseconv::voxel::PointCloud {
+    let data =
+        v.coords().iter().flat_map(|c| [c[1], c[2], c[3]].map(|q| (q as f32 + 0.5) * pipeline::VOXEL_SIZE)).collect();
+    sparseconv::voxel::PointCloud { data, dims: 3 }
 }
 
 fn print_iou(c: &sparseconv::metrics::Confusion, lm: &LearningMap) {

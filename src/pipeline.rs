@@ -267,6 +267,14 @@ pub fn prepare_file(path: &Path, format: Option<PointFormat>, mode: VoxelizeMode
     prepare_points(&model_input(&cloud, format)?, mode).map_err(|e| e.in_file(path))
 }
 
+/// The points of a scan file (x, y, z, ...), or `None` for voxelized safetensors input.
+pub fn points_of(path: &Path, format: Option<PointFormat>) -> Result<Option<PointCloud>> {
+    if path.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors") {
+        return Ok(None);
+    }
+    read_points(path, format).map(Some)
+}
+
 /// Wall-clock seconds per stage of one scan.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {

@@ -152,6 +152,15 @@ fn bad_segment_eval_bench_input_exits_2_with_one_line() {
     }
 }
 
+#[cfg(not(feature = "rerun"))]
+#[test]
+fn rerun_without_the_feature_is_a_clear_error() {
+    let w = weights(0.25, true);
+    let (code, _, err) = run(&["segment", &s(&repo(SCAN)), "--model", &s(&w), "--rerun", &s(&tmp("x.rrd"))]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--features rerun"), "{err}");
+}
+
 #[test]
 fn bench_reports_throughput_as_json() {
     let (code, out, err) = run(&["bench", &s(&repo(SCAN)), "--cr", "0.25", "--warmup", "0", "--runs", "1", "--json"]);
