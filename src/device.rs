@@ -69,6 +69,30 @@ pub struct Engine {
     maps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
     tuned: Mutex<HashMap<LayerKey, Tuned>>,
     map_secs: Mutex<f64>,
+    trace: Mutex<Option<Vec<LayerTrace>>>,
+}
+
+/// Timing of one conv call, recorded while tracing is on.
+#[derive(Debug, Clone)]
+pub struct LayerTrace {
+    /// Map kind.
+    pub kind: MapKind,
+    /// Kernel.
+    pub spec: KernelSpec,
+    /// Input rows.
+    pub n_in: usize,
+    /// Output rows.
+    pub n_out: usize,
+    /// Map pairs.
+    pub pairs: usize,
+    /// Input channels.
+    pub cin: usize,
+    /// Output channels.
+    pub cout: usize,
+    /// Execution plan.
+    pub plan: String,
+    /// Wall-clock seconds of the conv (epilogue included, map build excluded).
+    pub seconds: f64,
 }
 
 /// What the tuner chose for a layer.
@@ -119,6 +143,16 @@ impl Engine {
     /// Seconds spent building kernel maps since the last call (for per-stage timings).
     pub fn take_map_seconds(&self) -> f64 {
         std::mem::take(&mut *self.map_secs.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Start (or restart) recording per-conv timings.
+    pub fn start_trace(&self) {
+        *self.trace.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// Stop recording and return what was recorded.
+    pub fn take_trace(&self) -> Vec<LayerTrace> {
+        self.trace.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default()
     }
 
     /// Number of cached kernel maps.
@@ -270,9 +304,29 @@ impl Engine {
         }
         let plan = self.plan_for(map, x.feats(), w)?;
         let epi = cpu::conv::Epilogue { bias: w.bias.as_deref(), residual: residual.map(|r| r.feats()), relu };
+        let t0 = std::time::Instant::now();
         let out = match self.device {
             Device::Cpu => cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, epi)?,
         };
+        if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            trace.push(LayerTrace {
+                kind: map.kind,
+                spec: map.spec,
+                n_in: map.n_in(),
+                n_out: map.n_out(),
+                pairs: map.total_pairs(),
+                cin: w.cin,
+                cout: w.cout,
+                plan: if plan.output_tiled {
+                    "output-tiled".into()
+                } else if plan.params.is_some() {
+                    format!("grouped ({} groups)", plan.groups.len())
+                } else {
+                    "ungrouped".into()
+                },
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
         SparseTensor::new(map.out_coords.clone(), out, w.cout)
     }
 

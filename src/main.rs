@@ -153,6 +153,9 @@ enum Cmd {
         /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
+        /// Also print every conv layer's median time and GFLOP/s.
+        #[arg(long)]
+        layers: bool,
     },
     /// Voxelize a scan, build its kernel maps and run an 8-layer encoder/decoder stack of
     /// sparse convs (synthetic weights) over it, printing what ran and how fast.
@@ -251,8 +254,8 @@ fn run(cli: Cli) -> Result<()> {
             spawn,
         }),
         Cmd::Eval { preds, labels, yaml } => cmd_eval(&preds, &labels, yaml),
-        Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json } => {
-            cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json)
+        Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers } => {
+            cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json, layers)
         }
         Cmd::Stack { scan, format, voxel_size, kmap, grouping, repeat } => {
             let format = format.map(|f| f.parse::<PointFormat>()).transpose()?;
@@ -703,6 +706,7 @@ fn cmd_bench(
     warmup: usize,
     runs: usize,
     json: bool,
+    layers: bool,
 ) -> Result<()> {
     let device = check_device(device)?;
     if scans.is_empty() {
@@ -733,9 +737,13 @@ fn cmd_bench(
     }
     let (mut vox, mut maps, mut conv, mut other, mut total) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut points, mut voxels) = (0usize, 0usize);
+    let mut layer_times: Vec<(sparseconv::device::LayerTrace, Vec<f64>)> = Vec::new();
     for scan in scans {
         for r in 0..warmup + runs {
             let mut t = pipeline::Timings::default();
+            if layers && r >= warmup {
+                engine.start_trace();
+            }
             let t0 = Instant::now();
             let p = pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?;
             t.voxelize = t0.elapsed().as_secs_f64();
@@ -749,6 +757,12 @@ fn cmd_bench(
                 total.push(t.total());
                 points += p.points;
                 voxels += p.voxels.len();
+                for (i, l) in engine.take_trace().into_iter().enumerate() {
+                    if layer_times.len() <= i {
+                        layer_times.push((l.clone(), Vec::new()));
+                    }
+                    layer_times[i].1.push(l.seconds);
+                }
             }
             bar.inc(1);
         }
@@ -792,6 +806,28 @@ fn cmd_bench(
             );
         }
         println!("{:.2} scans/s, {:.0} points/s (end to end: points in, labels out)", n / sum, points as f64 / sum);
+        if layers && !layer_times.is_empty() {
+            println!(
+                "{:<4} {:<28} {:>15} {:>8} {:>9} {:>8} {:>14}",
+                "#", "conv", "rows in->out", "pairs", "ms", "GFLOP/s", "plan"
+            );
+            let mut sum_ms = 0.0;
+            for (i, (l, ts)) in layer_times.into_iter().enumerate() {
+                let st = Stats::from_samples(ts);
+                sum_ms += st.median * 1e3;
+                println!(
+                    "{:<4} {:<28} {:>15} {:>8} {:>9.2} {:>8.1} {:>14}",
+                    i + 1,
+                    format!("{:?} k{} s{} {}->{}", l.kind, l.spec.size, l.spec.stride, l.cin, l.cout),
+                    format!("{}->{}", l.n_in, l.n_out),
+                    l.pairs,
+                    st.median * 1e3,
+                    st.gflops(conv_flops(l.pairs, l.cin, l.cout)),
+                    l.plan
+                );
+            }
+            println!("sum of conv medians: {sum_ms:.1} ms");
+        }
     }
     Ok(())
 }
