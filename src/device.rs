@@ -70,6 +70,7 @@ pub struct Engine {
     tuned: Mutex<HashMap<LayerKey, Tuned>>,
     map_secs: Mutex<f64>,
     trace: Mutex<Option<Vec<LayerTrace>>>,
+    tmaps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
 }
 
 /// Timing of one conv call, recorded while tracing is on.
@@ -133,6 +134,7 @@ impl Engine {
     /// kept: they belong to the layer, not to the scan (TorchSparse tunes once per dataset).
     pub fn clear_cache(&self) {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.tmaps.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Forget the tuned grouping parameters too.
@@ -328,6 +330,33 @@ impl Engine {
             });
         }
         SparseTensor::new(map.out_coords.clone(), out, w.cout)
+    }
+
+    /// Gradients of the conv of `map` (see [`cpu::conv::ConvGrads`]); the transposed map is
+    /// built once per map and cached.
+    pub fn conv_backward(
+        &self,
+        map: &KernelMap,
+        x: &SparseTensor,
+        w: &ConvWeight,
+        dy: &[f32],
+        need_dx: bool,
+    ) -> Result<cpu::conv::ConvGrads> {
+        let key = MapKey { input: map.in_coords.id(), target: map.out_coords.id(), kind: map.kind, spec: map.spec };
+        let tmap = {
+            let cached = self.tmaps.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+            match cached {
+                Some(t) => t,
+                None => {
+                    let t = Arc::new(map.transposed());
+                    self.tmaps.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t.clone());
+                    t
+                }
+            }
+        };
+        match self.device {
+            Device::Cpu => cpu::conv::conv_backward(map, &tmap, x.feats(), w.cin, &w.kernel, w.cout, dy, need_dx),
+        }
     }
 
     /// ReLU in place.

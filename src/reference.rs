@@ -56,11 +56,34 @@ pub fn dense_conv(
     sign: i32,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let mut out = vec![0f32; outputs.len() * cout];
+    let f: Vec<f64> = feats.iter().map(|&v| v as f64).collect();
+    let w: Vec<f64> = weight.iter().map(|&v| v as f64).collect();
+    let b: Option<Vec<f64>> = bias.map(|b| b.iter().map(|&v| v as f64).collect());
+    dense_conv_f64(inputs, &f, cin, outputs, &w, cout, spec, in_stride, sign, b.as_deref())
+        .into_iter()
+        .map(|v| v as f32)
+        .collect()
+}
+
+/// [`dense_conv`] entirely in f64 (for finite-difference gradient checks).
+#[allow(clippy::too_many_arguments)]
+pub fn dense_conv_f64(
+    inputs: &[[i32; 4]],
+    feats: &[f64],
+    cin: usize,
+    outputs: &[[i32; 4]],
+    weight: &[f64],
+    cout: usize,
+    spec: KernelSpec,
+    in_stride: i32,
+    sign: i32,
+    bias: Option<&[f64]>,
+) -> Vec<f64> {
+    let mut out = vec![0f64; outputs.len() * cout];
+    if let Some(b) = bias {
+        out.chunks_mut(cout.max(1)).for_each(|r| r.copy_from_slice(b));
+    }
     if inputs.is_empty() {
-        if let Some(b) = bias {
-            out.chunks_mut(cout.max(1)).for_each(|r| r.copy_from_slice(b));
-        }
         return out;
     }
     let mut lo = [i32::MAX; 4];
@@ -74,6 +97,7 @@ pub fn dense_conv(
     let ext: Vec<usize> = (0..4).map(|a| (hi[a] - lo[a] + 1) as usize).collect();
     let cells = ext.iter().product::<usize>();
     let mut grid = vec![0f64; cells * cin];
+    let mut present = vec![false; cells];
     let cell = |c: &[i32; 4]| -> Option<usize> {
         let mut idx = 0usize;
         for a in 0..4 {
@@ -86,28 +110,21 @@ pub fn dense_conv(
     };
     for (i, c) in inputs.iter().enumerate() {
         let g = cell(c).expect("input inside its own bounding box");
-        for j in 0..cin {
-            grid[g * cin + j] = feats[i * cin + j] as f64;
-        }
+        present[g] = true;
+        grid[g * cin..(g + 1) * cin].copy_from_slice(&feats[i * cin..(i + 1) * cin]);
     }
     let offs = kernel_offsets(spec.size, in_stride * spec.dilation as i32);
     for (o, q) in outputs.iter().enumerate() {
-        let mut acc = vec![0f64; cout];
         for (k, d) in offs.iter().enumerate() {
             let p = [q[0], q[1] + sign * d[0], q[2] + sign * d[1], q[3] + sign * d[2]];
-            if let Some(g) = cell(&p) {
+            if let Some(g) = cell(&p).filter(|&g| present[g]) {
                 for i in 0..cin {
                     let xv = grid[g * cin + i];
-                    if xv != 0.0 {
-                        for j in 0..cout {
-                            acc[j] += xv * weight[(k * cin + i) * cout + j] as f64;
-                        }
+                    for j in 0..cout {
+                        out[o * cout + j] += xv * weight[(k * cin + i) * cout + j];
                     }
                 }
             }
-        }
-        for j in 0..cout {
-            out[o * cout + j] = (acc[j] + bias.map_or(0.0, |b| b[j] as f64)) as f32;
         }
     }
     out

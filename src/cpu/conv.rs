@@ -8,7 +8,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{gemm_tile, gemm_tile_raw};
+use super::gemm::{gemm_at_b_acc, gemm_tile, gemm_tile_raw};
 use super::SharedMut;
 use crate::error::{Error, Result};
 use crate::kmap::KernelMap;
@@ -339,4 +339,84 @@ fn output_tiled(
             }
         },
     );
+}
+
+/// Gradients of `out = conv(x; W) + b` for an upstream gradient `dy = dL/d out` (`[N_out, Cout]`):
+/// `dx` runs the transposed map with `W[k]ᵀ` (same pairs, no new search); `dW[k]` sums
+/// `x[in]ᵀ · dy[out]` over the pairs of offset k; `db` sums `dy` over rows.
+///
+/// Deterministic: `dx` is a forward conv (see the module note); each `dW[k]` adds its tiles in
+/// pair order; `db` adds fixed row blocks in order.
+pub struct ConvGrads {
+    /// `dL/dx`, `[N_in, Cin]` (when asked for).
+    pub dx: Option<Vec<f32>>,
+    /// `dL/dW`, `[K, Cin, Cout]`.
+    pub dw: Vec<f32>,
+    /// `dL/db`, `[Cout]`.
+    pub db: Vec<f32>,
+}
+
+/// See [`ConvGrads`]. `tmap` must be `map.transposed()`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_backward(
+    map: &KernelMap,
+    tmap: &KernelMap,
+    x: &[f32],
+    cin: usize,
+    w: &[f32],
+    cout: usize,
+    dy: &[f32],
+    need_dx: bool,
+) -> Result<ConvGrads> {
+    check_shapes(map, x, cin, w, cout, None)?;
+    if dy.len() != map.n_out() * cout {
+        return Err(Error::tensor("grad", format!("expected [{}, {cout}], got {} values", map.n_out(), dy.len())));
+    }
+    let kv = map.volume();
+    let dx = if need_dx {
+        let mut wt = vec![0f32; kv * cout * cin];
+        for k in 0..kv {
+            for i in 0..cin {
+                for o in 0..cout {
+                    wt[(k * cout + o) * cin + i] = w[(k * cin + i) * cout + o];
+                }
+            }
+        }
+        Some(conv_forward(tmap, &Plan::ungrouped(tmap), dy, cout, &wt, cin, None)?)
+    } else {
+        None
+    };
+    let t = tile_rows(cin, cout);
+    let dw: Vec<f32> = (0..kv)
+        .into_par_iter()
+        .flat_map_iter(|k| {
+            let (ins, outs) = map.pairs(k);
+            let mut acc = vec![0f32; cin * cout];
+            let mut a = vec![0f32; t * cin];
+            let mut b = vec![0f32; t * cout];
+            for (ic, oc) in ins.chunks(t).zip(outs.chunks(t)) {
+                gather(x, cin, ic, &mut a);
+                gather(dy, cout, oc, &mut b);
+                // acc += aᵀ · b (zero padding rows add nothing).
+                gemm_at_b_acc(t, cin, cout, &a, &b, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    const BLOCK: usize = 4096;
+    let partial: Vec<Vec<f32>> = dy
+        .par_chunks(BLOCK * cout.max(1))
+        .map(|blk| {
+            let mut s = vec![0f32; cout];
+            for row in blk.chunks_exact(cout.max(1)) {
+                add_row(&mut s, row);
+            }
+            s
+        })
+        .collect();
+    let mut db = vec![0f32; cout];
+    for p in &partial {
+        add_row(&mut db, p);
+    }
+    Ok(ConvGrads { dx, dw, db })
 }

@@ -53,6 +53,38 @@ pub unsafe fn gemm_tile_raw(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], 
     }
 }
 
+/// `c[k, n] += a[m, k]ᵀ · b[m, n]`, row-major, single-threaded (weight gradients).
+pub fn gemm_at_b_acc(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= m * n && c.len() >= k * n, "gemm operand too small");
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    // SAFETY: checked above; aᵀ is read through swapped strides.
+    unsafe {
+        gemm::gemm(
+            k,
+            n,
+            m,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 /// `c = a · b` using `threads` rayon threads inside the GEMM (the dense reference in benchmarks).
 pub fn gemm_parallel(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], threads: usize) {
     let par = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
