@@ -117,10 +117,14 @@ enum Cmd {
         #[arg(long, requires = "rerun")]
         spawn: bool,
     },
-    /// Per-class IoU and mIoU of predicted `.label` files against ground truth.
+    /// Per-class IoU and mIoU against ground truth, of predicted `.label` files or of scans
+    /// segmented on the fly with --model.
     Eval {
-        /// Predicted `.label` files (raw SemanticKITTI ids).
+        /// Predicted `.label` files (raw SemanticKITTI ids) or scans to segment.
         preds: Vec<PathBuf>,
+        /// Weights for the scans among PREDS.
+        #[arg(long)]
+        model: Option<PathBuf>,
         /// Ground-truth `.label` files, one per prediction.
         #[arg(long, num_args = 1.., required = true)]
         labels: Vec<PathBuf>,
@@ -253,7 +257,7 @@ fn run(cli: Cli) -> Result<()> {
             rerun,
             spawn,
         }),
-        Cmd::Eval { preds, labels, yaml } => cmd_eval(&preds, &labels, yaml),
+        Cmd::Eval { preds, model, labels, yaml } => cmd_eval(&preds, model, &labels, yaml),
         Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers } => {
             cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json, layers)
         }
@@ -676,7 +680,7 @@ fn print_iou(c: &sparseconv::metrics::Confusion, lm: &LearningMap) {
     }
 }
 
-fn cmd_eval(preds: &[PathBuf], labels: &[PathBuf], yaml: Option<PathBuf>) -> Result<()> {
+fn cmd_eval(preds: &[PathBuf], model: Option<PathBuf>, labels: &[PathBuf], yaml: Option<PathBuf>) -> Result<()> {
     if preds.is_empty() {
         return Err(Error::invalid("eval", "give at least one predicted .label file"));
     }
@@ -685,10 +689,23 @@ fn cmd_eval(preds: &[PathBuf], labels: &[PathBuf], yaml: Option<PathBuf>) -> Res
     }
     let lm = LearningMap::load(&yaml.unwrap_or_else(default_yaml))?;
     let mut total = sparseconv::metrics::Confusion::new();
+    let mut net: Option<pipeline::Model> = None;
+    let engine = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Auto);
     for (p, g) in preds.iter().zip(labels) {
         let gt = read_label(g, None)?;
-        let pred = read_label(p, Some(gt.len()))?;
-        let pt: Vec<u32> = pred.iter().map(|&r| lm.to_train(r)).collect();
+        let pt: Vec<u32> = if p.to_string_lossy().to_ascii_lowercase().ends_with(".label") {
+            read_label(p, Some(gt.len()))?.iter().map(|&r| lm.to_train(r)).collect()
+        } else {
+            if net.is_none() {
+                net = Some(load_model(model.clone(), None, None)?.0);
+            }
+            let m = net.as_ref().ok_or_else(|| Error::invalid("eval", "no model"))?;
+            let prep = pipeline::prepare_file(p, None, pipeline::VoxelizeMode::Mean)?;
+            if prep.points != gt.len() {
+                return Err(Error::format(g, format!("{} labels for a scan of {} points", gt.len(), prep.points)));
+            }
+            pipeline::segment(&engine, m, &prep, &mut pipeline::Timings::default())?.point_labels
+        };
         let gtt: Vec<u32> = gt.iter().map(|&r| lm.to_train(r)).collect();
         total.add(&sparseconv::metrics::Confusion::from_labels(&pt, &gtt)?);
     }

@@ -92,6 +92,10 @@ fn segment_writes_labels_and_logits_that_round_trip() {
     let (code, out, _) = run(&["eval", &s(&labels), "--labels", &s(&repo(LABELS))]);
     assert_eq!(code, 0);
     assert!(out.contains("road"), "{out}");
+    // eval on the scan itself segments it first: the same numbers as on the written labels.
+    let (code, out2, err) = run(&["eval", &s(&scan), "--model", &s(&w), "--labels", &s(&repo(LABELS))]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, out2);
 }
 
 #[test]
