@@ -225,6 +225,8 @@ impl Engine {
             Grouping::Off => Plan::ungrouped(map),
             Grouping::Fixed(p) => Plan::grouped(map, p),
             Grouping::OutputTiled => Plan::output_tiled(map),
+            Grouping::Heuristic if w.cout <= 64 => Plan::output_tiled(map),
+            Grouping::Heuristic => Plan::ungrouped(map),
             Grouping::Auto => {
                 let key = LayerKey {
                     kind: map.kind,

@@ -161,6 +161,21 @@ enum Cmd {
         #[arg(long)]
         layers: bool,
     },
+    /// Write randomly initialised (untrained) weights for an architecture: the starting point of
+    /// training, and test input for cross-checks against other engines.
+    InitWeights {
+        /// Output safetensors file.
+        output: PathBuf,
+        /// Architecture.
+        #[arg(long, default_value = "minkunet")]
+        arch: String,
+        /// Width factor.
+        #[arg(long, default_value_t = 0.5)]
+        cr: f32,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Voxelize a scan, build its kernel maps and run an 8-layer encoder/decoder stack of
     /// sparse convs (synthetic weights) over it, printing what ran and how fast.
     Stack {
@@ -260,6 +275,19 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { preds, model, labels, yaml } => cmd_eval(&preds, model, &labels, yaml),
         Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers } => {
             cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json, layers)
+        }
+        Cmd::InitWeights { output, arch, cr, seed } => {
+            let ck = sparseconv::nn::checkpoint::Checkpoint::random(seed);
+            pipeline::Model::load_arch(&arch, &ck, cr, NUM_CLASSES)?;
+            let mut meta = std::collections::HashMap::new();
+            meta.insert("arch".to_string(), arch.clone());
+            meta.insert("cr".to_string(), cr.to_string());
+            meta.insert("classes".to_string(), NUM_CLASSES.to_string());
+            meta.insert("voxel_size".to_string(), pipeline::VOXEL_SIZE.to_string());
+            meta.insert("trained".to_string(), "false".to_string());
+            sparseconv::nn::checkpoint::save(&output, &ck.synthesized(), meta, false)?;
+            println!("wrote untrained {arch} cr={cr} weights to {}", output.display());
+            Ok(())
         }
         Cmd::Stack { scan, format, voxel_size, kmap, grouping, repeat } => {
             let format = format.map(|f| f.parse::<PointFormat>()).transpose()?;
@@ -547,6 +575,12 @@ fn load_model(model: Option<PathBuf>, arch: Option<&str>, cr: Option<f32>) -> Re
         }
     };
     let (m, cr) = pipeline::Model::load(&path, arch, cr)?;
+    if TensorFile::open(&path)?.metadata().get("trained").is_some_and(|v| v == "false") {
+        eprintln!(
+            "warning: {} holds untrained (randomly initialised) weights: the classes are meaningless",
+            path.display()
+        );
+    }
     Ok((m, cr, path))
 }
 
@@ -556,7 +590,8 @@ fn cmd_segment(a: SegmentArgs) -> Result<()> {
     let mode: pipeline::VoxelizeMode = a.voxelize.parse()?;
     let (model, cr, mpath) = load_model(a.model, a.arch.as_deref(), a.cr)?;
     let lm = LearningMap::load(&a.yaml.unwrap_or_else(default_yaml))?;
-    let engine = Engine::new(device, MapBuilder::Sort, Grouping::Auto);
+    // One scan: timing plan candidates would cost more than it saves.
+    let engine = Engine::new(device, MapBuilder::Sort, Grouping::Heuristic);
     if a.rerun.is_some() && !cfg!(feature = "rerun") {
         return Err(Error::invalid("--rerun", "this build has no rerun support (build with `--features rerun`)"));
     }
@@ -690,7 +725,7 @@ fn cmd_eval(preds: &[PathBuf], model: Option<PathBuf>, labels: &[PathBuf], yaml:
     let lm = LearningMap::load(&yaml.unwrap_or_else(default_yaml))?;
     let mut total = sparseconv::metrics::Confusion::new();
     let mut net: Option<pipeline::Model> = None;
-    let engine = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Auto);
+    let engine = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic);
     for (p, g) in preds.iter().zip(labels) {
         let gt = read_label(g, None)?;
         let pt: Vec<u32> = if p.to_string_lossy().to_ascii_lowercase().ends_with(".label") {

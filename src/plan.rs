@@ -24,6 +24,10 @@ pub enum Grouping {
     Auto,
     /// Every non-identity offset in one output-stationary group (CPU).
     OutputTiled,
+    /// No timing: output-tiled for narrow layers (Cout <= 64), ungrouped otherwise — what the
+    /// tuner picks on most layers here (BENCHMARKS.md). For one-shot runs, where timing
+    /// candidates would cost more than it saves.
+    Heuristic,
 }
 
 /// A set of offsets that run as one batched GEMM.

@@ -75,6 +75,7 @@ pub fn strategies() -> Vec<Strategy> {
             ("grouped", Grouping::Fixed(GroupingParams { tolerance: 0.9, max_rows: 1 << 20 })),
             ("tuned", Grouping::Auto),
             ("output-tiled", Grouping::OutputTiled),
+            ("heuristic", Grouping::Heuristic),
         ] {
             out.push(Strategy {
                 label: format!("cpu/{bname}/{gname}"),
