@@ -49,6 +49,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod reference;
 pub mod tensor;
+pub mod train;
 pub mod viz;
 pub mod voxel;
 

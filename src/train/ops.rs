@@ -1,0 +1,157 @@
+//! Forward-with-cache and backward of BatchNorm (training mode), ReLU, Linear and
+//! cross-entropy. Row-major `[N, C]`; reductions run in f64 in a fixed order, so gradients are
+//! deterministic whatever the thread count.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// PyTorch's BatchNorm momentum for the running statistics.
+pub const BN_MOMENTUM: f64 = 0.1;
+const EPS: f64 = 1e-5;
+const ROWS: usize = 2048;
+
+/// Per-channel sums of `f(row)` over rows, in fixed row blocks reduced in order.
+fn channel_sums(n: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+    let parts: Vec<Vec<f64>> = (0..n.div_ceil(ROWS))
+        .into_par_iter()
+        .map(|b| {
+            let mut s = vec![0f64; c];
+            for r in b * ROWS..((b + 1) * ROWS).min(n) {
+                for (j, v) in s.iter_mut().enumerate() {
+                    *v += f(r, j);
+                }
+            }
+            s
+        })
+        .collect();
+    let mut out = vec![0f64; c];
+    for p in parts {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// What BatchNorm's backward needs from its forward.
+pub struct BnCache {
+    /// Normalized input `x̂`.
+    pub xhat: Vec<f32>,
+    /// `1 / sqrt(var + eps)` per channel.
+    pub inv_std: Vec<f64>,
+}
+
+/// BatchNorm in training mode: batch statistics, and the running statistics updated in place
+/// (unbiased variance, momentum 0.1, as PyTorch).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+) -> Result<(Vec<f32>, BnCache)> {
+    let n = x.len().checked_div(c).unwrap_or(0);
+    if n < 2 || gamma.len() != c || beta.len() != c || running_mean.len() != c || running_var.len() != c {
+        return Err(Error::invalid("batchnorm", format!("need at least 2 rows and [{c}] parameters, got {n} rows")));
+    }
+    let mean: Vec<f64> = channel_sums(n, c, |r, j| x[r * c + j] as f64).into_iter().map(|s| s / n as f64).collect();
+    let var: Vec<f64> =
+        channel_sums(n, c, |r, j| (x[r * c + j] as f64 - mean[j]).powi(2)).into_iter().map(|s| s / n as f64).collect();
+    let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
+    let mut xhat = vec![0f32; x.len()];
+    let mut y = vec![0f32; x.len()];
+    xhat.par_chunks_mut(c).zip(y.par_chunks_mut(c)).zip(x.par_chunks(c)).for_each(|((h, yr), xr)| {
+        for j in 0..c {
+            let v = (xr[j] as f64 - mean[j]) * inv_std[j];
+            h[j] = v as f32;
+            yr[j] = (gamma[j] as f64 * v + beta[j] as f64) as f32;
+        }
+    });
+    for j in 0..c {
+        running_mean[j] = ((1.0 - BN_MOMENTUM) * running_mean[j] as f64 + BN_MOMENTUM * mean[j]) as f32;
+        let unbiased = var[j] * n as f64 / (n - 1) as f64;
+        running_var[j] = ((1.0 - BN_MOMENTUM) * running_var[j] as f64 + BN_MOMENTUM * unbiased) as f32;
+    }
+    Ok((y, BnCache { xhat, inv_std }))
+}
+
+/// BatchNorm backward: `(dx, dγ, dβ)`.
+pub fn batchnorm_backward(dy: &[f32], c: usize, gamma: &[f32], cache: &BnCache) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = dy.len().checked_div(c).unwrap_or(0);
+    let sum_dy = channel_sums(n, c, |r, j| dy[r * c + j] as f64);
+    let sum_dy_xhat = channel_sums(n, c, |r, j| dy[r * c + j] as f64 * cache.xhat[r * c + j] as f64);
+    let mut dx = vec![0f32; dy.len()];
+    dx.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
+        for j in 0..c {
+            let g = gamma[j] as f64 * cache.inv_std[j];
+            let v =
+                dy[r * c + j] as f64 - sum_dy[j] / n as f64 - cache.xhat[r * c + j] as f64 * sum_dy_xhat[j] / n as f64;
+            row[j] = (g * v) as f32;
+        }
+    });
+    (dx, sum_dy_xhat.iter().map(|&v| v as f32).collect(), sum_dy.iter().map(|&v| v as f32).collect())
+}
+
+/// ReLU backward from its output: `dx = dy` where `y > 0`, else 0.
+pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    y.par_iter().zip(dy.par_iter()).map(|(&y, &d)| if y > 0.0 { d } else { 0.0 }).collect()
+}
+
+/// Linear backward for `y = x·Wᵀ + b` (`W: [out, in]`): `(dx, dW, db)`.
+pub fn linear_backward(x: &[f32], cin: usize, w: &[f32], cout: usize, dy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = dy.len().checked_div(cout).unwrap_or(0);
+    let mut dx = vec![0f32; n * cin];
+    dx.par_chunks_mut(cin.max(1)).enumerate().for_each(|(r, row)| {
+        for (i, v) in row.iter_mut().enumerate() {
+            let mut s = 0f64;
+            for o in 0..cout {
+                s += dy[r * cout + o] as f64 * w[o * cin + i] as f64;
+            }
+            *v = s as f32;
+        }
+    });
+    let dw = channel_sums(n, cout * cin, |r, k| dy[r * cout + k / cin] as f64 * x[r * cin + k % cin] as f64);
+    let db = channel_sums(n, cout, |r, o| dy[r * cout + o] as f64);
+    (dx, dw.iter().map(|&v| v as f32).collect(), db.iter().map(|&v| v as f32).collect())
+}
+
+/// Cross-entropy over logits `[N, C]` (logit j is class j + 1) against labels `0..=C`, label 0
+/// ignored, optional per-class weights `[C]`; PyTorch's weighted mean. Returns `(loss, dlogits)`.
+pub fn cross_entropy(logits: &[f32], c: usize, labels: &[u32], weights: Option<&[f32]>) -> Result<(f64, Vec<f32>)> {
+    let n = logits.len().checked_div(c).unwrap_or(0);
+    if labels.len() != n || weights.is_some_and(|w| w.len() != c) {
+        return Err(Error::invalid("cross-entropy", format!("{} labels for {n} rows of {c} logits", labels.len())));
+    }
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize > c) {
+        return Err(Error::invalid("cross-entropy", format!("label {bad} outside 0..={c}")));
+    }
+    let wt = |l: u32| weights.map_or(1.0, |w| w[l as usize - 1] as f64);
+    let total_w: f64 = labels.iter().filter(|&&l| l != 0).map(|&l| wt(l)).sum();
+    let mut grad = vec![0f32; logits.len()];
+    if total_w == 0.0 {
+        return Ok((0.0, grad));
+    }
+    let losses: Vec<f64> = grad
+        .par_chunks_mut(c)
+        .enumerate()
+        .map(|(r, g)| {
+            let l = labels[r];
+            if l == 0 {
+                return 0.0;
+            }
+            let row = &logits[r * c..(r + 1) * c];
+            let m = row.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(v as f64));
+            let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            let scale = wt(l) / total_w;
+            for (j, gv) in g.iter_mut().enumerate() {
+                let p = (row[j] as f64 - m).exp() / z;
+                *gv = (scale * (p - if j + 1 == l as usize { 1.0 } else { 0.0 })) as f32;
+            }
+            wt(l) * (z.ln() + m - row[l as usize - 1] as f64)
+        })
+        .collect();
+    Ok((losses.iter().sum::<f64>() / total_w, grad))
+}
