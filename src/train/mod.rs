@@ -2,3 +2,4 @@
 //! (The sparse-conv backward lives with its forward in `cpu::conv` and `Engine::conv_backward`.)
 
 pub mod ops;
+pub mod optim;
