@@ -157,7 +157,7 @@ mod tests {
             load_npy(&root().join("open3dml/points_000700.npy"), &root().join("open3dml/labels_000700.npy")).unwrap();
         assert_eq!((n.points.len(), n.points.dims), (85_962, 4));
         assert!(n.points.data.chunks(4).all(|p| p[3] == 0.0));
-        assert!(n.labels.iter().any(|&l| l == 9), "road present");
+        assert!(n.labels.contains(&9), "road present");
         assert!(semantickitti_pairs(&root().join("nuscenes")).is_err());
     }
 
