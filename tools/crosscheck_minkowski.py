@@ -23,6 +23,7 @@ def main() -> int:
     ap.add_argument("logits")
     ap.add_argument("--cr", type=float, default=0.5)
     ap.add_argument("--k2-order", choices=["permute", "as-is"], default="permute")
+    ap.add_argument("--time", type=int, default=0, help="also time N network runs (voxels in, logits out)")
     a = ap.parse_args()
     import numpy as np
     import torch
@@ -38,13 +39,13 @@ def main() -> int:
     def kernel(name):
         t = w[name].float()
         if t.dim() == 2:  # 1x1 conv: [Cin, Cout]
-            return t
+                return t
         if t.shape[0] == 8 and a.k2_order == "permute":
-            # ME index i = x + 2y + 4z holds TorchSparse index j = 4x + 2y + z.
-            inv = [0] * 8
-            for j, i in enumerate(perm):
-                inv[i] = j
-            t = t[inv]
+                # ME index i = x + 2y + 4z holds TorchSparse index j = 4x + 2y + z.
+                inv = [0] * 8
+                for j, i in enumerate(perm):
+                    inv[i] = j
+                t = t[inv]
         return t
 
     def conv(cin, cout, k, s, name, transpose=False):
@@ -52,17 +53,17 @@ def main() -> int:
         m = cls(cin, cout, kernel_size=k, stride=s, dimension=3, bias=False)
         kt = kernel(name)
         with torch.no_grad():
-            m.kernel.copy_(kt.reshape(m.kernel.shape))
+                m.kernel.copy_(kt.reshape(m.kernel.shape))
         return m
 
     def bn(c, p):
         m = ME.MinkowskiBatchNorm(c, eps=1e-5)
         with torch.no_grad():
-            m.bn.weight.copy_(w[p + ".weight"])
-            m.bn.bias.copy_(w[p + ".bias"])
-            m.bn.running_mean.copy_(w[p + ".running_mean"])
-            m.bn.running_var.copy_(w[p + ".running_var"])
-        return m
+                m.bn.weight.copy_(w[p + ".weight"])
+                m.bn.bias.copy_(w[p + ".bias"])
+                m.bn.running_mean.copy_(w[p + ".running_mean"])
+                m.bn.running_var.copy_(w[p + ".running_var"])
+        return m.eval()  # running statistics, as at inference
 
     relu = ME.MinkowskiReLU()
 
@@ -72,28 +73,41 @@ def main() -> int:
         s = x if cin == cout else bn(cout, p + ".downsample.1")(conv(cin, cout, 1, 1, p + ".downsample.0.kernel")(x))
         return relu(h + s)
 
-    x = ME.SparseTensor(features=feats, coordinates=coords)
-    with torch.no_grad():
-        h = relu(bn(cs[0], "stem.1")(conv(4, cs[0], 3, 1, "stem.0.kernel")(x)))
-        h = relu(bn(cs[0], "stem.4")(conv(cs[0], cs[0], 3, 1, "stem.3.kernel")(h)))
-        skips = []
-        for s in range(4):
-            skips.append(h)
-            p = f"stage{s + 1}"
-            h = relu(bn(cs[s], p + ".0.net.1")(conv(cs[s], cs[s], 2, 2, p + ".0.net.0.kernel")(h)))
-            h = res(h, cs[s], cs[s + 1], p + ".1")
-            h = res(h, cs[s + 1], cs[s + 1], p + ".2")
-        for u in range(4):
-            cin, cout, skip = cs[4 + u], cs[5 + u], cs[3 - u]
-            p = f"up{u + 1}"
-            up = relu(bn(cout, p + ".0.net.1")(conv(cin, cout, 2, 2, p + ".0.net.0.kernel", transpose=True)(h)))
-            h = ME.cat(up, skips.pop())
-            h = res(h, cout + skip, cout, p + ".1.0")
-            h = res(h, cout, cout, p + ".1.1")
-        lin = torch.nn.Linear(cs[8], 19)
-        lin.weight.copy_(w["classifier.0.weight"])
-        lin.bias.copy_(w["classifier.0.bias"])
-        me_logits = lin(h.F)
+    def network():
+        x = ME.SparseTensor(features=feats, coordinates=coords)
+        with torch.no_grad():
+            h = relu(bn(cs[0], "stem.1")(conv(4, cs[0], 3, 1, "stem.0.kernel")(x)))
+            h = relu(bn(cs[0], "stem.4")(conv(cs[0], cs[0], 3, 1, "stem.3.kernel")(h)))
+            skips = []
+            for s in range(4):
+                skips.append(h)
+                p = f"stage{s + 1}"
+                h = relu(bn(cs[s], p + ".0.net.1")(conv(cs[s], cs[s], 2, 2, p + ".0.net.0.kernel")(h)))
+                h = res(h, cs[s], cs[s + 1], p + ".1")
+                h = res(h, cs[s + 1], cs[s + 1], p + ".2")
+            for u in range(4):
+                cin, cout, skip = cs[4 + u], cs[5 + u], cs[3 - u]
+                p = f"up{u + 1}"
+                up = relu(bn(cout, p + ".0.net.1")(conv(cin, cout, 2, 2, p + ".0.net.0.kernel", transpose=True)(h)))
+                h = ME.cat(up, skips.pop())
+                h = res(h, cout + skip, cout, p + ".1.0")
+                h = res(h, cout, cout, p + ".1.1")
+            lin = torch.nn.Linear(cs[8], 19)
+            lin.weight.copy_(w["classifier.0.weight"])
+            lin.bias.copy_(w["classifier.0.bias"])
+            me_logits = lin(h.F)
+        return h, me_logits
+
+    import time
+    h, me_logits = network()
+    times = []
+    for _ in range(a.time):
+        t0 = time.perf_counter()
+        network()
+        times.append(time.perf_counter() - t0)
+    if times:
+        times.sort()
+        print(f"MinkowskiEngine network: median {1e3 * times[len(times) // 2]:.1f} ms over {len(times)} runs, {torch.get_num_threads()} torch threads")
     # Match rows by coordinate.
     key = lambda c: (c[:, 0].long() << 48) + ((c[:, 1].long() + 2**15) << 32) + ((c[:, 2].long() + 2**15) << 16) + (c[:, 3].long() + 2**15)
     k_ours, k_me = key(coords), key(h.C.int())
