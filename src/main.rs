@@ -75,48 +75,8 @@ enum Cmd {
         #[arg(long)]
         output: PathBuf,
     },
-    /// Segment a LiDAR scan with MinkUNet: a class for every point.
-    Segment {
-        /// Scan (.bin, .pcd.bin, .ply, .npy) or voxelized `coords`/`feats` safetensors.
-        scan: PathBuf,
-        /// Weights (safetensors with TorchSparse/SPVNAS names).
-        #[arg(long)]
-        model: Option<PathBuf>,
-        /// Architecture (default: from the weights' metadata).
-        #[arg(long)]
-        arch: Option<String>,
-        /// Width factor (default: from the weights).
-        #[arg(long)]
-        cr: Option<f32>,
-        /// Device.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// Point format, overriding the file name.
-        #[arg(long)]
-        format: Option<String>,
-        /// Voxelization: `mean` (floor, mean features) or `spvnas` (rounded, first point).
-        #[arg(long, default_value = "mean")]
-        voxelize: String,
-        /// Write SemanticKITTI `.label` predictions (raw class ids, one u32 per point).
-        #[arg(long)]
-        out_labels: Option<PathBuf>,
-        /// Write `coords`, `feats` and `logits` per voxel (safetensors).
-        #[arg(long)]
-        logits: Option<PathBuf>,
-        /// Ground-truth `.label` for an IoU report.
-        #[arg(long)]
-        labels: Option<PathBuf>,
-        /// The SemanticKITTI yaml (learning map).
-        #[arg(long)]
-        yaml: Option<PathBuf>,
-        /// Write a rerun recording: points coloured by class, ground truth and errors (with
-        /// --labels), stage timings. Needs the `rerun` cargo feature.
-        #[arg(long)]
-        rerun: Option<PathBuf>,
-        /// Open the recording in the rerun viewer (when `rerun` is on PATH).
-        #[arg(long, requires = "rerun")]
-        spawn: bool,
-    },
+    /// Segment a LiDAR scan with MinkUNet or SPVCNN: a class for every point.
+    Segment(SegmentArgs),
     /// Per-class IoU and mIoU against ground truth, of predicted `.label` files or of scans
     /// segmented on the fly with --model.
     Eval {
@@ -243,35 +203,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Conv { input, weight, kernel_size, stride, dilation, kmap, grouping, output } => {
             cmd_conv(&input, &weight, kernel_size, stride, dilation, engine(kmap, grouping), &output)
         }
-        Cmd::Segment {
-            scan,
-            model,
-            arch,
-            cr,
-            device,
-            format,
-            voxelize,
-            out_labels,
-            logits,
-            labels,
-            yaml,
-            rerun,
-            spawn,
-        } => cmd_segment(SegmentArgs {
-            scan,
-            model,
-            arch,
-            cr,
-            device,
-            format,
-            voxelize,
-            out_labels,
-            logits,
-            labels,
-            yaml,
-            rerun,
-            spawn,
-        }),
+        Cmd::Segment(args) => cmd_segment(args),
         Cmd::Eval { preds, model, labels, yaml } => cmd_eval(&preds, model, &labels, yaml),
         Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers } => {
             cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json, layers)
@@ -541,19 +473,46 @@ fn default_yaml() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/semantickitti/semantic-kitti.yaml")
 }
 
+#[derive(clap::Args)]
 struct SegmentArgs {
+    /// Scan (.bin, .pcd.bin, .ply, .npy) or voxelized `coords`/`feats` safetensors.
     scan: PathBuf,
+    /// Weights (safetensors with TorchSparse/SPVNAS names).
+    #[arg(long)]
     model: Option<PathBuf>,
+    /// Architecture (default: from the weights' metadata).
+    #[arg(long)]
     arch: Option<String>,
+    /// Width factor (default: from the weights).
+    #[arg(long)]
     cr: Option<f32>,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
     device: String,
+    /// Point format, overriding the file name.
+    #[arg(long)]
     format: Option<String>,
+    /// Voxelization: `mean` (floor, mean features) or `spvnas` (rounded, first point).
+    #[arg(long, default_value = "mean")]
     voxelize: String,
+    /// Write SemanticKITTI `.label` predictions (raw class ids, one u32 per point).
+    #[arg(long)]
     out_labels: Option<PathBuf>,
+    /// Write `coords`, `feats` and `logits` per voxel (safetensors).
+    #[arg(long)]
     logits: Option<PathBuf>,
+    /// Ground-truth `.label` for an IoU report.
+    #[arg(long)]
     labels: Option<PathBuf>,
+    /// The SemanticKITTI yaml (learning map).
+    #[arg(long)]
     yaml: Option<PathBuf>,
+    /// Write a rerun recording: points coloured by class, ground truth and errors (with
+    /// --labels), stage timings. Needs the `rerun` cargo feature.
+    #[arg(long)]
     rerun: Option<PathBuf>,
+    /// Open the recording in the rerun viewer (when `rerun` is on PATH).
+    #[arg(long, requires = "rerun")]
     spawn: bool,
 }
 

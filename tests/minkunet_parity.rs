@@ -65,6 +65,39 @@ fn residual(w: &W, p: &str, x: &Feat) -> Feat {
     y
 }
 
+/// Transposed conv + BN + ReLU onto the skip's coordinates, concat, two residual blocks.
+fn up_stage(w: &W, u: usize, h: &Feat, skip: &Feat) -> Feat {
+    let mut up = conv(w, &format!("up{u}.0.net.0.kernel"), h, &skip.coords, 2, 2, -1, skip.stride);
+    bn(w, &format!("up{u}.0.net.1"), &mut up, true);
+    let c = up.c + skip.c;
+    let mut f = Vec::with_capacity(up.coords.len() * c);
+    for i in 0..up.coords.len() {
+        f.extend_from_slice(&up.f[i * up.c..(i + 1) * up.c]);
+        f.extend_from_slice(&skip.f[i * skip.c..(i + 1) * skip.c]);
+    }
+    let cat = Feat { coords: skip.coords.clone(), stride: skip.stride, f, c };
+    let h = residual(w, &format!("up{u}.1.0"), &cat);
+    residual(w, &format!("up{u}.1.1"), &h)
+}
+
+/// The linear classifier in f64.
+fn classify(w: &W, f: &[f32], n: usize) -> Vec<f32> {
+    let lw = t(w, "classifier.0.weight");
+    let lb = &t(w, "classifier.0.bias").data;
+    let (nc, cin) = (lw.shape[0], lw.shape[1]);
+    let mut out = vec![0f32; n * nc];
+    for i in 0..n {
+        for o in 0..nc {
+            let mut acc = lb[o] as f64;
+            for j in 0..cin {
+                acc += f[i * cin + j] as f64 * lw.data[o * cin + j] as f64;
+            }
+            out[i * nc + o] = acc as f32;
+        }
+    }
+    out
+}
+
 fn reference_forward(w: &W, x0: Feat) -> Vec<f32> {
     let mut h = conv(w, "stem.0.kernel", &x0, &x0.coords, 3, 1, 1, 1);
     bn(w, "stem.1", &mut h, true);
@@ -82,32 +115,9 @@ fn reference_forward(w: &W, x0: Feat) -> Vec<f32> {
     }
     for u in 1..=4 {
         let skip = skips.pop().expect("skip");
-        let mut up = conv(w, &format!("up{u}.0.net.0.kernel"), &h, &skip.coords, 2, 2, -1, skip.stride);
-        bn(w, &format!("up{u}.0.net.1"), &mut up, true);
-        let c = up.c + skip.c;
-        let mut f = Vec::with_capacity(up.coords.len() * c);
-        for i in 0..up.coords.len() {
-            f.extend_from_slice(&up.f[i * up.c..(i + 1) * up.c]);
-            f.extend_from_slice(&skip.f[i * skip.c..(i + 1) * skip.c]);
-        }
-        let cat = Feat { coords: skip.coords.clone(), stride: skip.stride, f, c };
-        h = residual(w, &format!("up{u}.1.0"), &cat);
-        h = residual(w, &format!("up{u}.1.1"), &h);
+        h = up_stage(w, u, &h, &skip);
     }
-    let lw = t(w, "classifier.0.weight");
-    let lb = &t(w, "classifier.0.bias").data;
-    let (nc, cin) = (lw.shape[0], lw.shape[1]);
-    let mut out = vec![0f32; h.coords.len() * nc];
-    for i in 0..h.coords.len() {
-        for o in 0..nc {
-            let mut acc = lb[o] as f64;
-            for j in 0..cin {
-                acc += h.f[i * cin + j] as f64 * lw.data[o * cin + j] as f64;
-            }
-            out[i * nc + o] = acc as f32;
-        }
-    }
-    out
+    classify(w, &h.f, h.coords.len())
 }
 
 /// Voxels of the real scan inside a box in front of the car (negative y included).
@@ -292,36 +302,13 @@ fn spvcnn_reference(w: &W, x0: Feat) -> Vec<f32> {
             h = p2v_ref(&h, &pts, &zf, zc);
         }
         let skip = skips.pop().expect("skip");
-        let mut up = conv(w, &format!("up{u}.0.net.0.kernel"), &h, &skip.coords, 2, 2, -1, skip.stride);
-        bn(w, &format!("up{u}.0.net.1"), &mut up, true);
-        let c = up.c + skip.c;
-        let mut f = Vec::with_capacity(up.coords.len() * c);
-        for i in 0..up.coords.len() {
-            f.extend_from_slice(&up.f[i * up.c..(i + 1) * up.c]);
-            f.extend_from_slice(&skip.f[i * skip.c..(i + 1) * skip.c]);
-        }
-        let cat = Feat { coords: skip.coords.clone(), stride: skip.stride, f, c };
-        h = residual(w, &format!("up{u}.1.0"), &cat);
-        h = residual(w, &format!("up{u}.1.1"), &h);
+        h = up_stage(w, u, &h, &skip);
     }
     let mut f = v2p_ref(&h, &pts);
     for (a, m) in f.iter_mut().zip(mlp_ref(w, 2, &zf, zc)) {
         *a += m;
     }
-    let lw = t(w, "classifier.0.weight");
-    let lb = &t(w, "classifier.0.bias").data;
-    let (nc, cin) = (lw.shape[0], lw.shape[1]);
-    let mut out = vec![0f32; pts.len() * nc];
-    for i in 0..pts.len() {
-        for o in 0..nc {
-            let mut acc = lb[o] as f64;
-            for j in 0..cin {
-                acc += f[i * cin + j] as f64 * lw.data[o * cin + j] as f64;
-            }
-            out[i * nc + o] = acc as f32;
-        }
-    }
-    out
+    classify(w, &f, pts.len())
 }
 
 #[test]

@@ -16,41 +16,8 @@ pub fn gemm_tile(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f3
 /// # Safety
 /// `c` must be valid for writes of `m * n` f32.
 pub unsafe fn gemm_tile_raw(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: *mut f32) {
-    assert!(a.len() >= m * k && b.len() >= k * n, "gemm operand too small");
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        for i in 0..m * n {
-            // SAFETY: the caller guarantees m * n writable elements.
-            unsafe { c.add(i).write(0.0) };
-        }
-        return;
-    }
-    // SAFETY: operands checked above; the caller guarantees the destination.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { gemm_raw(m, k, n, a, b, c, Parallelism::None) }
 }
 
 /// `c[k, n] += a[m, k]ᵀ · b[m, n]`, row-major, single-threaded (weight gradients).
@@ -92,21 +59,34 @@ pub fn gemm_parallel(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut
 }
 
 fn gemm_with(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32], par: Parallelism) {
-    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm operand too small");
+    assert!(c.len() >= m * n, "gemm operand too small");
+    // SAFETY: `c` holds m * n writable elements.
+    unsafe { gemm_raw(m, k, n, a, b, c.as_mut_ptr(), par) }
+}
+
+/// `c = a · b` into `m * n` writable elements at `c`.
+///
+/// # Safety
+/// `c` must be valid for writes of `m * n` f32.
+unsafe fn gemm_raw(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: *mut f32, par: Parallelism) {
+    assert!(a.len() >= m * k && b.len() >= k * n, "gemm operand too small");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        c[..m * n].fill(0.0);
+        for i in 0..m * n {
+            // SAFETY: the caller guarantees m * n writable elements.
+            unsafe { c.add(i).write(0.0) };
+        }
         return;
     }
-    // SAFETY: the slices were checked to hold the row-major operands above.
+    // SAFETY: operands checked above; the caller guarantees the destination.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             n as isize,
             false,
