@@ -197,9 +197,7 @@ impl Engine {
         // Outside the cache closure, so its build time is counted once.
         let down = self.kernel_map(target, spec)?;
         self.cached(key, || {
-            let same = Arc::ptr_eq(&down.out_coords, input)
-                || (down.out_coords.stride() == input.stride() && down.out_coords.coords() == input.coords());
-            if !same {
+            if !same_coords(&down.out_coords, input) {
                 return Err(Error::invalid(
                     "transposed conv",
                     format!(
@@ -274,9 +272,7 @@ impl Engine {
         relu: bool,
     ) -> Result<SparseTensor> {
         if let Some(r) = residual {
-            let same = Arc::ptr_eq(r.coord_set(), &map.out_coords)
-                || (r.stride() == map.out_coords.stride() && r.coords() == map.out_coords.coords());
-            if !same || r.channels() != w.cout {
+            if !same_coords(r.coord_set(), &map.out_coords) || r.channels() != w.cout {
                 return Err(Error::invalid(
                     "residual add",
                     format!(
@@ -361,28 +357,6 @@ impl Engine {
         }
     }
 
-    /// ReLU in place.
-    pub fn relu(&self, x: &mut SparseTensor) {
-        match self.device {
-            Device::Cpu => cpu::elementwise::relu(x.feats_mut()),
-        }
-    }
-
-    /// `a += b` (same coordinates and channels), optionally followed by ReLU.
-    pub fn add(&self, a: &mut SparseTensor, b: &SparseTensor, then_relu: bool) -> Result<()> {
-        same_rows("residual add", a, b)?;
-        if a.channels() != b.channels() {
-            return Err(Error::invalid(
-                "residual add",
-                format!("{} channels + {} channels", a.channels(), b.channels()),
-            ));
-        }
-        match self.device {
-            Device::Cpu => cpu::elementwise::add(a.feats_mut(), b.feats(), then_relu),
-        }
-        Ok(())
-    }
-
     /// Channel concat `[a | b]` of two tensors on the same coordinates.
     pub fn concat(&self, a: &SparseTensor, b: &SparseTensor) -> Result<SparseTensor> {
         same_rows("concat", a, b)?;
@@ -424,9 +398,13 @@ impl Engine {
     }
 }
 
+/// The same coordinate set: the same `Arc`, or equal stride and rows.
+fn same_coords(a: &Arc<CoordSet>, b: &Arc<CoordSet>) -> bool {
+    Arc::ptr_eq(a, b) || (a.stride() == b.stride() && a.coords() == b.coords())
+}
+
 fn same_rows(op: &'static str, a: &SparseTensor, b: &SparseTensor) -> Result<()> {
-    let same = Arc::ptr_eq(a.coord_set(), b.coord_set()) || (a.stride() == b.stride() && a.coords() == b.coords());
-    if !same {
+    if !same_coords(a.coord_set(), b.coord_set()) {
         return Err(Error::invalid(
             op,
             format!("tensors on different coordinates ({} vs {} voxels)", a.len(), b.len()),

@@ -1,27 +1,9 @@
-//! Row-wise CPU ops between convolutions: ReLU, residual add, channel concat, point-wise linear.
+//! Row-wise CPU ops between convolutions: channel concat and point-wise linear (ReLU and the
+//! residual add are fused into the conv epilogue).
 
 use rayon::prelude::*;
 
 use super::gemm::gemm_tile;
-
-const CHUNK: usize = 1 << 14;
-
-/// `x = max(x, 0)` in place.
-pub fn relu(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
-}
-
-/// `a += b` in place (optionally followed by ReLU).
-pub fn add(a: &mut [f32], b: &[f32], then_relu: bool) {
-    a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(|(a, b)| {
-        for (x, y) in a.iter_mut().zip(b) {
-            *x += *y;
-            if then_relu {
-                *x = x.max(0.0);
-            }
-        }
-    });
-}
 
 /// Rows `[a_i | b_i]`: `[N, ca] ++ [N, cb] -> [N, ca + cb]`.
 pub fn concat(a: &[f32], ca: usize, b: &[f32], cb: usize) -> Vec<f32> {
