@@ -228,27 +228,6 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn read_input(path: &Path) -> Result<SparseTensor> {
-    let f = TensorFile::open(path)?;
-    let coords = f.i32("coords", 2)?;
-    let feats = f.f32("feats", 2)?;
-    if coords.shape[1] != 4 {
-        return Err(Error::format(path, format!("tensor `coords` has shape {:?}, expected [N, 4]", coords.shape)));
-    }
-    if feats.shape[0] != coords.shape[0] {
-        return Err(Error::format(
-            path,
-            format!("`coords` has {} rows but `feats` has {}", coords.shape[0], feats.shape[0]),
-        ));
-    }
-    if let Some(i) = feats.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::format(path, format!("tensor `feats` has a NaN or infinite value at index {i}")));
-    }
-    let rows: Vec<[i32; 4]> = coords.data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
-    let set = CoordSet::new(rows, 1).map_err(|e| e.in_file(path))?;
-    SparseTensor::new(Arc::new(set), feats.data, feats.shape[1]).map_err(|e| e.in_file(path))
-}
-
 fn read_weight(path: &Path, spec: KernelSpec, cin: usize) -> Result<ConvWeight> {
     let f = TensorFile::open(path)?;
     let k = f.f32("kernel", 3)?;
@@ -280,7 +259,7 @@ fn read_weight(path: &Path, spec: KernelSpec, cin: usize) -> Result<ConvWeight> 
 
 fn cmd_conv(input: &Path, weight: &Path, k: u32, s: u32, d: u32, engine: Engine, output: &Path) -> Result<()> {
     let spec = KernelSpec::new(k, s, d)?;
-    let x = read_input(input)?;
+    let x = sparseconv::io::tensors::read_voxels(input)?;
     let w = read_weight(weight, spec, x.channels())?;
     let t0 = Instant::now();
     let y = engine.conv(&x, &w, spec)?;

@@ -9,7 +9,7 @@ use crate::coords;
 use crate::device::Engine;
 use crate::error::{Error, Result};
 use crate::io::kitti::NUM_CLASSES;
-use crate::io::tensors::TensorFile;
+use crate::io::tensors::{is_safetensors, read_voxels, TensorFile};
 use crate::io::{read_points, PointFormat};
 use crate::nn::checkpoint::Checkpoint;
 use crate::nn::minkunet::MinkUNet;
@@ -234,27 +234,16 @@ pub fn prepare_points(cloud: &PointCloud, mode: VoxelizeMode) -> Result<Prepared
 
 /// Read a scan (or already-voxelized `coords`/`feats` safetensors) into network input.
 pub fn prepare_file(path: &Path, format: Option<PointFormat>, mode: VoxelizeMode) -> Result<Prepared> {
-    let name = path.to_string_lossy().to_ascii_lowercase();
-    if name.ends_with(".safetensors") {
-        let f = TensorFile::open(path)?;
-        let c = f.i32("coords", 2)?;
-        let x = f.f32("feats", 2)?;
-        if c.shape[1] != 4 || x.shape != [c.shape[0], 4] {
-            return Err(Error::format(
-                path,
-                format!("expected coords [N, 4] and feats [N, 4], got {:?} and {:?}", c.shape, x.shape),
-            ));
+    if is_safetensors(path) {
+        let voxels = read_voxels(path)?;
+        if voxels.channels() != 4 {
+            return Err(Error::format(path, format!("tensor `feats` has {} channels, expected 4", voxels.channels())));
         }
-        if c.shape[0] == 0 {
+        if voxels.is_empty() {
             return Err(Error::format(path, "the input holds no voxels"));
         }
-        if let Some(i) = x.data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::format(path, format!("tensor `feats` has a NaN or infinite value at index {i}")));
-        }
-        let rows: Vec<[i32; 4]> = c.data.chunks_exact(4).map(|r| [r[0], r[1], r[2], r[3]]).collect();
-        let set = CoordSet::new(rows, 1).map_err(|e| e.in_file(path))?;
-        let n = set.len();
-        return Ok(Prepared { voxels: SparseTensor::new(Arc::new(set), x.data, 4)?, inverse: None, points: n });
+        let points = voxels.len();
+        return Ok(Prepared { voxels, inverse: None, points });
     }
     let format = match format {
         Some(f) => f,
@@ -269,7 +258,7 @@ pub fn prepare_file(path: &Path, format: Option<PointFormat>, mode: VoxelizeMode
 
 /// The points of a scan file (x, y, z, ...), or `None` for voxelized safetensors input.
 pub fn points_of(path: &Path, format: Option<PointFormat>) -> Result<Option<PointCloud>> {
-    if path.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors") {
+    if is_safetensors(path) {
         return Ok(None);
     }
     read_points(path, format).map(Some)

@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use super::read_file;
 use crate::error::{Error, Result};
+use crate::tensor::{CoordSet, SparseTensor};
 
 /// A tensor read from a file: shape plus values.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +118,34 @@ impl TensorFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// True when `path` names a safetensors file (voxelized input rather than a point cloud).
+pub fn is_safetensors(path: &Path) -> bool {
+    path.to_string_lossy().to_ascii_lowercase().ends_with(".safetensors")
+}
+
+/// Voxels from a safetensors file: `coords` (I32 `[N, 4]`: batch, x, y, z) and `feats`
+/// (F32 `[N, C]`), validated (shapes, finite features, unique in-range coordinates).
+pub fn read_voxels(path: &Path) -> Result<SparseTensor> {
+    let f = TensorFile::open(path)?;
+    let coords = f.i32("coords", 2)?;
+    let feats = f.f32("feats", 2)?;
+    if coords.shape[1] != 4 {
+        return Err(Error::format(path, format!("tensor `coords` has shape {:?}, expected [N, 4]", coords.shape)));
+    }
+    if feats.shape[0] != coords.shape[0] {
+        return Err(Error::format(
+            path,
+            format!("`coords` has {} rows but `feats` has {}", coords.shape[0], feats.shape[0]),
+        ));
+    }
+    if let Some(i) = feats.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::format(path, format!("tensor `feats` has a NaN or infinite value at index {i}")));
+    }
+    let rows: Vec<[i32; 4]> = coords.data.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect();
+    let set = CoordSet::new(rows, 1).map_err(|e| e.in_file(path))?;
+    SparseTensor::new(Arc::new(set), feats.data, feats.shape[1]).map_err(|e| e.in_file(path))
 }
 
 /// A tensor to write.
