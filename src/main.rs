@@ -512,8 +512,9 @@ fn load_model(model: Option<PathBuf>, arch: Option<&str>, cr: Option<f32>) -> Re
             p
         }
     };
-    let (m, cr) = pipeline::Model::load(&path, arch, cr)?;
-    if TensorFile::open(&path)?.metadata().get("trained").is_some_and(|v| v == "false") {
+    let ck = sparseconv::nn::checkpoint::Checkpoint::load(&path)?;
+    let (m, cr) = pipeline::Model::from_checkpoint(&ck, arch, cr)?;
+    if ck.metadata().get("trained").is_some_and(|v| v == "false") {
         eprintln!(
             "warning: {} holds untrained (randomly initialised) weights: the classes are meaningless",
             path.display()

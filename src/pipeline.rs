@@ -9,7 +9,7 @@ use crate::coords;
 use crate::device::Engine;
 use crate::error::{Error, Result};
 use crate::io::kitti::NUM_CLASSES;
-use crate::io::tensors::{is_safetensors, read_voxels, TensorFile};
+use crate::io::tensors::{is_safetensors, read_voxels};
 use crate::io::{read_points, PointFormat};
 use crate::nn::checkpoint::Checkpoint;
 use crate::nn::minkunet::MinkUNet;
@@ -57,7 +57,12 @@ impl Model {
     /// Load weights; `arch` and `cr` come from the flags, else the file's metadata, else the
     /// tensor shapes. A flag that contradicts the metadata is an error.
     pub fn load(path: &Path, arch: Option<&str>, cr: Option<f32>) -> Result<(Model, f32)> {
-        let ck = Checkpoint::load(path)?;
+        Self::from_checkpoint(&Checkpoint::load(path)?, arch, cr)
+    }
+
+    /// [`Model::load`] from an already-read checkpoint.
+    pub fn from_checkpoint(ck: &Checkpoint, arch: Option<&str>, cr: Option<f32>) -> Result<(Model, f32)> {
+        let path = ck.path();
         let meta = ck.metadata().clone();
         let meta_arch = meta.get("arch").cloned();
         let arch = match (arch, meta_arch.as_deref()) {
@@ -81,7 +86,7 @@ impl Model {
             (Some(a), _) => a,
             (None, Some(m)) => m,
             // TorchSparse checkpoints carry no metadata: the stem width is 32·cr.
-            (None, None) => infer_cr(path)?,
+            (None, None) => infer_cr(ck)?,
         };
         let classes = match meta.get("classes") {
             Some(v) => v
@@ -100,7 +105,7 @@ impl Model {
                 return Err(Error::format(path, format!("model was trained at voxel size {v}, expected {VOXEL_SIZE}")));
             }
         }
-        Ok((Model::load_arch(&arch, &ck, cr, classes)?, cr))
+        Ok((Model::load_arch(&arch, ck, cr, classes)?, cr))
     }
 
     /// Load architecture `arch` from a checkpoint.
@@ -136,17 +141,12 @@ impl Model {
     }
 }
 
-fn infer_cr(path: &Path) -> Result<f32> {
-    let f = TensorFile::open(path)?;
-    let k = f.float_any("stem.0.kernel")?;
-    let c = *k.shape.last().unwrap_or(&0);
-    if k.shape.len() != 3 || c == 0 {
-        return Err(Error::format(
-            path,
-            format!("tensor `stem.0.kernel` has shape {:?}, expected [27, 4, C]", k.shape),
-        ));
+fn infer_cr(ck: &Checkpoint) -> Result<f32> {
+    let shape = ck.shape("stem.0.kernel").unwrap_or(&[]);
+    match shape {
+        &[_, _, c] if c > 0 => Ok(c as f32 / 32.0),
+        _ => Err(Error::format(ck.path(), format!("tensor `stem.0.kernel` has shape {shape:?}, expected [27, 4, C]"))),
     }
-    Ok(c as f32 / 32.0)
 }
 
 /// Per-point model input `[N, 4]`: x, y, z, remission (nuScenes intensity / 255; 0 where the

@@ -70,6 +70,11 @@ impl Checkpoint {
         &self.metadata
     }
 
+    /// Shape of a stored tensor, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
     /// Where the tensors came from.
     pub fn path(&self) -> &Path {
         &self.path
