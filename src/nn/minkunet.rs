@@ -127,6 +127,48 @@ impl MinkUNet {
         Ok(Self { cr, num_classes, stem, stages, ups, classifier })
     }
 
+    /// The stem: two k3 convs with BN and ReLU.
+    pub fn stem(&self, e: &Engine, x: &SparseTensor) -> Result<SparseTensor> {
+        let h = self.stem[0].forward(e, x, None)?;
+        self.stem[1].forward(e, &h, None)
+    }
+
+    /// The four down stages. They start from `first` when given (SPVCNN feeds the stem output
+    /// back through its point branch), else from `stem_out`. Returns the bottleneck and the
+    /// skips in stage order: the stem output, then the outputs of stages 1 to 3.
+    pub fn encode(
+        &self,
+        e: &Engine,
+        stem_out: SparseTensor,
+        first: Option<SparseTensor>,
+    ) -> Result<(SparseTensor, Vec<SparseTensor>)> {
+        let (mut h, mut skip0) = match first {
+            Some(f) => (f, Some(stem_out)),
+            None => (stem_out, None),
+        };
+        let mut skips = Vec::with_capacity(self.stages.len());
+        for st in &self.stages {
+            let d = st.down.forward(e, &h, None)?;
+            let prev = std::mem::replace(&mut h, d);
+            skips.push(skip0.take().unwrap_or(prev));
+            for b in &st.blocks {
+                h = b.forward(e, &h)?;
+            }
+        }
+        Ok((h, skips))
+    }
+
+    /// Up stage `i`: transposed conv onto the skip's coordinates, concat, two residual blocks.
+    pub fn up_stage(&self, e: &Engine, i: usize, h: &SparseTensor, skip: &SparseTensor) -> Result<SparseTensor> {
+        let up = &self.ups[i];
+        let u = up.up.forward(e, h, Some(skip.coord_set()))?;
+        let mut h = e.concat(&u, skip)?;
+        for b in &up.blocks {
+            h = b.forward(e, &h)?;
+        }
+        Ok(h)
+    }
+
     /// Logits `[N, num_classes]` for the voxels of `x` (4 input channels), in `x`'s row order.
     pub fn forward(&self, e: &Engine, x: &SparseTensor) -> Result<Vec<f32>> {
         if x.channels() != IN_CHANNELS {
@@ -138,23 +180,10 @@ impl MinkUNet {
         if x.is_empty() {
             return Ok(Vec::new());
         }
-        let h = self.stem[0].forward(e, x, None)?;
-        let mut h = self.stem[1].forward(e, &h, None)?;
-        let mut skips = vec![];
-        for st in &self.stages {
-            let d = st.down.forward(e, &h, None)?;
-            skips.push(std::mem::replace(&mut h, d));
-            for b in &st.blocks {
-                h = b.forward(e, &h)?;
-            }
-        }
-        for up in &self.ups {
+        let (mut h, mut skips) = self.encode(e, self.stem(e, x)?, None)?;
+        for i in 0..self.ups.len() {
             let skip = skips.pop().ok_or_else(|| Error::invalid("MinkUNet", "unbalanced skips"))?;
-            let u = up.up.forward(e, &h, Some(skip.coord_set()))?;
-            h = e.concat(&u, &skip)?;
-            for b in &up.blocks {
-                h = b.forward(e, &h)?;
-            }
+            h = self.up_stage(e, i, &h, &skip)?;
         }
         self.classifier.forward(e, h.feats())
     }

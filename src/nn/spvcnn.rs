@@ -8,6 +8,7 @@ use super::minkunet::{channels, MinkUNet, IN_CHANNELS};
 use super::points::{initial_voxelize, point_to_voxel, voxel_to_point, PointTensor};
 use crate::device::Engine;
 use crate::error::{Error, Result};
+use crate::tensor::SparseTensor;
 
 /// SPVCNN: the MinkUNet body plus `point_transforms.{0,1,2}` (Linear + BatchNorm1d + ReLU).
 #[derive(Debug, Clone)]
@@ -43,9 +44,14 @@ impl Spvcnn {
         Ok(Self { body, point_transforms })
     }
 
-    fn mlp(&self, e: &Engine, i: usize, z: &PointTensor) -> Result<Vec<f32>> {
-        let mut f = self.point_transforms[i].forward(e, &z.feats)?;
-        f.iter_mut().for_each(|v| *v = v.max(0.0));
+    /// New point features: the voxels interpolated at the points plus point MLP `i` (with ReLU)
+    /// of the previous point features.
+    fn point_update(&self, e: &Engine, i: usize, h: &SparseTensor, z: &PointTensor) -> Result<Vec<f32>> {
+        let mut f = voxel_to_point(h, z)?;
+        let m = self.point_transforms[i].forward(e, &z.feats)?;
+        for (a, m) in f.iter_mut().zip(m) {
+            *a += m.max(0.0);
+        }
         Ok(f)
     }
 
@@ -63,44 +69,22 @@ impl Spvcnn {
         }
         let b = &self.body;
         let (x0, _) = initial_voxelize(z)?;
-        let x0 = b.stem[0].forward(e, &x0, None)?;
-        let x0 = b.stem[1].forward(e, &x0, None)?;
+        let x0 = b.stem(e, &x0)?;
         let z0 = z.with_feats(voxel_to_point(&x0, z)?, x0.channels())?;
-        let mut h = point_to_voxel(&x0, &z0)?;
-        let mut skips = vec![x0];
-        for (si, st) in b.stages.iter().enumerate() {
-            h = st.down.forward(e, &h, None)?;
-            for blk in &st.blocks {
-                h = blk.forward(e, &h)?;
-            }
-            if si < 3 {
-                skips.push(h.clone());
-            }
-        }
+        let first = point_to_voxel(&x0, &z0)?;
+        let (mut h, mut skips) = b.encode(e, x0, Some(first))?;
         // Point branch meets the voxels after the encoder, after up2 and after up4.
         let mut z_cur = z0;
         let mut zi = 0;
-        for (ui, up) in b.ups.iter().enumerate() {
+        for ui in 0..b.ups.len() {
             if ui == 0 || ui == 2 {
-                let mut f = voxel_to_point(&h, &z_cur)?;
-                for (a, m) in f.iter_mut().zip(self.mlp(e, zi, &z_cur)?) {
-                    *a += m;
-                }
-                z_cur = z_cur.with_feats(f, h.channels())?;
+                z_cur = z_cur.with_feats(self.point_update(e, zi, &h, &z_cur)?, h.channels())?;
                 zi += 1;
                 h = point_to_voxel(&h, &z_cur)?;
             }
             let skip = skips.pop().ok_or_else(|| Error::invalid("SPVCNN", "unbalanced skips"))?;
-            let u = up.up.forward(e, &h, Some(skip.coord_set()))?;
-            h = e.concat(&u, &skip)?;
-            for blk in &up.blocks {
-                h = blk.forward(e, &h)?;
-            }
+            h = b.up_stage(e, ui, &h, &skip)?;
         }
-        let mut f = voxel_to_point(&h, &z_cur)?;
-        for (a, m) in f.iter_mut().zip(self.mlp(e, 2, &z_cur)?) {
-            *a += m;
-        }
-        b.classifier.forward(e, &f)
+        b.classifier.forward(e, &self.point_update(e, zi, &h, &z_cur)?)
     }
 }
