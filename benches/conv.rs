@@ -103,12 +103,7 @@ fn main() {
             ),
         );
         row(&format!("{name} output-tiled"), &s_ot, flops, &format!("{:.0}% of dense", 100.0 * s_ot.gflops(flops) / g));
-        let groups = tuned.groups.len();
-        let desc = match (tuned.output_tiled, tuned.params) {
-            (true, _) => "output-tiled".into(),
-            (false, Some(p)) => format!("tol {} max {} -> {groups} groups", p.tolerance, p.max_rows),
-            (false, None) => "ungrouped".into(),
-        };
+        let desc = tuned.label();
         row(
             &format!("{name} tuned"),
             &s_tu,

@@ -317,13 +317,7 @@ impl Engine {
                 pairs: map.total_pairs(),
                 cin: w.cin,
                 cout: w.cout,
-                plan: if plan.output_tiled {
-                    "output-tiled".into()
-                } else if plan.params.is_some() {
-                    format!("grouped ({} groups)", plan.groups.len())
-                } else {
-                    "ungrouped".into()
-                },
+                plan: plan.label(),
                 seconds: t0.elapsed().as_secs_f64(),
             });
         }

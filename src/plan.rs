@@ -122,6 +122,15 @@ impl Plan {
         Plan { groups, params: None, output_tiled: true }
     }
 
+    /// Short description: `ungrouped`, `output-tiled`, or the grouping parameters and group count.
+    pub fn label(&self) -> String {
+        match (self.output_tiled, self.params) {
+            (true, _) => "output-tiled".into(),
+            (false, Some(p)) => format!("tol {} max {} -> {} groups", p.tolerance, p.max_rows, self.groups.len()),
+            (false, None) => "ungrouped".into(),
+        }
+    }
+
     /// Fraction of padded rows over all groups.
     pub fn padding_fraction(&self, map: &KernelMap) -> f64 {
         let padded: usize = self.groups.iter().map(|g| g.padded_rows * g.offsets.len()).sum();
