@@ -15,6 +15,15 @@ pub const TRAINING_PREFIXES: [&str; 3] = ["optim.", "mask.", "rewind."];
 /// State of a random checkpoint: the seed counter and what it has invented.
 type Synth = (u64, BTreeMap<String, Tensor<f32>>);
 
+/// How a random checkpoint invents tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Init {
+    /// He-uniform weights and BatchNorm statistics near identity (exercises every term).
+    Perturbed,
+    /// The start of training: He-uniform kernels, BatchNorm γ = 1, β = 0, mean 0, var 1, biases 0.
+    Fresh,
+}
+
 /// A set of named f32 tensors: read from a safetensors file, or synthesised on demand.
 ///
 /// Layers ask for their tensors by name and shape with [`Checkpoint::take`]; afterwards
@@ -26,7 +35,7 @@ pub struct Checkpoint {
     tensors: BTreeMap<String, Tensor<f32>>,
     metadata: HashMap<String, String>,
     used: Mutex<BTreeSet<String>>,
-    random: Option<Mutex<Synth>>,
+    random: Option<(Init, Mutex<Synth>)>,
 }
 
 impl Checkpoint {
@@ -56,13 +65,43 @@ impl Checkpoint {
     /// A checkpoint that invents every tensor a model asks for: He-scaled kernels and linear
     /// weights, BatchNorm statistics near identity. For tests, benchmarks and shape discovery.
     pub fn random(seed: u64) -> Self {
+        Self::synthetic(Init::Perturbed, seed)
+    }
+
+    /// A checkpoint that invents the initial weights of training (He-uniform kernels and linear
+    /// weights, identity BatchNorm, zero biases).
+    pub fn fresh(seed: u64) -> Self {
+        Self::synthetic(Init::Fresh, seed)
+    }
+
+    fn synthetic(init: Init, seed: u64) -> Self {
         Self {
             path: PathBuf::from("<random>"),
             tensors: BTreeMap::new(),
             metadata: HashMap::new(),
             used: Mutex::new(BTreeSet::new()),
-            random: Some(Mutex::new((seed, BTreeMap::new()))),
+            random: Some((init, Mutex::new((seed, BTreeMap::new())))),
         }
+    }
+
+    /// Tensors already in memory (e.g. the weights of a model being trained), named `label` in
+    /// messages.
+    pub fn from_tensors(
+        label: &str,
+        tensors: BTreeMap<String, Tensor<f32>>,
+        metadata: HashMap<String, String>,
+    ) -> Self {
+        Self { path: PathBuf::from(label), tensors, metadata, used: Mutex::new(BTreeSet::new()), random: None }
+    }
+
+    /// A stored tensor by name (any shape), for training state and masks.
+    pub fn get(&self, name: &str) -> Option<&Tensor<f32>> {
+        self.tensors.get(name)
+    }
+
+    /// Names of the stored tensors.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(|s| s.as_str())
     }
 
     /// The file's `__metadata__`.
@@ -82,11 +121,11 @@ impl Checkpoint {
 
     /// The tensor `name`, which must have exactly `shape`.
     pub fn take(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        if let Some(r) = &self.random {
+        if let Some((init, r)) = &self.random {
             let mut r = r.lock().unwrap_or_else(|e| e.into_inner());
             r.0 += 1;
             let n: usize = shape.iter().product();
-            let data = synth(name, shape, n, r.0);
+            let data = synth(*init, name, shape, n, r.0);
             r.1.insert(name.to_string(), Tensor { shape: shape.to_vec(), data: data.clone() });
             return Ok(data);
         }
@@ -125,7 +164,7 @@ impl Checkpoint {
 
     /// The tensors a random checkpoint has invented so far (to save them).
     pub fn synthesized(&self) -> BTreeMap<String, Tensor<f32>> {
-        self.random.as_ref().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).1.clone()).unwrap_or_default()
+        self.random.as_ref().map(|(_, r)| r.lock().unwrap_or_else(|e| e.into_inner()).1.clone()).unwrap_or_default()
     }
 }
 
@@ -147,7 +186,17 @@ pub fn save(
     write(path, list, Some(metadata))
 }
 
-fn synth(name: &str, shape: &[usize], n: usize, seed: u64) -> Vec<f32> {
+fn synth(init: Init, name: &str, shape: &[usize], n: usize, seed: u64) -> Vec<f32> {
+    let leaf = name.rsplit('.').next().unwrap_or("");
+    match (init, leaf) {
+        (Init::Fresh, "running_var") => vec![1.0; n],
+        (Init::Fresh, "running_mean" | "bias") => vec![0.0; n],
+        (Init::Fresh, "weight") if shape.len() == 1 => vec![1.0; n],
+        _ => synth_perturbed(name, shape, n, seed),
+    }
+}
+
+fn synth_perturbed(name: &str, shape: &[usize], n: usize, seed: u64) -> Vec<f32> {
     let leaf = name.rsplit('.').next().unwrap_or("");
     match leaf {
         "running_var" => pseudo_random(n, seed, 0.25).into_iter().map(|v| 1.0 + v).collect(),

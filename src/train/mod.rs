@@ -2,5 +2,6 @@
 //! (The sparse-conv backward lives with its forward in `cpu::conv` and `Engine::conv_backward`.)
 
 pub mod data;
+pub mod net;
 pub mod ops;
 pub mod optim;

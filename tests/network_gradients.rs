@@ -1,0 +1,166 @@
+//! Whole-network backward of the training-mode MinkUNet (strided, transposed and 1×1 convs,
+//! BatchNorm with batch statistics, ReLU, residual adds, skip concats, classifier, loss) against
+//! f64 finite differences of an independent dense-grid reference of the same network, on a
+//! small random two-scan cloud with negative coordinates.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use sparseconv::bench::pseudo_random;
+use sparseconv::nn::checkpoint::Checkpoint;
+use sparseconv::reference::{dense_conv_f64, downsampled_coords};
+use sparseconv::train::net::TrainNet;
+use sparseconv::train::ops::cross_entropy;
+use sparseconv::{Engine, KernelSpec};
+
+const CLASSES: usize = 5;
+
+type P = HashMap<String, (Vec<usize>, Vec<f64>)>;
+
+struct F {
+    coords: Vec<[i32; 4]>,
+    stride: i32,
+    f: Vec<f64>,
+    c: usize,
+}
+
+fn w<'a>(p: &'a P, n: &str) -> &'a (Vec<usize>, Vec<f64>) {
+    p.get(n).unwrap_or_else(|| panic!("reference needs `{n}`"))
+}
+
+fn conv(p: &P, name: &str, x: &F, outs: &[[i32; 4]], k: u32, s: u32, sign: i32, out_stride: i32) -> F {
+    let (shape, kernel) = w(p, name);
+    let cout = *shape.last().expect("shape");
+    let stride = if sign > 0 { x.stride } else { out_stride };
+    let spec = KernelSpec::new(k, s, 1).expect("spec");
+    let f = dense_conv_f64(&x.coords, &x.f, x.c, outs, kernel, cout, spec, stride, sign, None);
+    F { coords: outs.to_vec(), stride: out_stride, f, c: cout }
+}
+
+/// Training-mode BatchNorm (biased batch variance, eps 1e-5), optional ReLU.
+fn bn(p: &P, pre: &str, x: &mut F, relu: bool) {
+    let (g, b) = (&w(p, &format!("{pre}.weight")).1, &w(p, &format!("{pre}.bias")).1);
+    let n = x.coords.len() as f64;
+    for j in 0..x.c {
+        let m = x.f.iter().skip(j).step_by(x.c).sum::<f64>() / n;
+        let v = x.f.iter().skip(j).step_by(x.c).map(|a| (a - m).powi(2)).sum::<f64>() / n;
+        for r in 0..x.coords.len() {
+            let y = (x.f[r * x.c + j] - m) / (v + 1e-5).sqrt() * g[j] + b[j];
+            x.f[r * x.c + j] = if relu { y.max(0.0) } else { y };
+        }
+    }
+}
+
+fn residual(p: &P, pre: &str, x: &F) -> F {
+    let mut h = conv(p, &format!("{pre}.net.0.kernel"), x, &x.coords, 3, 1, 1, x.stride);
+    bn(p, &format!("{pre}.net.1"), &mut h, true);
+    let mut y = conv(p, &format!("{pre}.net.3.kernel"), &h, &x.coords, 3, 1, 1, x.stride);
+    bn(p, &format!("{pre}.net.4"), &mut y, false);
+    let sc = if p.contains_key(&format!("{pre}.downsample.0.kernel")) {
+        let mut s = conv(p, &format!("{pre}.downsample.0.kernel"), x, &x.coords, 1, 1, 1, x.stride);
+        bn(p, &format!("{pre}.downsample.1"), &mut s, false);
+        s.f
+    } else {
+        x.f.clone()
+    };
+    y.f.iter_mut().zip(&sc).for_each(|(a, b)| *a = (*a + b).max(0.0));
+    y
+}
+
+/// Loss of the f64 reference network: mean cross-entropy over labels != 0 (logit j = class j+1).
+fn reference_loss(p: &P, x0: &F, labels: &[u32]) -> f64 {
+    let mut h = conv(p, "stem.0.kernel", x0, &x0.coords, 3, 1, 1, 1);
+    bn(p, "stem.1", &mut h, true);
+    let mut h2 = conv(p, "stem.3.kernel", &h, &h.coords, 3, 1, 1, 1);
+    bn(p, "stem.4", &mut h2, true);
+    let mut h = h2;
+    let mut skips = Vec::new();
+    for s in 1..=4 {
+        let outs = downsampled_coords(&h.coords, h.stride * 2);
+        let mut d = conv(p, &format!("stage{s}.0.net.0.kernel"), &h, &outs, 2, 2, 1, h.stride * 2);
+        bn(p, &format!("stage{s}.0.net.1"), &mut d, true);
+        skips.push(h);
+        h = residual(p, &format!("stage{s}.1"), &d);
+        h = residual(p, &format!("stage{s}.2"), &h);
+    }
+    for u in 1..=4 {
+        let skip = skips.pop().expect("skip");
+        let mut up = conv(p, &format!("up{u}.0.net.0.kernel"), &h, &skip.coords, 2, 2, -1, skip.stride);
+        bn(p, &format!("up{u}.0.net.1"), &mut up, true);
+        let c = up.c + skip.c;
+        let mut f = Vec::new();
+        for i in 0..skip.coords.len() {
+            f.extend_from_slice(&up.f[i * up.c..(i + 1) * up.c]);
+            f.extend_from_slice(&skip.f[i * skip.c..(i + 1) * skip.c]);
+        }
+        let cat = F { coords: skip.coords.clone(), stride: skip.stride, f, c };
+        h = residual(p, &format!("up{u}.1.0"), &cat);
+        h = residual(p, &format!("up{u}.1.1"), &h);
+    }
+    let (lw, lb) = (&w(p, "classifier.0.weight").1, &w(p, "classifier.0.bias").1);
+    let (mut total, mut count) = (0.0, 0.0);
+    for (r, &l) in labels.iter().enumerate() {
+        if l == 0 {
+            continue;
+        }
+        let z: Vec<f64> =
+            (0..CLASSES).map(|o| lb[o] + (0..h.c).map(|i| h.f[r * h.c + i] * lw[o * h.c + i]).sum::<f64>()).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        total += lse - z[l as usize - 1];
+        count += 1.0;
+    }
+    total / count
+}
+
+#[test]
+fn minkunet_backward_matches_f64_finite_differences() {
+    // Width 1/8 of SPVNAS: channels 4, 4, 8, 16, 32, 32, 16, 12, 12.
+    let ck = Checkpoint::random(11);
+    let mut net = TrainNet::load(&ck, 0.125, CLASSES).unwrap();
+    let x = random_tensor(5, 2, 14, 1, 0.3, 4);
+    let labels: Vec<u32> =
+        pseudo_random(x.len(), 3, 1.0).iter().map(|v| ((v + 1.0) * 3.0) as u32 % (CLASSES as u32 + 1)).collect();
+    assert!(labels.contains(&0), "the ignore label is exercised");
+    let e = Engine::default();
+    let params = net.params.clone();
+    let (logits, tape) = net.forward(&e, x.clone()).unwrap();
+    let (loss, dlogits) = cross_entropy(&logits, CLASSES, &labels, None).unwrap();
+    let grads = net.backward(&e, &tape, &dlogits).unwrap();
+
+    let mut p: P = (0..params.len())
+        .map(|i| {
+            let v = params.values[i].iter().map(|&a| a as f64).collect();
+            (params.name(i).to_string(), (params.shape(i).to_vec(), v))
+        })
+        .collect();
+    let x0 = F { coords: x.coords().to_vec(), stride: 1, f: x.feats().iter().map(|&a| a as f64).collect(), c: 4 };
+    let l0 = reference_loss(&p, &x0, &labels);
+    assert!((l0 - loss).abs() < 1e-4 * l0, "forward: reference loss {l0} vs {loss}");
+
+    let mut bad = Vec::new();
+    let mut checked = 0;
+    for i in (0..params.len()).filter(|&i| params.trainable(i)) {
+        // Directional derivative along a random direction within tensor i.
+        let name = params.name(i).to_string();
+        let dir = pseudo_random(params.values[i].len(), 100 + i as u64, 1.0);
+        let analytic: f64 = grads[i].iter().zip(&dir).map(|(&g, &d)| g as f64 * d as f64).sum();
+        let base = p[&name].1.clone();
+        // Small enough that no ReLU changes side (larger steps do, visibly), large enough for f64.
+        let h = 1e-8;
+        let mut at = |s: f64| {
+            p.get_mut(&name).expect("name").1 = base.iter().zip(&dir).map(|(&a, &d)| a + s * h * d as f64).collect();
+            reference_loss(&p, &x0, &labels)
+        };
+        let numeric = (at(1.0) - at(-1.0)) / (2.0 * h);
+        p.get_mut(&name).expect("name").1 = base;
+        if (analytic - numeric).abs() > 1e-3 * analytic.abs().max(numeric.abs()) + 1e-6 {
+            bad.push(format!("{name}: analytic {analytic} vs finite difference {numeric}"));
+        }
+        checked += 1;
+    }
+    assert!(bad.is_empty(), "{} of {checked} tensors disagree:\n{}", bad.len(), bad.join("\n"));
+    assert!(checked > 100, "every trainable tensor checked ({checked})");
+}
