@@ -346,8 +346,16 @@ impl Engine {
                 }
             }
         };
+        // The input gradient is a conv Cout -> Cin over the transposed map: narrow outputs
+        // favour the output-tiled path as in the forward heuristic.
+        let dx_plan = match self.grouping {
+            Grouping::Heuristic | Grouping::OutputTiled if w.cin <= 64 => Plan::output_tiled(&tmap),
+            _ => Plan::ungrouped(&tmap),
+        };
         match self.device {
-            Device::Cpu => cpu::conv::conv_backward(map, &tmap, x.feats(), w.cin, &w.kernel, w.cout, dy, need_dx),
+            Device::Cpu => {
+                cpu::conv::conv_backward(map, &tmap, &dx_plan, x.feats(), w.cin, &w.kernel, w.cout, dy, need_dx)
+            }
         }
     }
 

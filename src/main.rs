@@ -121,6 +121,47 @@ enum Cmd {
         #[arg(long)]
         layers: bool,
     },
+    /// Segment the bundled SemanticKITTI scan with the bundled model: class counts, IoU against
+    /// the bundled labels, time taken, and a rerun recording (with the `rerun` feature).
+    Demo {
+        /// Where to write the rerun recording.
+        #[arg(long, default_value = "demo.rrd")]
+        rerun: PathBuf,
+    },
+    /// Train a segmentation network (MinkUNet) on labelled scans; writes a resumable checkpoint
+    /// that `segment --model` also loads, a per-step log, and optionally inference weights.
+    Train {
+        /// YAML config (keys: arch, cr, data, eval, epochs, batch, optimizer, lr, momentum,
+        /// weight_decay, warmup, schedule, min_lr, seed, augment, eval_every, save_every,
+        /// rewind_at, l1, l2).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Output folder: checkpoint.safetensors (weights + optimizer state) and log.csv.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue the run saved in this checkpoint (with its stored config unless --config).
+        #[arg(long, conflicts_with = "init")]
+        resume: Option<PathBuf>,
+        /// Start from these weights (and their `mask.*` tensors) instead of a fresh init.
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Training data (overrides the config): SemanticKITTI roots or points_*.npy files.
+        #[arg(long, num_args = 1..)]
+        data: Vec<PathBuf>,
+        /// Epochs (overrides the config).
+        #[arg(long)]
+        epochs: Option<usize>,
+        /// Stop after this many steps of the run (resume later); the schedule still spans the
+        /// whole run.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// At the end, write inference-only weights here.
+        #[arg(long)]
+        export: Option<PathBuf>,
+        /// Write the exported weights in f16.
+        #[arg(long)]
+        half: bool,
+    },
     /// Write randomly initialised (untrained) weights for an architecture: the starting point of
     /// training, and test input for cross-checks against other engines.
     InitWeights {
@@ -207,6 +248,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { preds, model, labels, yaml } => cmd_eval(&preds, model, &labels, yaml),
         Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers } => {
             cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json, layers)
+        }
+        Cmd::Demo { rerun } => cmd_demo(rerun),
+        Cmd::Train { config, out, resume, init, data, epochs, max_steps, export, half } => {
+            cmd_train(config, &out, resume, init, data, epochs, max_steps, export, half)
         }
         Cmd::InitWeights { output, arch, cr, seed } => {
             let ck = sparseconv::nn::checkpoint::Checkpoint::random(seed);
@@ -446,6 +491,36 @@ fn check_device(device: &str) -> Result<Device> {
 
 fn default_model() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/models/minkunet_cr0.5.safetensors")
+}
+
+fn bundled(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn cmd_demo(rerun: PathBuf) -> Result<()> {
+    let with_rerun = cfg!(feature = "rerun");
+    cmd_segment(SegmentArgs {
+        scan: bundled("data/semantickitti/sequences/00/velodyne/000000.bin"),
+        model: None,
+        arch: None,
+        cr: None,
+        device: "cpu".into(),
+        format: None,
+        voxelize: "mean".into(),
+        out_labels: None,
+        logits: None,
+        labels: Some(bundled("data/semantickitti/sequences/00/labels/000000.label")),
+        yaml: None,
+        rerun: with_rerun.then_some(rerun),
+        spawn: false,
+    })?;
+    if !with_rerun {
+        println!("(built without the `rerun` feature: no recording written; `cargo run --release --features rerun -- demo` writes demo.rrd)");
+    }
+    println!(
+        "note: the bundled model was trained on this scan (and two others): the IoU above is training-set accuracy"
+    );
+    Ok(())
 }
 
 fn default_yaml() -> PathBuf {
@@ -819,6 +894,126 @@ fn cmd_bench(
             }
             println!("sum of conv medians: {sum_ms:.1} ms");
         }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cmd_train(
+    config: Option<PathBuf>,
+    out: &Path,
+    resume: Option<PathBuf>,
+    init: Option<PathBuf>,
+    data: Vec<PathBuf>,
+    epochs: Option<usize>,
+    max_steps: Option<usize>,
+    export: Option<PathBuf>,
+    half: bool,
+) -> Result<()> {
+    use sparseconv::train::trainer::{TrainConfig, Trainer};
+    use std::io::Write;
+    let mut cfg = match &config {
+        Some(p) => Some(TrainConfig::load(p)?),
+        None if resume.is_none() => Some(TrainConfig::default()),
+        None => None,
+    };
+    if let Some(c) = cfg.as_mut() {
+        if !data.is_empty() {
+            c.data = data.clone();
+        }
+        if let Some(e) = epochs {
+            c.epochs = e;
+        }
+    }
+    let mut t = match &resume {
+        Some(r) => {
+            let t = Trainer::resume(r, cfg)?;
+            if !data.is_empty() || epochs.is_some() {
+                return Err(Error::invalid("--resume", "change data or epochs in a --config, not with flags"));
+            }
+            t.config.validate()?;
+            t
+        }
+        None => Trainer::new(cfg.unwrap_or_default(), init.as_deref())?,
+    };
+    let (per_epoch, total) = t.steps();
+    let stop = max_steps.map_or(total, |m| (t.step + m).min(total));
+    eprintln!(
+        "training {} cr={} on {} scans: {} steps ({} epochs x {per_epoch}), {} parameters, from step {}",
+        t.config.arch,
+        t.config.cr,
+        t.train_scans(),
+        total,
+        t.config.epochs,
+        t.params().trainable_count(),
+        t.step
+    );
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let log_path = out.join("log.csv");
+    let fresh_log = !log_path.exists() || resume.is_none();
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(!fresh_log)
+        .write(true)
+        .truncate(fresh_log)
+        .open(&log_path)
+        .map_err(|e| Error::io(&log_path, e))?;
+    if fresh_log {
+        writeln!(log, "step,loss,lr,voxels,data_s,forward_s,backward_s,optimizer_s,miou")
+            .map_err(|e| Error::io(&log_path, e))?;
+    }
+    let bar = indicatif::ProgressBar::new(total as u64).with_position(t.step as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut smooth: Option<f64> = None;
+    let mut last_miou = None;
+    let ckpt = out.join("checkpoint.safetensors");
+    while t.step < stop {
+        let mut r = t.train_step()?;
+        let every = |n: usize| n > 0 && t.step % n == 0;
+        if t.step == total || every(t.config.eval_every) {
+            r.miou = Some(t.evaluate()?.0.unwrap_or(0.0));
+            last_miou = r.miou;
+        }
+        if t.step == stop || every(t.config.save_every) {
+            t.save_checkpoint(&ckpt)?;
+        }
+        let step_s: f64 = r.seconds.iter().sum();
+        smooth = Some(smooth.map_or(r.loss, |s| 0.9 * s + 0.1 * r.loss));
+        writeln!(
+            log,
+            "{},{:.6},{:.6e},{},{:.4},{:.4},{:.4},{:.4},{}",
+            r.step,
+            r.loss,
+            r.lr,
+            r.voxels,
+            r.seconds[0],
+            r.seconds[1],
+            r.seconds[2],
+            r.seconds[3],
+            r.miou.map_or(String::new(), |m| format!("{m:.4}"))
+        )
+        .map_err(|e| Error::io(&log_path, e))?;
+        bar.set_position(r.step as u64);
+        bar.set_message(format!(
+            "loss {:.3} lr {:.2e} {:.2} s/step {:.1} scans/s{}",
+            smooth.unwrap_or(r.loss),
+            r.lr,
+            step_s,
+            t.config.batch as f64 / step_s.max(1e-9),
+            last_miou.map_or(String::new(), |m| format!(" mIoU {:.1}%", 100.0 * m))
+        ));
+    }
+    bar.finish();
+    eprintln!("checkpoint: {} (step {} of {total})", ckpt.display(), t.step);
+    if let Some(m) = last_miou {
+        eprintln!("mIoU on the evaluation scans: {:.1}%", 100.0 * m);
+    }
+    if let Some(p) = export {
+        t.export(&p, half)?;
+        eprintln!("inference weights: {}", p.display());
     }
     Ok(())
 }

@@ -361,11 +361,13 @@ pub struct ConvGrads {
     pub db: Vec<f32>,
 }
 
-/// See [`ConvGrads`]. `tmap` must be `map.transposed()`.
+/// See [`ConvGrads`]. `tmap` must be `map.transposed()`; `dx_plan` is the plan of the input
+/// gradient, a conv over `tmap`.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_backward(
     map: &KernelMap,
     tmap: &KernelMap,
+    dx_plan: &Plan,
     x: &[f32],
     cin: usize,
     w: &[f32],
@@ -387,7 +389,7 @@ pub fn conv_backward(
                 }
             }
         }
-        Some(conv_forward(tmap, &Plan::ungrouped(tmap), dy, cout, &wt, cin, None)?)
+        Some(conv_forward(tmap, dx_plan, dy, cout, &wt, cin, None)?)
     } else {
         None
     };

@@ -5,3 +5,4 @@ pub mod data;
 pub mod net;
 pub mod ops;
 pub mod optim;
+pub mod trainer;

@@ -75,6 +75,19 @@ impl ParamState {
     pub fn new(n: usize) -> Self {
         Self { m: vec![0.0; n], v: vec![0.0; n], mask: None }
     }
+
+    /// First and second moments (SGD uses only the first: its momentum buffer).
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restore saved moments (sizes must match, or the state stays as it is).
+    pub fn set_moments(&mut self, m: Vec<f32>, v: Vec<f32>) {
+        if m.len() == self.m.len() && v.len() == self.v.len() {
+            self.m = m;
+            self.v = v;
+        }
+    }
 }
 
 /// One optimizer step on `param` with gradient `grad` at learning rate `lr` (step is 1-based
