@@ -6,16 +6,46 @@ use std::sync::{Arc, Mutex};
 
 use crate::cpu;
 use crate::error::{Error, Result};
+use crate::gpu::GpuContext;
 use crate::kmap::{KernelMap, KernelSpec, MapBuilder, MapKind};
 use crate::plan::{Grouping, GroupingParams, Plan};
 use crate::tensor::{CoordSet, SparseTensor};
 
-/// Where kernels run. The GPU backend (wgpu) adds a variant; models never match on it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Where kernels run; models never match on it (only [`Engine`] does).
+#[derive(Debug, Clone, Default)]
 pub enum Device {
     /// Rayon-parallel CPU kernels on the global thread pool.
     #[default]
     Cpu,
+    /// WGSL kernels through wgpu. Kernel maps (hash queries) and convolutions run on the GPU;
+    /// features stay in host memory between ops (each conv uploads its input and reads back its
+    /// output), and concat / linear / backward run on the CPU.
+    Gpu(Arc<GpuContext>),
+}
+
+impl Device {
+    /// The first GPU adapter (see [`GpuContext::new`]).
+    pub fn gpu() -> Result<Self> {
+        Ok(Device::Gpu(Arc::new(GpuContext::new()?)))
+    }
+
+    /// `cpu`, or the adapter's description.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Gpu(g) => format!("gpu: {}", g.describe()),
+        }
+    }
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Gpu(a), Device::Gpu(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -177,8 +207,9 @@ impl Engine {
     pub fn kernel_map(&self, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<Arc<KernelMap>> {
         let kind = if spec.stride == 1 { MapKind::Submanifold } else { MapKind::Down };
         let key = MapKey { input: input.id(), target: 0, kind, spec };
-        self.cached(key, || match self.device {
+        self.cached(key, || match &self.device {
             Device::Cpu => cpu::build_map(self.builder, input, spec),
+            Device::Gpu(g) => crate::gpu::kmap::build(g, input, spec),
         })
     }
 
@@ -239,8 +270,10 @@ impl Engine {
                     Some(Tuned::Ungrouped) => Plan::ungrouped(map),
                     Some(Tuned::OutputTiled) => Plan::output_tiled(map),
                     None => {
-                        let (plan, _) = match self.device {
+                        let (plan, _) = match &self.device {
                             Device::Cpu => cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?,
+                            // The GPU conv is output-stationary: nothing to tune yet.
+                            Device::Gpu(_) => (Plan::output_tiled(map), 0.0),
                         };
                         self.tuned.lock().unwrap_or_else(|e| e.into_inner()).insert(
                             key,
@@ -305,8 +338,19 @@ impl Engine {
         let plan = self.plan_for(map, x.feats(), w)?;
         let epi = cpu::conv::Epilogue { bias: w.bias.as_deref(), residual: residual.map(|r| r.feats()), relu };
         let t0 = std::time::Instant::now();
-        let out = match self.device {
+        let out = match &self.device {
             Device::Cpu => cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, epi)?,
+            Device::Gpu(g) => crate::gpu::conv::conv_forward(
+                g,
+                map,
+                x.feats(),
+                w.cin,
+                &w.kernel,
+                w.cout,
+                epi.bias,
+                epi.residual,
+                epi.relu,
+            )?,
         };
         if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             trace.push(LayerTrace {
@@ -352,7 +396,10 @@ impl Engine {
             Grouping::Heuristic | Grouping::OutputTiled if w.cin <= 64 => Plan::output_tiled(&tmap),
             _ => Plan::ungrouped(&tmap),
         };
-        match self.device {
+        match &self.device {
+            Device::Gpu(_) => {
+                Err(Error::invalid("conv backward", "training runs on the CPU only (the GPU backward is not built)"))
+            }
             Device::Cpu => {
                 cpu::conv::conv_backward(map, &tmap, &dx_plan, x.feats(), w.cin, &w.kernel, w.cout, dy, need_dx)
             }
@@ -362,8 +409,9 @@ impl Engine {
     /// Channel concat `[a | b]` of two tensors on the same coordinates.
     pub fn concat(&self, a: &SparseTensor, b: &SparseTensor) -> Result<SparseTensor> {
         same_rows("concat", a, b)?;
-        let f = match self.device {
-            Device::Cpu => cpu::elementwise::concat(a.feats(), a.channels(), b.feats(), b.channels()),
+        let f = match &self.device {
+            // Features live in host memory on both backends.
+            Device::Cpu | Device::Gpu(_) => cpu::elementwise::concat(a.feats(), a.channels(), b.feats(), b.channels()),
         };
         SparseTensor::new(a.coord_set().clone(), f, a.channels() + b.channels())
     }
@@ -376,8 +424,8 @@ impl Engine {
                 format!("weight {} values, bias {} for {cin} -> {cout}", w.len(), b.len()),
             ));
         }
-        Ok(match self.device {
-            Device::Cpu => cpu::elementwise::linear(x, cin, w, b, cout),
+        Ok(match &self.device {
+            Device::Cpu | Device::Gpu(_) => cpu::elementwise::linear(x, cin, w, b, cout),
         })
     }
 

@@ -41,6 +41,9 @@ pub enum Error {
         /// The allowed range.
         msg: String,
     },
+    /// No usable GPU adapter (the message says how to get one).
+    #[error("no GPU: {0}")]
+    NoGpu(String),
     /// An operation was asked for with arguments it cannot honour.
     #[error("{op}: {msg}")]
     Invalid {

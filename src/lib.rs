@@ -41,6 +41,7 @@ pub mod coords;
 pub mod cpu;
 pub mod device;
 pub mod error;
+pub mod gpu;
 pub mod io;
 pub mod kmap;
 pub mod metrics;

@@ -71,6 +71,9 @@ enum Cmd {
         /// Offset grouping.
         #[arg(long, value_enum, default_value_t = GroupingArg::Auto)]
         grouping: GroupingArg,
+        /// Device: `cpu`, or `gpu` (wgpu; SPARSECONV_ADAPTER picks the adapter by name).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Output tensors (safetensors): `coords` and `feats`.
         #[arg(long)]
         output: PathBuf,
@@ -194,13 +197,16 @@ enum Cmd {
         /// Offset grouping.
         #[arg(long, value_enum, default_value_t = GroupingArg::Auto)]
         grouping: GroupingArg,
+        /// Device: `cpu` or `gpu`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Timed repetitions (after one warm-up that also tunes the grouping).
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
 }
 
-fn engine(kmap: KmapArg, grouping: GroupingArg) -> Engine {
+fn engine(kmap: KmapArg, grouping: GroupingArg, device: &str) -> Result<Engine> {
     let b = match kmap {
         KmapArg::Hash => MapBuilder::Hash,
         KmapArg::Sort => MapBuilder::Sort,
@@ -209,7 +215,7 @@ fn engine(kmap: KmapArg, grouping: GroupingArg) -> Engine {
         GroupingArg::Auto => Grouping::Auto,
         GroupingArg::Off => Grouping::Off,
     };
-    Engine::new(Device::Cpu, b, g)
+    Ok(Engine::new(check_device(device)?, b, g))
 }
 
 /// `mi_option_purge_delay` in the bundled mimalloc v2 (`mimalloc.h`, enum `mi_option_e`).
@@ -241,8 +247,8 @@ fn run(cli: Cli) -> Result<()> {
             .map_err(|e| Error::invalid("--threads", e.to_string()))?;
     }
     match cli.cmd {
-        Cmd::Conv { input, weight, kernel_size, stride, dilation, kmap, grouping, output } => {
-            cmd_conv(&input, &weight, kernel_size, stride, dilation, engine(kmap, grouping), &output)
+        Cmd::Conv { input, weight, kernel_size, stride, dilation, kmap, grouping, device, output } => {
+            cmd_conv(&input, &weight, kernel_size, stride, dilation, engine(kmap, grouping, &device)?, &output)
         }
         Cmd::Segment(args) => cmd_segment(args),
         Cmd::Eval { preds, model, labels, yaml } => cmd_eval(&preds, model, &labels, yaml),
@@ -266,9 +272,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote untrained {arch} cr={cr} weights to {}", output.display());
             Ok(())
         }
-        Cmd::Stack { scan, format, voxel_size, kmap, grouping, repeat } => {
+        Cmd::Stack { scan, format, voxel_size, kmap, grouping, device, repeat } => {
             let format = format.map(|f| f.parse::<PointFormat>()).transpose()?;
-            cmd_stack(&scan, format, voxel_size, engine(kmap, grouping), repeat)
+            cmd_stack(&scan, format, voxel_size, engine(kmap, grouping, &device)?, repeat)
         }
     }
 }
@@ -484,7 +490,7 @@ fn engine_builder_name(e: &Engine) -> String {
 fn check_device(device: &str) -> Result<Device> {
     match device {
         "cpu" => Ok(Device::Cpu),
-        "gpu" => Err(Error::invalid("--device", "the GPU backend is not built yet (issue 3); use --device cpu")),
+        "gpu" => Device::gpu(),
         other => Err(Error::invalid("--device", format!("expected cpu or gpu, got `{other}`"))),
     }
 }

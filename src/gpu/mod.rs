@@ -1,0 +1,252 @@
+//! The wgpu backend: one [`GpuContext`] (adapter, device, queue, pipeline cache) built once,
+//! stateless host functions per kernel family (`kmap`, `conv`) that only write, dispatch, copy
+//! and map. Runs on Vulkan, Metal and DX12 with no CUDA toolkit; Mesa's lavapipe gives a CPU
+//! Vulkan adapter where no GPU exists (CI).
+
+pub mod conv;
+pub mod kmap;
+pub mod shaders;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use shaders::PipelineKey;
+
+/// Environment variable that picks the adapter: a case-insensitive part of its name.
+pub const ADAPTER_ENV: &str = "SPARSECONV_ADAPTER";
+
+/// Largest workgroup count per dispatch dimension that every adapter supports.
+const MAX_GROUPS: u32 = 65_535;
+
+/// Adapter, device, queue and compiled pipelines; build once and share.
+pub struct GpuContext {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuContext({})", self.describe())
+    }
+}
+
+fn no_adapter(detail: &str) -> Error {
+    Error::NoGpu(format!(
+        "{detail}. sparseconv needs a Vulkan, Metal or DX12 adapter; on Linux without a GPU, Mesa's \
+         software Vulkan driver works (`apt-get install mesa-vulkan-drivers`, lavapipe)"
+    ))
+}
+
+impl GpuContext {
+    /// Pick an adapter (`SPARSECONV_ADAPTER` = part of its name, else the first discrete GPU,
+    /// then integrated, then virtual, then CPU) and open a device with its full limits.
+    pub fn new() -> Result<Self> {
+        Self::with_adapter(std::env::var(ADAPTER_ENV).ok().as_deref())
+    }
+
+    /// Like [`GpuContext::new`] with an explicit adapter name filter.
+    pub fn with_adapter(name: Option<&str>) -> Result<Self> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::PRIMARY,
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
+        let rank = |t: wgpu::DeviceType| match t {
+            wgpu::DeviceType::DiscreteGpu => 0,
+            wgpu::DeviceType::IntegratedGpu => 1,
+            wgpu::DeviceType::VirtualGpu => 2,
+            wgpu::DeviceType::Cpu => 3,
+            wgpu::DeviceType::Other => 4,
+        };
+        let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+        let mut candidates: Vec<wgpu::Adapter> = match name {
+            Some(n) => {
+                let n = n.to_lowercase();
+                adapters.into_iter().filter(|a| a.get_info().name.to_lowercase().contains(&n)).collect()
+            }
+            None => adapters,
+        };
+        candidates.sort_by_key(|a| rank(a.get_info().device_type));
+        let adapter = match (candidates.into_iter().next(), name) {
+            (Some(a), _) => a,
+            (None, Some(n)) => {
+                return Err(no_adapter(&format!(
+                    "no GPU adapter matches {ADAPTER_ENV}=`{n}` (found: {})",
+                    if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                )))
+            }
+            (None, None) => return Err(no_adapter("no GPU adapter found")),
+        };
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("sparseconv"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| no_adapter(&format!("adapter `{}` refused a device: {e}", info.name)))?;
+        Ok(Self { device, queue, info, limits, pipelines: Mutex::new(HashMap::new()) })
+    }
+
+    /// Adapter name, type and backend.
+    pub fn describe(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.device_type, self.info.backend)
+    }
+
+    /// The adapter's limits (the device was opened with all of them).
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// Number of compiled pipelines in the cache.
+    pub fn cached_pipelines(&self) -> usize {
+        self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The pipeline of `key`, compiled on first use.
+    fn pipeline(&self, key: PipelineKey) -> wgpu::ComputePipeline {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .entry(key)
+            .or_insert_with(|| {
+                let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(key.shader.name()),
+                    source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
+                });
+                self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(key.entry),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some(key.entry),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+            })
+            .clone()
+    }
+
+    /// A storage buffer holding `data`.
+    fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        self.check_binding(label, bytes.len() as u64)?;
+        // Zero-sized bindings are invalid: keep at least one element.
+        let contents: Vec<u8> = if bytes.is_empty() { vec![0u8; 16] } else { bytes.to_vec() };
+        Ok(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: &contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        }))
+    }
+
+    /// A zeroed storage buffer of `bytes` bytes.
+    fn zeroed(&self, label: &str, bytes: u64) -> Result<wgpu::Buffer> {
+        self.check_binding(label, bytes)?;
+        Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(16).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        }))
+    }
+
+    fn uniform<T: bytemuck::Pod>(&self, value: &T) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: bytemuck::bytes_of(value),
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    }
+
+    fn check_binding(&self, label: &str, bytes: u64) -> Result<()> {
+        let max = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        if bytes > max {
+            return Err(Error::invalid(
+                "gpu",
+                format!("buffer `{label}` needs {bytes} bytes, over the adapter's binding limit of {max}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Record one dispatch of `key` over `groups` workgroups (x may exceed the per-dimension
+    /// limit: it is folded into y) with `buffers` bound in order at bindings 0, 1, ….
+    fn dispatch(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        key: PipelineKey,
+        bindings: &[(u32, &wgpu::Buffer)],
+        groups: (u32, u32, u32),
+    ) {
+        let pipeline = self.pipeline(key);
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> = bindings
+            .iter()
+            .map(|&(b, buf)| wgpu::BindGroupEntry { binding: b, resource: buf.as_entire_binding() })
+            .collect();
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &layout,
+            entries: &entries,
+        });
+        let mut pass =
+            enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(key.entry), timestamp_writes: None });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+    }
+
+    fn encoder(&self) -> wgpu::CommandEncoder {
+        self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
+    }
+
+    /// Submit `enc` after copying `src` into a readback buffer, wait, and return its contents.
+    fn finish_and_read<T: bytemuck::Pod>(
+        &self,
+        mut enc: wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        let size = bytes.max(16).next_multiple_of(4);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        enc.copy_buffer_to_buffer(src, 0, &staging, 0, size.min(src.size()));
+        self.queue.submit(Some(enc.finish()));
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::invalid("gpu", format!("waiting for the device failed: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::invalid("gpu", "readback never completed"))?
+            .map_err(|e| Error::invalid("gpu", format!("readback failed: {e}")))?;
+        let data = slice.get_mapped_range().map_err(|e| Error::invalid("gpu", format!("readback failed: {e}")))?;
+        let out = bytemuck::cast_slice::<u8, T>(&data[..bytes as usize]).to_vec();
+        drop(data);
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+/// Workgroup grid for `n` workgroups: x up to the per-dimension limit, the rest in y.
+fn grid(n: u32) -> (u32, u32) {
+    if n <= MAX_GROUPS {
+        (n.max(1), 1)
+    } else {
+        (MAX_GROUPS, n.div_ceil(MAX_GROUPS))
+    }
+}

@@ -1,0 +1,91 @@
+//! The WGSL shader registry: one file per kernel family in `shaders/`, embedded at build time,
+//! and the pipeline-cache key (shader, entry point, specialization).
+
+/// A kernel family (one WGSL file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Shader {
+    /// `shaders/kmap_hash.wgsl`: hash-table insert and neighbour queries.
+    KmapHash,
+    /// `shaders/conv.wgsl`: output-stationary implicit-GEMM convolution.
+    Conv,
+}
+
+impl Shader {
+    /// Every shader, for parse checks.
+    pub const ALL: [Shader; 2] = [Shader::KmapHash, Shader::Conv];
+
+    /// File name under `shaders/`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Shader::KmapHash => "kmap_hash.wgsl",
+            Shader::Conv => "conv.wgsl",
+        }
+    }
+
+    /// The WGSL source.
+    pub fn source(self) -> &'static str {
+        match self {
+            Shader::KmapHash => include_str!("../../shaders/kmap_hash.wgsl"),
+            Shader::Conv => include_str!("../../shaders/conv.wgsl"),
+        }
+    }
+
+    /// Entry points the host dispatches.
+    pub fn entries(self) -> &'static [&'static str] {
+        match self {
+            Shader::KmapHash => &["insert", "query"],
+            Shader::Conv => &["main"],
+        }
+    }
+}
+
+/// What identifies a compiled pipeline: shader, entry point and a specialization value
+/// (0 where the kernel has none). Two dispatches share a pipeline exactly when keys are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    /// Kernel family.
+    pub shader: Shader,
+    /// Entry point in the shader.
+    pub entry: &'static str,
+    /// Specialization (e.g. a tile shape); 0 for none.
+    pub variant: u32,
+}
+
+impl PipelineKey {
+    /// Key of `entry` in `shader` without specialization.
+    pub const fn new(shader: Shader, entry: &'static str) -> Self {
+        Self { shader, entry, variant: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shader_parses_and_validates() {
+        for s in Shader::ALL {
+            let module = naga::front::wgsl::parse_str(s.source())
+                .unwrap_or_else(|e| panic!("{}: {}", s.name(), e.emit_to_string(s.source())));
+            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{}: {e:?}", s.name()));
+            for entry in s.entries() {
+                assert!(module.entry_points.iter().any(|ep| ep.name == *entry), "{} lacks `{entry}`", s.name());
+            }
+        }
+    }
+
+    #[test]
+    fn pipeline_keys_distinguish_shader_entry_and_variant() {
+        use std::collections::HashSet;
+        let keys = [
+            PipelineKey::new(Shader::KmapHash, "insert"),
+            PipelineKey::new(Shader::KmapHash, "query"),
+            PipelineKey::new(Shader::Conv, "main"),
+            PipelineKey { variant: 1, ..PipelineKey::new(Shader::Conv, "main") },
+        ];
+        assert_eq!(keys.iter().collect::<HashSet<_>>().len(), keys.len());
+        assert_eq!(PipelineKey::new(Shader::Conv, "main"), keys[2], "same key, same pipeline");
+    }
+}

@@ -1,0 +1,159 @@
+//! GPU kernels against the CPU: kernel maps equal exactly, convs within 1e-4 relative
+//! (max |gpu − cpu| / max |cpu|), bit-identical from run to run; random clouds with negative
+//! coordinates and the real scan. Without an adapter the tests say loudly that they skipped,
+//! and fail when `CI=true` (CI installs lavapipe so an adapter exists).
+
+mod common;
+
+use std::sync::{Arc, OnceLock};
+
+use common::*;
+use sparseconv::bench::pseudo_random;
+use sparseconv::cpu::build_map;
+use sparseconv::gpu::{conv::conv_forward, kmap, GpuContext};
+use sparseconv::{Engine, KernelMap, KernelSpec, MapBuilder, Plan};
+
+fn gpu() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| match GpuContext::new() {
+        Ok(c) => {
+            eprintln!("GPU tests on {}", c.describe());
+            Some(c)
+        }
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but no GPU adapter: {e}");
+            }
+            eprintln!("\n*** SKIPPED: GPU tests need an adapter: {e} ***\n");
+            None
+        }
+    })
+    .as_ref()
+}
+
+fn same_map(label: &str, a: &KernelMap, b: &KernelMap) {
+    assert_eq!(a.offsets, b.offsets, "{label}: offsets");
+    assert_eq!(a.out_coords.coords(), b.out_coords.coords(), "{label}: output coordinates");
+    for k in 0..a.volume() {
+        assert_eq!(a.pairs(k), b.pairs(k), "{label}: offset {k}");
+    }
+}
+
+#[test]
+fn gpu_kernel_maps_equal_cpu_maps() {
+    let Some(ctx) = gpu() else { return };
+    let real = real_scan().tensor;
+    let cases = [
+        ("random k3 sub", random_tensor(1, 2, 20, 1, 0.2, 1), KernelSpec::new(3, 1, 1).unwrap()),
+        ("random k2 s2 down", random_tensor(2, 2, 20, 1, 0.2, 1), KernelSpec::new(2, 2, 1).unwrap()),
+        ("random k3 s2 down", random_tensor(3, 1, 15, 1, 0.3, 1), KernelSpec::new(3, 2, 1).unwrap()),
+        ("random k3 dilation 2", random_tensor(4, 1, 15, 1, 0.3, 1), KernelSpec::new(3, 1, 2).unwrap()),
+        ("real scan k3 sub", real.clone(), KernelSpec::new(3, 1, 1).unwrap()),
+        ("real scan k2 s2 down", real, KernelSpec::new(2, 2, 1).unwrap()),
+    ];
+    for (label, x, spec) in cases {
+        let cpu = build_map(MapBuilder::Hash, x.coord_set(), spec).unwrap();
+        let g = kmap::build(ctx, x.coord_set(), spec).unwrap();
+        same_map(label, &g, &cpu);
+        assert!(cpu.total_pairs() > 0, "{label}: empty map");
+    }
+}
+
+#[test]
+fn gpu_conv_matches_cpu_and_repeats_bit_for_bit() {
+    let Some(ctx) = gpu() else { return };
+    let e = Engine::default();
+    let real = real_scan().tensor;
+    // (label, input coords, spec, transposed, cin, cout, bias, residual, relu)
+    type Case = (&'static str, sparseconv::SparseTensor, KernelSpec, bool, usize, usize, bool, bool, bool);
+    let cases: Vec<Case> = vec![
+        (
+            "random k3 4->16",
+            random_tensor(5, 2, 18, 1, 0.25, 1),
+            KernelSpec::new(3, 1, 1).unwrap(),
+            false,
+            4,
+            16,
+            true,
+            false,
+            true,
+        ),
+        (
+            "random k2s2 down 24->40",
+            random_tensor(6, 2, 18, 1, 0.25, 1),
+            KernelSpec::new(2, 2, 1).unwrap(),
+            false,
+            24,
+            40,
+            false,
+            false,
+            false,
+        ),
+        (
+            "random k2s2 up 40->24",
+            random_tensor(7, 2, 18, 1, 0.25, 1),
+            KernelSpec::new(2, 2, 1).unwrap(),
+            true,
+            40,
+            24,
+            true,
+            true,
+            true,
+        ),
+        (
+            "random k1 70->33",
+            random_tensor(8, 1, 12, 1, 0.3, 1),
+            KernelSpec::new(1, 1, 1).unwrap(),
+            false,
+            70,
+            33,
+            false,
+            true,
+            false,
+        ),
+        ("real scan k3 32->32", real, KernelSpec::new(3, 1, 1).unwrap(), false, 32, 32, true, true, true),
+    ];
+    for (ci, (label, base, spec, transposed, cin, cout, bias, residual, relu)) in cases.into_iter().enumerate() {
+        let map: Arc<KernelMap> = if transposed {
+            let down = e.kernel_map(base.coord_set(), spec).unwrap();
+            e.transposed_map(&down.out_coords, base.coord_set(), spec).unwrap()
+        } else {
+            e.kernel_map(base.coord_set(), spec).unwrap()
+        };
+        let x = pseudo_random(map.n_in() * cin, 10 + ci as u64, 1.0);
+        let w = pseudo_random(spec.volume() * cin * cout, 20 + ci as u64, 0.3);
+        let b = bias.then(|| pseudo_random(cout, 30, 0.5));
+        let r = residual.then(|| pseudo_random(map.n_out() * cout, 40, 1.0));
+        let epi = sparseconv::cpu::conv::Epilogue { bias: b.as_deref(), residual: r.as_deref(), relu };
+        let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &Plan::ungrouped(&map), &x, cin, &w, cout, epi).unwrap();
+        let g1 = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu).unwrap();
+        let err = rel_err(&g1, &cpu);
+        assert!(err < 1e-4, "{label}: relative error {err:e}");
+        let g2 = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu).unwrap();
+        assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: second run differs");
+    }
+}
+
+#[test]
+fn minkunet_on_gpu_matches_cpu() {
+    use sparseconv::nn::checkpoint::Checkpoint;
+    use sparseconv::pipeline::Model;
+    use sparseconv::{Device, Grouping};
+    let Some(_) = gpu() else { return };
+    // A crop of the real scan, negative y included.
+    let vox = real_scan().tensor;
+    let (mut coords, mut feats) = (Vec::new(), Vec::new());
+    for (i, c) in vox.coords().iter().enumerate() {
+        if (60..130).contains(&c[1]) && (-60..40).contains(&c[2]) {
+            coords.push(*c);
+            feats.extend_from_slice(&vox.feats()[i * 4..(i + 1) * 4]);
+        }
+    }
+    let x = sparseconv::SparseTensor::from_parts(coords, feats, 4).unwrap();
+    let model = Model::load_arch("minkunet", &Checkpoint::random(3), 0.5, 19).unwrap();
+    let cpu = model.forward(&Engine::default(), &x).unwrap();
+    let dev = Device::gpu().unwrap();
+    let g = model.forward(&Engine::new(dev, MapBuilder::Hash, Grouping::Heuristic), &x).unwrap();
+    let err = rel_err(&g, &cpu);
+    assert!(err < 1e-3, "MinkUNet logits on the GPU: relative error {err:e}");
+}
