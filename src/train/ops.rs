@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use crate::cpu::gemm::{gemm_at_b_acc, gemm_tile};
 use crate::error::{Error, Result};
 
 /// PyTorch's BatchNorm momentum for the running statistics.
@@ -11,16 +12,15 @@ pub const BN_MOMENTUM: f64 = 0.1;
 const EPS: f64 = 1e-5;
 const ROWS: usize = 2048;
 
-/// Per-channel sums of `f(row)` over rows, in fixed row blocks reduced in order.
-fn channel_sums(n: usize, c: usize, f: impl Fn(usize, usize) -> f64 + Sync) -> Vec<f64> {
+/// Per-channel sums over rows: `f(row, acc)` adds row `row`'s terms into `acc[0..c]`. Fixed
+/// row blocks, reduced in order, so the result does not depend on the thread count.
+fn channel_sums(n: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
     let parts: Vec<Vec<f64>> = (0..n.div_ceil(ROWS))
         .into_par_iter()
         .map(|b| {
             let mut s = vec![0f64; c];
             for r in b * ROWS..((b + 1) * ROWS).min(n) {
-                for (j, v) in s.iter_mut().enumerate() {
-                    *v += f(r, j);
-                }
+                f(r, &mut s);
             }
             s
         })
@@ -57,9 +57,22 @@ pub fn batchnorm_train(
     if n < 2 || gamma.len() != c || beta.len() != c || running_mean.len() != c || running_var.len() != c {
         return Err(Error::invalid("batchnorm", format!("need at least 2 rows and [{c}] parameters, got {n} rows")));
     }
-    let mean: Vec<f64> = channel_sums(n, c, |r, j| x[r * c + j] as f64).into_iter().map(|s| s / n as f64).collect();
-    let var: Vec<f64> =
-        channel_sums(n, c, |r, j| (x[r * c + j] as f64 - mean[j]).powi(2)).into_iter().map(|s| s / n as f64).collect();
+    let mean: Vec<f64> = channel_sums(n, c, |r, s| {
+        for (a, &v) in s.iter_mut().zip(&x[r * c..(r + 1) * c]) {
+            *a += v as f64;
+        }
+    })
+    .into_iter()
+    .map(|s| s / n as f64)
+    .collect();
+    let var: Vec<f64> = channel_sums(n, c, |r, s| {
+        for ((a, &v), m) in s.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
+            *a += (v as f64 - m) * (v as f64 - m);
+        }
+    })
+    .into_iter()
+    .map(|s| s / n as f64)
+    .collect();
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
     let mut xhat = vec![0f32; x.len()];
     let mut y = vec![0f32; x.len()];
@@ -81,8 +94,16 @@ pub fn batchnorm_train(
 /// BatchNorm backward: `(dx, dγ, dβ)`.
 pub fn batchnorm_backward(dy: &[f32], c: usize, gamma: &[f32], cache: &BnCache) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = dy.len().checked_div(c).unwrap_or(0);
-    let sum_dy = channel_sums(n, c, |r, j| dy[r * c + j] as f64);
-    let sum_dy_xhat = channel_sums(n, c, |r, j| dy[r * c + j] as f64 * cache.xhat[r * c + j] as f64);
+    let sum_dy = channel_sums(n, c, |r, s| {
+        for (a, &v) in s.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
+            *a += v as f64;
+        }
+    });
+    let sum_dy_xhat = channel_sums(n, c, |r, s| {
+        for ((a, &v), &h) in s.iter_mut().zip(&dy[r * c..(r + 1) * c]).zip(&cache.xhat[r * c..(r + 1) * c]) {
+            *a += v as f64 * h as f64;
+        }
+    });
     let mut dx = vec![0f32; dy.len()];
     dx.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
         for j in 0..c {
@@ -100,21 +121,41 @@ pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
     y.par_iter().zip(dy.par_iter()).map(|(&y, &d)| if y > 0.0 { d } else { 0.0 }).collect()
 }
 
-/// Linear backward for `y = x·Wᵀ + b` (`W: [out, in]`): `(dx, dW, db)`.
+/// Linear backward for `y = x·Wᵀ + b` (`W: [out, in]`): `(dx, dW, db)`. GEMMs over fixed row
+/// blocks, partial weight gradients reduced in block order (deterministic for any thread count).
 pub fn linear_backward(x: &[f32], cin: usize, w: &[f32], cout: usize, dy: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = dy.len().checked_div(cout).unwrap_or(0);
     let mut dx = vec![0f32; n * cin];
-    dx.par_chunks_mut(cin.max(1)).enumerate().for_each(|(r, row)| {
-        for (i, v) in row.iter_mut().enumerate() {
-            let mut s = 0f64;
-            for o in 0..cout {
-                s += dy[r * cout + o] as f64 * w[o * cin + i] as f64;
-            }
-            *v = s as f32;
-        }
+    if n == 0 || cin == 0 || cout == 0 {
+        return (dx, vec![0.0; cin * cout], vec![0.0; cout]);
+    }
+    // dx = dy · W, block by block.
+    dx.par_chunks_mut(ROWS * cin).zip(dy.par_chunks(ROWS * cout)).for_each(|(d, g)| {
+        gemm_tile(g.len() / cout, cout, cin, g, w, d);
     });
-    let dw = channel_sums(n, cout * cin, |r, k| dy[r * cout + k / cin] as f64 * x[r * cin + k % cin] as f64);
-    let db = channel_sums(n, cout, |r, o| dy[r * cout + o] as f64);
+    // dW = dyᵀ · x and db = Σ dy, partial per block.
+    let parts: Vec<(Vec<f32>, Vec<f64>)> = dy
+        .par_chunks(ROWS * cout)
+        .zip(x.par_chunks(ROWS * cin))
+        .map(|(g, xb)| {
+            let m = g.len() / cout;
+            let mut pw = vec![0f32; cout * cin];
+            gemm_at_b_acc(m, cout, cin, g, xb, &mut pw);
+            let mut pb = vec![0f64; cout];
+            for row in g.chunks_exact(cout) {
+                for (a, &v) in pb.iter_mut().zip(row) {
+                    *a += v as f64;
+                }
+            }
+            (pw, pb)
+        })
+        .collect();
+    let mut dw = vec![0f64; cout * cin];
+    let mut db = vec![0f64; cout];
+    for (pw, pb) in parts {
+        dw.iter_mut().zip(pw).for_each(|(a, v)| *a += v as f64);
+        db.iter_mut().zip(pb).for_each(|(a, v)| *a += v);
+    }
     (dx, dw.iter().map(|&v| v as f32).collect(), db.iter().map(|&v| v as f32).collect())
 }
 
