@@ -128,13 +128,22 @@ fn bad_segment_eval_bench_input_exits_2_with_one_line() {
     let short = tmp("short.label");
     write_label(&short, &[10, 40]).expect("write");
     let scan = s(&repo(SCAN));
+    let bad_cfg = tmp("bad.yaml");
+    std::fs::write(&bad_cfg, "data: [x]\nlr_max: 1\n").expect("write");
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["segment".into(), s(&empty), "--model".into(), s(&w)], "no points"),
         (vec!["segment".into(), s(&nan), "--model".into(), s(&w)], "NaN"),
         (vec!["segment".into(), s(&tmp("nope.bin")), "--model".into(), s(&w)], "nope.bin"),
         (vec!["segment".into(), scan.clone(), "--model".into(), s(&tmp("nope.safetensors"))], "nope.safetensors"),
         (vec!["segment".into(), scan.clone(), "--model".into(), s(&repo(SCAN))], "not a valid safetensors"),
-        (vec!["segment".into(), scan.clone(), "--model".into(), s(&w), "--device".into(), "gpu".into()], "GPU backend"),
+        (vec!["segment".into(), scan.clone(), "--model".into(), s(&w), "--device".into(), "tpu".into()], "cpu or gpu"),
+        (vec!["train".into(), "--out".into(), s(&tmp("run")), "--data".into(), s(&repo(SCAN))], "SemanticKITTI root"),
+        (vec!["train".into(), "--out".into(), s(&tmp("run")), "--config".into(), s(&tmp("none.yaml"))], "none.yaml"),
+        (
+            vec!["train".into(), "--out".into(), s(&tmp("run")), "--config".into(), s(&bad_cfg)],
+            "unknown setting `lr_max`",
+        ),
+        (vec!["train".into(), "--out".into(), s(&tmp("run")), "--resume".into(), s(&w)], "not a training checkpoint"),
         (
             vec!["segment".into(), scan.clone(), "--model".into(), s(&w), "--labels".into(), s(&short)],
             "2 labels for a scan of 124668",
@@ -154,6 +163,21 @@ fn bad_segment_eval_bench_input_exits_2_with_one_line() {
         assert!(err.contains(needle), "{args:?}: stderr `{err}` should mention `{needle}`");
         assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     }
+}
+
+#[test]
+fn gpu_without_a_matching_adapter_is_a_clear_error() {
+    let w = weights(0.25, true);
+    let o = bin()
+        .args(["segment", &s(&repo(SCAN)), "--model", &s(&w), "--device", "gpu"])
+        .env("SPARSECONV_ADAPTER", "no-such-adapter-anywhere")
+        // Mesa prints a warning about this variable when it is unset.
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no GPU") && err.contains("no-such-adapter-anywhere") && err.contains("lavapipe"), "{err}");
 }
 
 #[cfg(not(feature = "rerun"))]
