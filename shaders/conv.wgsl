@@ -36,6 +36,8 @@ struct Params {
 var<workgroup> a_tile: array<f32, 1024>; // TM * TK, row-major [m][k]
 var<workgroup> b_tile: array<f32, 1024>; // TK * TN, row-major [k][n]
 var<workgroup> rows: array<i32, 64>;     // gathered input row per output row of the tile
+var<workgroup> any_row: atomic<u32>;     // does any output of the tile have this neighbour?
+var<workgroup> tile_active: u32;
 
 @compute @workgroup_size(16, 16)
 fn main(
@@ -50,6 +52,10 @@ fn main(
         acc[i] = 0.0;
     }
     for (var k = 0u; k < params.volume; k++) {
+        if (li == 0u) {
+            atomicStore(&any_row, 0u);
+        }
+        workgroupBarrier();
         if (li < TM) {
             let r = row0 + li;
             var src = -1;
@@ -57,8 +63,18 @@ fn main(
                 src = nbr[r * params.volume + k];
             }
             rows[li] = src;
+            if (src >= 0) {
+                atomicOr(&any_row, 1u);
+            }
         }
         workgroupBarrier();
+        if (li == 0u) {
+            tile_active = atomicLoad(&any_row);
+        }
+        // Offsets no output of the tile has contribute nothing: skip their GEMM (uniformly).
+        if (workgroupUniformLoad(&tile_active) == 0u) {
+            continue;
+        }
         for (var c0 = 0u; c0 < params.cin; c0 += TK) {
             // 256 threads load 1024 values of A and of B, four each.
             for (var e = li; e < TM * TK; e += 256u) {
