@@ -157,3 +157,29 @@ fn minkunet_on_gpu_matches_cpu() {
     let err = rel_err(&g, &cpu);
     assert!(err < 1e-3, "MinkUNet logits on the GPU: relative error {err:e}");
 }
+
+#[test]
+fn work_larger_than_one_binding_is_split() {
+    let Some(_) = gpu() else { return };
+    let x = random_tensor(9, 2, 16, 1, 0.3, 1);
+    let spec = KernelSpec::new(3, 1, 1).unwrap();
+    let cpu_map = build_map(MapBuilder::Hash, x.coord_set(), spec).unwrap();
+    // A fresh context that pretends to bind just enough for the coordinates and hash table
+    // (which cannot be split) but not the features or the neighbour table.
+    let limit = 32 * x.len() as u64;
+    let ctx = GpuContext::new().unwrap().with_binding_limit(limit);
+    let map = kmap::build(&ctx, x.coord_set(), spec).unwrap();
+    same_map("split kernel map", &map, &cpu_map);
+    let (cin, cout) = (48, 24);
+    let limit = limit as usize;
+    assert!(map.n_in() * cin * 4 > limit && map.n_out() * 27 * 4 > limit, "the test must force splits");
+    let xf = pseudo_random(map.n_in() * cin, 50, 1.0);
+    let w = pseudo_random(27 * cin * cout, 51, 0.3);
+    let b = pseudo_random(cout, 52, 0.5);
+    let r = pseudo_random(map.n_out() * cout, 53, 1.0);
+    let epi = sparseconv::cpu::conv::Epilogue { bias: Some(&b), residual: Some(&r), relu: true };
+    let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &Plan::ungrouped(&map), &xf, cin, &w, cout, epi).unwrap();
+    let g = conv_forward(&ctx, &map, &xf, cin, &w, cout, Some(&b), Some(&r), true).unwrap();
+    let err = rel_err(&g, &cpu);
+    assert!(err < 1e-4, "split conv: relative error {err:e}");
+}

@@ -41,6 +41,10 @@ pub fn neighbour_table(map: &KernelMap) -> Result<Vec<i32>> {
 }
 
 /// `y = relu?(Σ_k gather_k(x) · W_k + bias + residual)` over `map`, weights `[K, Cin, Cout]`.
+///
+/// Work larger than one storage binding is split: output rows into slices (neighbour table,
+/// residual and output are per row), input channels into slices (the conv is linear in them:
+/// each slice adds onto the previous partial output, bias with the first, ReLU with the last).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_forward(
     ctx: &GpuContext,
@@ -53,14 +57,71 @@ pub fn conv_forward(
     residual: Option<&[f32]>,
     relu: bool,
 ) -> Result<Vec<f32>> {
-    let (n_out, kv) = (map.n_out(), map.volume());
+    let (n_in, n_out, kv) = (map.n_in(), map.n_out(), map.volume());
+    if x.len() != n_in * cin || w.len() != kv * cin * cout || residual.is_some_and(|r| r.len() != n_out * cout) {
+        return Err(Error::invalid("gpu conv", "feature, weight or residual sizes do not match the map"));
+    }
     if n_out == 0 || cout == 0 {
         return Ok(vec![0.0; n_out * cout]);
     }
     let nbr = neighbour_table(map)?;
+    let limit = ctx.binding_limit() as usize / 4;
+    // Rows per slice: neighbour rows (K values) and output rows (Cout values) must fit.
+    let rows = (limit / kv.max(cout).max(1) / TILE_ROWS * TILE_ROWS).max(TILE_ROWS);
+    // Input channels per slice: all input rows of the slice's channels, and its weights.
+    let chans = (limit / n_in.max(kv * cout).max(1)).max(1).min(cin.max(1));
+    if rows.saturating_mul(kv.max(cout)) > limit || chans.saturating_mul(n_in.max(kv * cout)) > limit {
+        return Err(Error::invalid("gpu conv", "a single row or channel exceeds the adapter's binding limit"));
+    }
+    let mut y = vec![0f32; n_out * cout];
+    for r0 in (0..n_out).step_by(rows) {
+        let r1 = (r0 + rows).min(n_out);
+        let mut acc: Option<Vec<f32>> = residual.map(|r| r[r0 * cout..r1 * cout].to_vec());
+        for c0 in (0..cin.max(1)).step_by(chans) {
+            let c1 = (c0 + chans).min(cin);
+            // The channel slice of x and of every offset's weights (whole tensors when unsplit).
+            let sliced: Option<(Vec<f32>, Vec<f32>)> = (c1 - c0 != cin).then(|| {
+                let xs = x.chunks_exact(cin).flat_map(|row| row[c0..c1].iter().copied()).collect();
+                let ws =
+                    (0..kv).flat_map(|k| w[(k * cin + c0) * cout..(k * cin + c1) * cout].iter().copied()).collect();
+                (xs, ws)
+            });
+            let (xv, wv): (&[f32], &[f32]) = match &sliced {
+                Some((xs, ws)) => (xs, ws),
+                None => (x, w),
+            };
+            let last = c1 == cin;
+            let out = dispatch_conv(
+                ctx,
+                &nbr[r0 * kv..r1 * kv],
+                (xv, c1 - c0),
+                (wv, kv, cout),
+                if c0 == 0 { bias } else { None },
+                acc.as_deref(),
+                relu && last,
+            )?;
+            acc = Some(out);
+        }
+        if let Some(a) = acc {
+            y[r0 * cout..r1 * cout].copy_from_slice(&a);
+        }
+    }
+    Ok(y)
+}
+
+/// One dispatch over a neighbour table slice; everything fits a binding.
+fn dispatch_conv(
+    ctx: &GpuContext,
+    nbr: &[i32],
+    (x, cin): (&[f32], usize),
+    (w, kv, cout): (&[f32], usize, usize),
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Result<Vec<f32>> {
+    let n_out = nbr.len() / kv;
     let flags = u32::from(bias.is_some()) | (u32::from(residual.is_some()) << 1) | (u32::from(relu) << 2);
-    let tiles = n_out.div_ceil(TILE_ROWS) as u32;
-    let g = grid(tiles);
+    let g = grid(n_out.div_ceil(TILE_ROWS) as u32);
     let params = Params {
         n_out: n_out as u32,
         cin: cin as u32,
@@ -73,7 +134,7 @@ pub fn conv_forward(
     let p = ctx.uniform(&params);
     let bx = ctx.upload("x", x)?;
     let bw = ctx.upload("weights", w)?;
-    let bn = ctx.upload("neighbours", &nbr)?;
+    let bn = ctx.upload("neighbours", nbr)?;
     let bb = ctx.upload("bias", bias.unwrap_or(&[]))?;
     let br = ctx.upload("residual", residual.unwrap_or(&[]))?;
     let by = ctx.zeroed("y", (n_out * cout) as u64 * 4)?;

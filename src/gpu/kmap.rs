@@ -43,29 +43,37 @@ pub fn neighbours(
     let cap = (2 * n_in).next_power_of_two().max(64);
     let d4: Vec<[i32; 4]> = deltas.iter().map(|d| [0, d[0], d[1], d[2]]).collect();
     let bin = ctx.upload("in_coords", inputs)?;
-    let bout = ctx.upload("out_coords", outputs)?;
     let bdel = ctx.upload("deltas", &d4)?;
     let table = ctx.zeroed("hash table", cap as u64 * 4)?;
-    let nbr = ctx.zeroed("neighbours", (n_out * kv) as u64 * 4)?;
-    let (gi, gq) = (grid((n_in as u32).div_ceil(256)), grid(((n_out * kv) as u32).div_ceil(256)));
-    let params = |row_groups: u32| Params {
-        n_in: n_in as u32,
-        n_out: n_out as u32,
-        volume: kv as u32,
-        mask: cap as u32 - 1,
-        row_threads: row_groups * 256,
-        pad: [0; 3],
-    };
-    let (pi, pq) = (ctx.uniform(&params(gi.0)), ctx.uniform(&params(gq.0)));
-    let mut enc = ctx.encoder();
-    ctx.dispatch(&mut enc, INSERT, &[(0, &pi), (1, &bin), (2, &table)], (gi.0, gi.1, 1));
-    ctx.dispatch(
-        &mut enc,
-        QUERY,
-        &[(0, &pq), (1, &bin), (2, &table), (3, &bout), (4, &bdel), (5, &nbr)],
-        (gq.0, gq.1, 1),
-    );
-    ctx.finish_and_read(enc, &nbr, n_out * kv)
+    // Output rows per query slice, so the slice's coordinates and neighbour rows fit a binding.
+    let limit = ctx.binding_limit() as usize;
+    let rows = (limit / (4 * kv).max(16)).max(1);
+    let mut out = Vec::with_capacity(n_out * kv);
+    for r0 in (0..n_out).step_by(rows) {
+        let r1 = (r0 + rows).min(n_out);
+        let n = r1 - r0;
+        let bout = ctx.upload("out_coords", &outputs[r0..r1])?;
+        let nbr = ctx.zeroed("neighbours", (n * kv) as u64 * 4)?;
+        let (gi, gq) = (grid((n_in as u32).div_ceil(256)), grid(((n * kv) as u32).div_ceil(256)));
+        let params = |row_groups: u32| Params {
+            n_in: n_in as u32,
+            n_out: n as u32,
+            volume: kv as u32,
+            mask: cap as u32 - 1,
+            row_threads: row_groups * 256,
+            pad: [0; 3],
+        };
+        let mut enc = ctx.encoder();
+        if r0 == 0 {
+            let pi = ctx.uniform(&params(gi.0));
+            ctx.dispatch(&mut enc, INSERT, &[(0, &pi), (1, &bin), (2, &table)], (gi.0, gi.1, 1));
+        }
+        let pq = ctx.uniform(&params(gq.0));
+        let binds = [(0, &pq), (1, &bin), (2, &table), (3, &bout), (4, &bdel), (5, &nbr)];
+        ctx.dispatch(&mut enc, QUERY, &binds, (gq.0, gq.1, 1));
+        out.extend(ctx.finish_and_read::<i32>(enc, &nbr, n * kv)?);
+    }
+    Ok(out)
 }
 
 /// Per-offset `(input rows, output rows)` lists from a neighbour table (output-row order).

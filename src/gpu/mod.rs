@@ -27,6 +27,7 @@ pub struct GpuContext {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
+    binding_limit: u64,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
 }
 
@@ -92,7 +93,8 @@ impl GpuContext {
             ..Default::default()
         }))
         .map_err(|e| no_adapter(&format!("adapter `{}` refused a device: {e}", info.name)))?;
-        Ok(Self { device, queue, info, limits, pipelines: Mutex::new(HashMap::new()) })
+        let binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        Ok(Self { device, queue, info, limits, binding_limit, pipelines: Mutex::new(HashMap::new()) })
     }
 
     /// Adapter name, type and backend.
@@ -103,6 +105,18 @@ impl GpuContext {
     /// The adapter's limits (the device was opened with all of them).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// Largest storage binding in bytes; work that needs more is split.
+    pub fn binding_limit(&self) -> u64 {
+        self.binding_limit
+    }
+
+    /// Pretend the adapter binds at most `bytes` per storage buffer (never more than it really
+    /// does), so tests can exercise the splitting of large inputs on any adapter.
+    pub fn with_binding_limit(mut self, bytes: u64) -> Self {
+        self.binding_limit = self.binding_limit.min(bytes.max(256));
+        self
     }
 
     /// Number of compiled pipelines in the cache.
@@ -165,7 +179,7 @@ impl GpuContext {
     }
 
     fn check_binding(&self, label: &str, bytes: u64) -> Result<()> {
-        let max = self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size);
+        let max = self.binding_limit;
         if bytes > max {
             return Err(Error::invalid(
                 "gpu",
