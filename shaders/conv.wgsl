@@ -4,6 +4,9 @@
 // workgroup memory, then multiplies by the offset's weight slice. No atomics, no scatter: every
 // output is written once, its terms summed in a fixed order (offset, then input channel), so
 // results are identical run to run on every backend. Bias, residual add and ReLU are fused.
+// Features and weights are read through `load_x` / `load_w`: f32 storage here; the half-precision
+// variant (the host swaps the marked block) stores pairs of f16 packed in u32 words, read with
+// core `unpack2x16float`, so it needs no SHADER_F16 feature. Accumulation is always f32.
 
 const TM: u32 = 64u;
 const TN: u32 = 64u;
@@ -26,8 +29,12 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
+// BEGIN STORAGE
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> w: array<f32>;
+fn load_x(i: u32) -> f32 { return x[i]; }
+fn load_w(i: u32) -> f32 { return w[i]; }
+// END STORAGE
 @group(0) @binding(3) var<storage, read> nbr: array<i32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read> residual: array<f32>;
@@ -83,7 +90,7 @@ fn main(
                 let src = rows[m];
                 var v = 0.0;
                 if (src >= 0 && c < params.cin) {
-                    v = x[u32(src) * params.cin + c];
+                    v = load_x(u32(src) * params.cin + c);
                 }
                 a_tile[e] = v;
             }
@@ -92,7 +99,7 @@ fn main(
                 let n = col0 + e % TN;
                 var v = 0.0;
                 if (c < params.cin && n < params.cout) {
-                    v = w[(k * params.cin + c) * params.cout + n];
+                    v = load_w((k * params.cin + c) * params.cout + n);
                 }
                 b_tile[e] = v;
             }

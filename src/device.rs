@@ -101,6 +101,7 @@ pub struct Engine {
     map_secs: Mutex<f64>,
     trace: Mutex<Option<Vec<LayerTrace>>>,
     tmaps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
+    precision: crate::gpu::conv::Precision,
 }
 
 /// Timing of one conv call, recorded while tracing is on.
@@ -148,6 +149,12 @@ impl Engine {
     /// An engine on `device` building maps with `builder` and grouping offsets per `grouping`.
     pub fn new(device: Device, builder: MapBuilder, grouping: Grouping) -> Self {
         Self { device, builder, grouping, ..Default::default() }
+    }
+
+    /// Use `precision` for GPU convs (the CPU always computes in f32).
+    pub fn with_precision(mut self, precision: crate::gpu::conv::Precision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// The kernel-map builder.
@@ -350,6 +357,7 @@ impl Engine {
                 epi.bias,
                 epi.residual,
                 epi.relu,
+                self.precision,
             )?,
         };
         if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {

@@ -10,7 +10,8 @@ use std::sync::{Arc, OnceLock};
 use common::*;
 use sparseconv::bench::pseudo_random;
 use sparseconv::cpu::build_map;
-use sparseconv::gpu::{conv::conv_forward, kmap, GpuContext};
+use sparseconv::gpu::conv::{conv_forward, Precision};
+use sparseconv::gpu::{kmap, GpuContext};
 use sparseconv::{Engine, KernelMap, KernelSpec, MapBuilder, Plan};
 
 fn gpu() -> Option<&'static GpuContext> {
@@ -126,11 +127,15 @@ fn gpu_conv_matches_cpu_and_repeats_bit_for_bit() {
         let r = residual.then(|| pseudo_random(map.n_out() * cout, 40, 1.0));
         let epi = sparseconv::cpu::conv::Epilogue { bias: b.as_deref(), residual: r.as_deref(), relu };
         let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &Plan::ungrouped(&map), &x, cin, &w, cout, epi).unwrap();
-        let g1 = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu).unwrap();
+        let g1 = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu, Precision::F32).unwrap();
         let err = rel_err(&g1, &cpu);
         assert!(err < 1e-4, "{label}: relative error {err:e}");
-        let g2 = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu).unwrap();
+        let g2 = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu, Precision::F32).unwrap();
         assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: second run differs");
+        let h = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu, Precision::F16).unwrap();
+        let err = rel_err(&h, &cpu);
+        assert!(err < 5e-3, "{label} f16: relative error {err:e} over the stated bound 5e-3");
+        assert!(err > 0.0, "{label} f16: identical to f32, so the f16 path did not run");
     }
 }
 
@@ -179,7 +184,7 @@ fn work_larger_than_one_binding_is_split() {
     let r = pseudo_random(map.n_out() * cout, 53, 1.0);
     let epi = sparseconv::cpu::conv::Epilogue { bias: Some(&b), residual: Some(&r), relu: true };
     let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &Plan::ungrouped(&map), &xf, cin, &w, cout, epi).unwrap();
-    let g = conv_forward(&ctx, &map, &xf, cin, &w, cout, Some(&b), Some(&r), true).unwrap();
+    let g = conv_forward(&ctx, &map, &xf, cin, &w, cout, Some(&b), Some(&r), true, Precision::F32).unwrap();
     let err = rel_err(&g, &cpu);
     assert!(err < 1e-4, "split conv: relative error {err:e}");
 }

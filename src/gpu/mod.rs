@@ -86,6 +86,7 @@ impl GpuContext {
         };
         let info = adapter.get_info();
         let limits = adapter.limits();
+
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("sparseconv"),
             required_features: wgpu::Features::empty(),
@@ -132,7 +133,7 @@ impl GpuContext {
             .or_insert_with(|| {
                 let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(key.shader.name()),
-                    source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
+                    source: wgpu::ShaderSource::Wgsl(key.shader.source_variant(key.variant)),
                 });
                 self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(key.entry),

@@ -30,6 +30,21 @@ impl Shader {
         }
     }
 
+    /// The source of a specialization: `variant` [`F16`] stores the conv's features and
+    /// weights as f16 pairs packed in u32 words (core WGSL, no SHADER_F16 needed).
+    pub fn source_variant(self, variant: u32) -> std::borrow::Cow<'static, str> {
+        const PACKED: &str = "@group(0) @binding(1) var<storage, read> x: array<u32>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+fn load_x(i: u32) -> f32 { let p = unpack2x16float(x[i >> 1u]); return select(p.x, p.y, (i & 1u) == 1u); }
+fn load_w(i: u32) -> f32 { let p = unpack2x16float(w[i >> 1u]); return select(p.x, p.y, (i & 1u) == 1u); }
+";
+        let src = self.source();
+        match (self, variant, src.find("// BEGIN STORAGE\n"), src.find("// END STORAGE")) {
+            (Shader::Conv, F16, Some(a), Some(b)) => format!("{}{PACKED}{}", &src[..a], &src[b..]).into(),
+            _ => src.into(),
+        }
+    }
+
     /// Entry points the host dispatches.
     pub fn entries(self) -> &'static [&'static str] {
         match self {
@@ -38,6 +53,9 @@ impl Shader {
         }
     }
 }
+
+/// Specialization: half-precision storage (f32 accumulation).
+pub const F16: u32 = 1;
 
 /// What identifies a compiled pipeline: shader, entry point and a specialization value
 /// (0 where the kernel has none). Two dispatches share a pipeline exactly when keys are equal.
@@ -64,9 +82,11 @@ mod tests {
 
     #[test]
     fn every_shader_parses_and_validates() {
-        for s in Shader::ALL {
-            let module = naga::front::wgsl::parse_str(s.source())
-                .unwrap_or_else(|e| panic!("{}: {}", s.name(), e.emit_to_string(s.source())));
+        for (s, variant) in Shader::ALL.iter().map(|&s| (s, 0)).chain([(Shader::Conv, F16)]) {
+            let src = s.source_variant(variant);
+            assert!(variant == 0 || src != s.source(), "variant {variant} of {} changes the source", s.name());
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{} variant {variant}: {}", s.name(), e.emit_to_string(&src)));
             naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
                 .validate(&module)
                 .unwrap_or_else(|e| panic!("{}: {e:?}", s.name()));
