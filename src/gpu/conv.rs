@@ -177,3 +177,13 @@ fn dispatch_conv(
     );
     ctx.finish_and_read(enc, &by, n_out * cout)
 }
+
+/// A dense GEMM `a [m, k] · b [k, n]` through the same kernel (one offset, every row its own
+/// neighbour): the baseline the sparse layers are compared with in `benches/gpu.rs`.
+pub fn dense_gemm(ctx: &GpuContext, a: &[f32], m: usize, k: usize, b: &[f32], n: usize) -> Result<Vec<f32>> {
+    if a.len() != m * k || b.len() != k * n {
+        return Err(Error::invalid("gpu gemm", "operand sizes do not match"));
+    }
+    let rows: Vec<i32> = (0..m as i32).collect();
+    dispatch_conv(ctx, &rows, (a, k), (b, 1, n), None, None, false, Precision::F32)
+}
