@@ -91,7 +91,12 @@ fn main() {
             dense_gemm(&ctx, &a, m, cin, &b, cout).expect("gemm");
         });
         row(&format!("{name} cpu"), &c, Some(flops), "");
-        row(&format!("{name} gpu f32"), &gpu[0], Some(flops), &format!("{:.0}% of dense", 100.0 * d.median / gpu[0].median));
+        row(
+            &format!("{name} gpu f32"),
+            &gpu[0],
+            Some(flops),
+            &format!("{:.0}% of dense", 100.0 * d.median / gpu[0].median),
+        );
         row(&format!("{name} gpu f16"), &gpu[1], Some(flops), "");
         row(&format!("{name} gpu dense gemm {m}x{cin}x{cout}"), &d, Some(flops), "");
     }

@@ -195,3 +195,23 @@ fn bench_reports_throughput_as_json() {
     assert_eq!(code, 0, "{err}");
     assert!(out.trim().starts_with('{') && out.contains("\"scans_per_s\"") && out.contains("\"kernel_maps\""), "{out}");
 }
+
+/// The README's first command: the bundled model on the bundled scan gets the big classes right
+/// (it was trained on this scan: this checks the pipeline and the shipped weights, not
+/// generalization).
+#[test]
+fn demo_segments_the_bundled_scan_with_the_bundled_model() {
+    let (code, out, err) = run(&["demo", "--rerun", &s(&tmp("demo.rrd"))]);
+    assert_eq!(code, 0, "{err}");
+    let iou = |class: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.split_whitespace().count() == 2 && l.starts_with(class) && l.trim_end().ends_with('%'))
+            .unwrap_or_else(|| panic!("no IoU line for {class} in:\n{out}"));
+        line.split_whitespace().last().and_then(|v| v.trim_end_matches('%').parse().ok()).expect("IoU value")
+    };
+    for class in ["road", "car", "building", "vegetation"] {
+        assert!(iou(class) > 60.0, "{class} IoU {} in:\n{out}", iou(class));
+    }
+    assert!(out.contains("mIoU"), "{out}");
+}

@@ -139,3 +139,24 @@ fn config_errors_name_the_setting() {
     let again = TrainConfig::from_yaml(&c.to_yaml(), &origin).unwrap();
     assert_eq!(again, c, "config survives the YAML round trip stored in checkpoints");
 }
+
+#[test]
+fn a_training_step_gives_the_same_bits_on_any_thread_count() {
+    let cfg = TrainConfig {
+        cr: 0.125,
+        data: vec![repo("data/open3dml/points_000700.npy")],
+        epochs: 2,
+        ..TrainConfig::default()
+    };
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut t = Trainer::new(cfg.clone(), None).unwrap();
+            t.train_step().unwrap();
+            t.train_step().unwrap();
+            t.params().values.clone()
+        })
+    };
+    let one = run(1);
+    assert!(one == run(3), "1 and 3 threads disagree after two steps");
+}

@@ -393,23 +393,46 @@ pub fn conv_backward(
     } else {
         None
     };
+    // dW_k = Σ x[in]ᵀ · dy[out] over offset k's pairs, in fixed chunks of pairs (so small
+    // kernels, e.g. 1×1 shortcuts, still use every thread), partial sums added in chunk order:
+    // the same bits for any thread count.
+    const CHUNK: usize = 16_384;
     let t = tile_rows(cin, cout);
-    let dw: Vec<f32> = (0..kv)
-        .into_par_iter()
-        .flat_map_iter(|k| {
+    let tasks: Vec<(usize, usize)> =
+        (0..kv).flat_map(|k| (0..map.size(k)).step_by(CHUNK).map(move |start| (k, start))).collect();
+    let partials: Vec<(usize, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(k, start)| {
             let (ins, outs) = map.pairs(k);
+            let end = (start + CHUNK).min(ins.len());
             let mut acc = vec![0f32; cin * cout];
+            if map.identity == Some(k) {
+                // Pairs (r, r) for every row: the rows are contiguous, no gather needed.
+                gemm_at_b_acc(
+                    end - start,
+                    cin,
+                    cout,
+                    &x[start * cin..end * cin],
+                    &dy[start * cout..end * cout],
+                    &mut acc,
+                );
+                return (k, acc);
+            }
             let mut a = vec![0f32; t * cin];
             let mut b = vec![0f32; t * cout];
-            for (ic, oc) in ins.chunks(t).zip(outs.chunks(t)) {
+            for (ic, oc) in ins[start..end].chunks(t).zip(outs[start..end].chunks(t)) {
                 gather(x, cin, ic, &mut a);
                 gather(dy, cout, oc, &mut b);
                 // acc += aᵀ · b (zero padding rows add nothing).
                 gemm_at_b_acc(t, cin, cout, &a, &b, &mut acc);
             }
-            acc
+            (k, acc)
         })
         .collect();
+    let mut dw = vec![0f32; kv * cin * cout];
+    for (k, acc) in partials {
+        add_row(&mut dw[k * cin * cout..(k + 1) * cin * cout], &acc);
+    }
     const BLOCK: usize = 4096;
     let partial: Vec<Vec<f32>> = dy
         .par_chunks(BLOCK * cout.max(1))

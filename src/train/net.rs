@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::ops::{batchnorm_backward, batchnorm_train, linear_backward, relu_backward, BnCache};
+use super::ops::{batchnorm_backward, batchnorm_train_fused, linear_backward, relu_backward, BnCache};
 use crate::device::{ConvWeight, Engine};
 use crate::error::{Error, Result};
 use crate::io::tensors::Tensor;
@@ -185,18 +185,19 @@ impl ConvBn {
         let (gamma, beta) = (p.values[self.gamma].clone(), p.values[self.beta].clone());
         let mut mean = std::mem::take(&mut p.values[self.mean]);
         let mut var = std::mem::take(&mut p.values[self.var]);
-        let bn = batchnorm_train(z.feats(), self.cout, &gamma, &beta, &mut mean, &mut var);
+        let bn = batchnorm_train_fused(
+            z.feats(),
+            self.cout,
+            &gamma,
+            &beta,
+            &mut mean,
+            &mut var,
+            residual.map(|r| r.feats()),
+            self.relu,
+        );
         p.values[self.mean] = mean;
         p.values[self.var] = var;
-        let (mut y, bn) = bn?;
-        if let Some(r) = residual {
-            add_into(&mut y, r.feats());
-        }
-        if self.relu {
-            for v in &mut y {
-                *v = v.max(0.0);
-            }
-        }
+        let (y, bn) = bn?;
         let y = Arc::new(SparseTensor::new(map.out_coords.clone(), y, self.cout)?);
         let tape = ConvBnTape { x: x.clone(), map, bn, y: self.relu.then(|| y.clone()) };
         Ok((y, tape))

@@ -53,34 +53,53 @@ pub fn batchnorm_train(
     running_mean: &mut [f32],
     running_var: &mut [f32],
 ) -> Result<(Vec<f32>, BnCache)> {
+    batchnorm_train_fused(x, c, gamma, beta, running_mean, running_var, None, false)
+}
+
+/// [`batchnorm_train`] followed by `+ residual` and ReLU in the same pass over the rows (one
+/// pass for the statistics, one for the output).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_train_fused(
+    x: &[f32],
+    c: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Result<(Vec<f32>, BnCache)> {
     let n = x.len().checked_div(c).unwrap_or(0);
     if n < 2 || gamma.len() != c || beta.len() != c || running_mean.len() != c || running_var.len() != c {
         return Err(Error::invalid("batchnorm", format!("need at least 2 rows and [{c}] parameters, got {n} rows")));
     }
-    let mean: Vec<f64> = channel_sums(n, c, |r, s| {
-        for (a, &v) in s.iter_mut().zip(&x[r * c..(r + 1) * c]) {
-            *a += v as f64;
+    if residual.is_some_and(|r| r.len() != x.len()) {
+        return Err(Error::invalid("batchnorm", "residual has another shape"));
+    }
+    // Sum and sum of squares in one pass (f64: no cancellation at these magnitudes).
+    let s = channel_sums(n, 2 * c, |r, s| {
+        let (s1, s2) = s.split_at_mut(c);
+        for ((a, b), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(&x[r * c..(r + 1) * c]) {
+            let v = v as f64;
+            *a += v;
+            *b += v * v;
         }
-    })
-    .into_iter()
-    .map(|s| s / n as f64)
-    .collect();
-    let var: Vec<f64> = channel_sums(n, c, |r, s| {
-        for ((a, &v), m) in s.iter_mut().zip(&x[r * c..(r + 1) * c]).zip(&mean) {
-            *a += (v as f64 - m) * (v as f64 - m);
-        }
-    })
-    .into_iter()
-    .map(|s| s / n as f64)
-    .collect();
+    });
+    let mean: Vec<f64> = s[..c].iter().map(|v| v / n as f64).collect();
+    let var: Vec<f64> = s[c..].iter().zip(&mean).map(|(q, m)| (q / n as f64 - m * m).max(0.0)).collect();
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
     let mut xhat = vec![0f32; x.len()];
     let mut y = vec![0f32; x.len()];
-    xhat.par_chunks_mut(c).zip(y.par_chunks_mut(c)).zip(x.par_chunks(c)).for_each(|((h, yr), xr)| {
+    xhat.par_chunks_mut(c).zip(y.par_chunks_mut(c)).enumerate().for_each(|(r, (h, yr))| {
+        let xr = &x[r * c..(r + 1) * c];
         for j in 0..c {
             let v = (xr[j] as f64 - mean[j]) * inv_std[j];
             h[j] = v as f32;
-            yr[j] = (gamma[j] as f64 * v + beta[j] as f64) as f32;
+            let mut o = (gamma[j] as f64 * v + beta[j] as f64) as f32;
+            if let Some(res) = residual {
+                o += res[r * c + j];
+            }
+            yr[j] = if relu { o.max(0.0) } else { o };
         }
     });
     for j in 0..c {
@@ -94,16 +113,16 @@ pub fn batchnorm_train(
 /// BatchNorm backward: `(dx, dγ, dβ)`.
 pub fn batchnorm_backward(dy: &[f32], c: usize, gamma: &[f32], cache: &BnCache) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = dy.len().checked_div(c).unwrap_or(0);
-    let sum_dy = channel_sums(n, c, |r, s| {
-        for (a, &v) in s.iter_mut().zip(&dy[r * c..(r + 1) * c]) {
+    // Σ dy and Σ dy·x̂ in one pass.
+    let s = channel_sums(n, 2 * c, |r, s| {
+        let (s1, s2) = s.split_at_mut(c);
+        let (d, h) = (&dy[r * c..(r + 1) * c], &cache.xhat[r * c..(r + 1) * c]);
+        for (((a, b), &v), &x) in s1.iter_mut().zip(s2.iter_mut()).zip(d).zip(h) {
             *a += v as f64;
+            *b += v as f64 * x as f64;
         }
     });
-    let sum_dy_xhat = channel_sums(n, c, |r, s| {
-        for ((a, &v), &h) in s.iter_mut().zip(&dy[r * c..(r + 1) * c]).zip(&cache.xhat[r * c..(r + 1) * c]) {
-            *a += v as f64 * h as f64;
-        }
-    });
+    let (sum_dy, sum_dy_xhat) = s.split_at(c);
     let mut dx = vec![0f32; dy.len()];
     dx.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
         for j in 0..c {
