@@ -134,6 +134,8 @@ struct ConvBnTape {
     bn: BnCache,
     /// Output after ReLU (for the ReLU backward).
     y: Option<Arc<SparseTensor>>,
+    /// Whether a residual was added before the ReLU.
+    residual: bool,
 }
 
 impl ConvBn {
@@ -186,7 +188,7 @@ impl ConvBn {
         let mut mean = std::mem::take(&mut p.values[self.mean]);
         let mut var = std::mem::take(&mut p.values[self.var]);
         let bn = batchnorm_train_fused(
-            z.feats(),
+            z.into_feats(),
             self.cout,
             &gamma,
             &beta,
@@ -199,11 +201,12 @@ impl ConvBn {
         p.values[self.var] = var;
         let (y, bn) = bn?;
         let y = Arc::new(SparseTensor::new(map.out_coords.clone(), y, self.cout)?);
-        let tape = ConvBnTape { x: x.clone(), map, bn, y: self.relu.then(|| y.clone()) };
+        let tape = ConvBnTape { x: x.clone(), map, bn, y: self.relu.then(|| y.clone()), residual: residual.is_some() };
         Ok((y, tape))
     }
 
-    /// Returns the input gradient (when asked) and the gradient at the residual (pre-ReLU sum).
+    /// Returns the input gradient (when asked) and the gradient at the residual (pre-ReLU sum;
+    /// empty when no residual was added).
     fn backward(
         &self,
         p: &Params,
@@ -213,11 +216,23 @@ impl ConvBn {
         dy: Vec<f32>,
         need_dx: bool,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
-        let d = match &t.y {
-            Some(y) => relu_backward(y.feats(), &dy),
-            None => dy,
+        // The gradient at the residual (pre-ReLU sum) is materialized only where a residual
+        // was added; elsewhere the ReLU mask is applied inside the BatchNorm backward.
+        let (d, dz, dgamma, dbeta) = match (&t.y, t.residual) {
+            (Some(y), true) => {
+                let d = relu_backward(y.feats(), &dy);
+                let (dz, dg, db) = batchnorm_backward(&d, self.cout, &p.values[self.gamma], &t.bn, None);
+                (d, dz, dg, db)
+            }
+            (Some(y), false) => {
+                let (dz, dg, db) = batchnorm_backward(&dy, self.cout, &p.values[self.gamma], &t.bn, Some(y.feats()));
+                (Vec::new(), dz, dg, db)
+            }
+            (None, _) => {
+                let (dz, dg, db) = batchnorm_backward(&dy, self.cout, &p.values[self.gamma], &t.bn, None);
+                (dy, dz, dg, db)
+            }
         };
-        let (dz, dgamma, dbeta) = batchnorm_backward(&d, self.cout, &p.values[self.gamma], &t.bn);
         add_into(&mut g[self.gamma], &dgamma);
         add_into(&mut g[self.beta], &dbeta);
         let grads = e.conv_backward(&t.map, &t.x, &self.weight(p)?, &dz, need_dx)?;

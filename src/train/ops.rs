@@ -34,19 +34,20 @@ fn channel_sums(n: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec
     out
 }
 
-/// What BatchNorm's backward needs from its forward.
+/// What BatchNorm's backward needs from its forward: its input (x̂ is recomputed from it, which
+/// costs less than writing and reading a second tensor) and the batch statistics.
 pub struct BnCache {
-    /// Normalized input `x̂`.
-    pub xhat: Vec<f32>,
-    /// `1 / sqrt(var + eps)` per channel.
-    pub inv_std: Vec<f64>,
+    x: Vec<f32>,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
 }
 
 /// BatchNorm in training mode: batch statistics, and the running statistics updated in place
-/// (unbiased variance, momentum 0.1, as PyTorch).
+/// (unbiased variance, momentum 0.1, as PyTorch). Takes its input by value and keeps it for the
+/// backward pass.
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_train(
-    x: &[f32],
+    x: Vec<f32>,
     c: usize,
     gamma: &[f32],
     beta: &[f32],
@@ -60,7 +61,7 @@ pub fn batchnorm_train(
 /// pass for the statistics, one for the output).
 #[allow(clippy::too_many_arguments)]
 pub fn batchnorm_train_fused(
-    x: &[f32],
+    x: Vec<f32>,
     c: usize,
     gamma: &[f32],
     beta: &[f32],
@@ -88,18 +89,19 @@ pub fn batchnorm_train_fused(
     let mean: Vec<f64> = s[..c].iter().map(|v| v / n as f64).collect();
     let var: Vec<f64> = s[c..].iter().zip(&mean).map(|(q, m)| (q / n as f64 - m * m).max(0.0)).collect();
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
-    let mut xhat = vec![0f32; x.len()];
+    // y = x·scale + shift per channel, then residual and ReLU; row blocks in parallel.
+    let scale: Vec<f32> = (0..c).map(|j| (gamma[j] as f64 * inv_std[j]) as f32).collect();
+    let shift: Vec<f32> = (0..c).map(|j| (beta[j] as f64 - gamma[j] as f64 * inv_std[j] * mean[j]) as f32).collect();
     let mut y = vec![0f32; x.len()];
-    xhat.par_chunks_mut(c).zip(y.par_chunks_mut(c)).enumerate().for_each(|(r, (h, yr))| {
-        let xr = &x[r * c..(r + 1) * c];
-        for j in 0..c {
-            let v = (xr[j] as f64 - mean[j]) * inv_std[j];
-            h[j] = v as f32;
-            let mut o = (gamma[j] as f64 * v + beta[j] as f64) as f32;
+    y.par_chunks_mut(ROWS * c).enumerate().for_each(|(b, yb)| {
+        let base = b * ROWS * c;
+        for (i, yv) in yb.iter_mut().enumerate() {
+            let j = i % c;
+            let mut o = x[base + i] * scale[j] + shift[j];
             if let Some(res) = residual {
-                o += res[r * c + j];
+                o += res[base + i];
             }
-            yr[j] = if relu { o.max(0.0) } else { o };
+            *yv = if relu { o.max(0.0) } else { o };
         }
     });
     for j in 0..c {
@@ -107,29 +109,71 @@ pub fn batchnorm_train_fused(
         let unbiased = var[j] * n as f64 / (n - 1) as f64;
         running_var[j] = ((1.0 - BN_MOMENTUM) * running_var[j] as f64 + BN_MOMENTUM * unbiased) as f32;
     }
-    Ok((y, BnCache { xhat, inv_std }))
+    let cache = BnCache {
+        x,
+        mean: mean.iter().map(|&m| m as f32).collect(),
+        inv_std: inv_std.iter().map(|&v| v as f32).collect(),
+    };
+    Ok((y, cache))
 }
 
-/// BatchNorm backward: `(dx, dγ, dβ)`.
-pub fn batchnorm_backward(dy: &[f32], c: usize, gamma: &[f32], cache: &BnCache) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// BatchNorm backward: `(dx, dγ, dβ)`. With `relu_out` (the output of a ReLU that followed the
+/// BatchNorm), `dy` is the gradient at the ReLU's output and the ReLU's mask is applied on the fly.
+pub fn batchnorm_backward(
+    dy: &[f32],
+    c: usize,
+    gamma: &[f32],
+    cache: &BnCache,
+    relu_out: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = dy.len().checked_div(c).unwrap_or(0);
-    // Σ dy and Σ dy·x̂ in one pass.
-    let s = channel_sums(n, 2 * c, |r, s| {
-        let (s1, s2) = s.split_at_mut(c);
-        let (d, h) = (&dy[r * c..(r + 1) * c], &cache.xhat[r * c..(r + 1) * c]);
-        for (((a, b), &v), &x) in s1.iter_mut().zip(s2.iter_mut()).zip(d).zip(h) {
-            *a += v as f64;
-            *b += v as f64 * x as f64;
+    let (mean, inv) = (&cache.mean, &cache.inv_std);
+    // The gradient at the BatchNorm output for rows `lo..hi` into `buf` (ReLU mask applied).
+    let grad_rows = |lo: usize, hi: usize, buf: &mut Vec<f32>| {
+        buf.clear();
+        match relu_out {
+            Some(y) => buf.extend(dy[lo..hi].iter().zip(&y[lo..hi]).map(|(&g, &o)| if o > 0.0 { g } else { 0.0 })),
+            None => buf.extend_from_slice(&dy[lo..hi]),
         }
-    });
+    };
+    // Σ d and Σ d·x̂ in one pass over row blocks, reduced in block order.
+    let parts: Vec<Vec<f64>> = (0..n.div_ceil(ROWS))
+        .into_par_iter()
+        .map(|b| {
+            let (lo, hi) = (b * ROWS * c, ((b + 1) * ROWS).min(n) * c);
+            let mut buf = Vec::with_capacity(hi - lo);
+            grad_rows(lo, hi, &mut buf);
+            let mut s = vec![0f64; 2 * c];
+            for (dr, xr) in buf.chunks_exact(c).zip(cache.x[lo..hi].chunks_exact(c)) {
+                let (s1, s2) = s.split_at_mut(c);
+                for j in 0..c {
+                    let h = (xr[j] - mean[j]) * inv[j];
+                    s1[j] += dr[j] as f64;
+                    s2[j] += (dr[j] * h) as f64;
+                }
+            }
+            s
+        })
+        .collect();
+    let mut s = vec![0f64; 2 * c];
+    for p in parts {
+        s.iter_mut().zip(p).for_each(|(a, v)| *a += v);
+    }
     let (sum_dy, sum_dy_xhat) = s.split_at(c);
+    // dx = γ/σ · (d − mean(d) − x̂ · mean(d·x̂)), row blocks in parallel.
+    let a: Vec<f32> = (0..c).map(|j| gamma[j] * inv[j]).collect();
+    let m1: Vec<f32> = (0..c).map(|j| (sum_dy[j] / n as f64) as f32).collect();
+    let m2: Vec<f32> = (0..c).map(|j| (sum_dy_xhat[j] / n as f64) as f32).collect();
     let mut dx = vec![0f32; dy.len()];
-    dx.par_chunks_mut(c).enumerate().for_each(|(r, row)| {
-        for j in 0..c {
-            let g = gamma[j] as f64 * cache.inv_std[j];
-            let v =
-                dy[r * c + j] as f64 - sum_dy[j] / n as f64 - cache.xhat[r * c + j] as f64 * sum_dy_xhat[j] / n as f64;
-            row[j] = (g * v) as f32;
+    dx.par_chunks_mut(ROWS * c).enumerate().for_each(|(b, blk)| {
+        let lo = b * ROWS * c;
+        let mut buf = Vec::with_capacity(blk.len());
+        grad_rows(lo, lo + blk.len(), &mut buf);
+        for ((out, dr), xr) in blk.chunks_exact_mut(c).zip(buf.chunks_exact(c)).zip(cache.x[lo..].chunks_exact(c)) {
+            for j in 0..c {
+                let h = (xr[j] - mean[j]) * inv[j];
+                out[j] = a[j] * (dr[j] - m1[j] - h * m2[j]);
+            }
         }
     });
     (dx, sum_dy_xhat.iter().map(|&v| v as f32).collect(), sum_dy.iter().map(|&v| v as f32).collect())
@@ -137,7 +181,13 @@ pub fn batchnorm_backward(dy: &[f32], c: usize, gamma: &[f32], cache: &BnCache) 
 
 /// ReLU backward from its output: `dx = dy` where `y > 0`, else 0.
 pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
-    y.par_iter().zip(dy.par_iter()).map(|(&y, &d)| if y > 0.0 { d } else { 0.0 }).collect()
+    let mut out = vec![0f32; dy.len()];
+    out.par_chunks_mut(1 << 16).zip(y.par_chunks(1 << 16)).zip(dy.par_chunks(1 << 16)).for_each(|((o, y), d)| {
+        for ((o, &y), &d) in o.iter_mut().zip(y).zip(d) {
+            *o = if y > 0.0 { d } else { 0.0 };
+        }
+    });
+    out
 }
 
 /// Linear backward for `y = x·Wᵀ + b` (`W: [out, in]`): `(dx, dW, db)`. GEMMs over fixed row
