@@ -1,6 +1,6 @@
 //! Forward-with-cache and backward of BatchNorm (training mode), ReLU, Linear and
-//! cross-entropy. Row-major `[N, C]`; reductions run in f64 in a fixed order, so gradients are
-//! deterministic whatever the thread count.
+//! cross-entropy. Row-major `[N, C]`; reductions run over fixed row blocks (f32 within runs of
+//! 32 rows, f64 beyond), so gradients are deterministic whatever the thread count.
 
 use rayon::prelude::*;
 
@@ -11,28 +11,6 @@ use crate::error::{Error, Result};
 pub const BN_MOMENTUM: f64 = 0.1;
 const EPS: f64 = 1e-5;
 const ROWS: usize = 2048;
-
-/// Per-channel sums over rows: `f(row, acc)` adds row `row`'s terms into `acc[0..c]`. Fixed
-/// row blocks, reduced in order, so the result does not depend on the thread count.
-fn channel_sums(n: usize, c: usize, f: impl Fn(usize, &mut [f64]) + Sync) -> Vec<f64> {
-    let parts: Vec<Vec<f64>> = (0..n.div_ceil(ROWS))
-        .into_par_iter()
-        .map(|b| {
-            let mut s = vec![0f64; c];
-            for r in b * ROWS..((b + 1) * ROWS).min(n) {
-                f(r, &mut s);
-            }
-            s
-        })
-        .collect();
-    let mut out = vec![0f64; c];
-    for p in parts {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
-    out
-}
 
 /// What BatchNorm's backward needs from its forward: its input (x̂ is recomputed from it, which
 /// costs less than writing and reading a second tensor) and the batch statistics.
@@ -77,15 +55,34 @@ pub fn batchnorm_train_fused(
     if residual.is_some_and(|r| r.len() != x.len()) {
         return Err(Error::invalid("batchnorm", "residual has another shape"));
     }
-    // Sum and sum of squares in one pass (f64: no cancellation at these magnitudes).
-    let s = channel_sums(n, 2 * c, |r, s| {
-        let (s1, s2) = s.split_at_mut(c);
-        for ((a, b), &v) in s1.iter_mut().zip(s2.iter_mut()).zip(&x[r * c..(r + 1) * c]) {
-            let v = v as f64;
-            *a += v;
-            *b += v * v;
-        }
-    });
+    // Sum and sum of squares in one pass: f32 over runs of 32 rows (vectorizes), f64 beyond
+    // (no cancellation at these magnitudes); fixed blocks reduced in order.
+    let parts: Vec<Vec<f64>> = x
+        .par_chunks(ROWS * c)
+        .map(|blk| {
+            let mut s = vec![0f64; 2 * c];
+            let (mut a, mut q) = (vec![0f32; c], vec![0f32; c]);
+            for run in blk.chunks(32 * c) {
+                a.fill(0.0);
+                q.fill(0.0);
+                for row in run.chunks_exact(c) {
+                    for j in 0..c {
+                        a[j] += row[j];
+                        q[j] += row[j] * row[j];
+                    }
+                }
+                for j in 0..c {
+                    s[j] += a[j] as f64;
+                    s[c + j] += q[j] as f64;
+                }
+            }
+            s
+        })
+        .collect();
+    let mut s = vec![0f64; 2 * c];
+    for p in parts {
+        s.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
     let mean: Vec<f64> = s[..c].iter().map(|v| v / n as f64).collect();
     let var: Vec<f64> = s[c..].iter().zip(&mean).map(|(q, m)| (q / n as f64 - m * m).max(0.0)).collect();
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
@@ -143,13 +140,21 @@ pub fn batchnorm_backward(
             let (lo, hi) = (b * ROWS * c, ((b + 1) * ROWS).min(n) * c);
             let mut buf = Vec::with_capacity(hi - lo);
             grad_rows(lo, hi, &mut buf);
+            // f32 over runs of 32 rows (vectorizes), f64 beyond.
             let mut s = vec![0f64; 2 * c];
-            for (dr, xr) in buf.chunks_exact(c).zip(cache.x[lo..hi].chunks_exact(c)) {
-                let (s1, s2) = s.split_at_mut(c);
+            let (mut a, mut q) = (vec![0f32; c], vec![0f32; c]);
+            for (dr, xr) in buf.chunks(32 * c).zip(cache.x[lo..hi].chunks(32 * c)) {
+                a.fill(0.0);
+                q.fill(0.0);
+                for (d, x) in dr.chunks_exact(c).zip(xr.chunks_exact(c)) {
+                    for j in 0..c {
+                        a[j] += d[j];
+                        q[j] += d[j] * ((x[j] - mean[j]) * inv[j]);
+                    }
+                }
                 for j in 0..c {
-                    let h = (xr[j] - mean[j]) * inv[j];
-                    s1[j] += dr[j] as f64;
-                    s2[j] += (dr[j] * h) as f64;
+                    s[j] += a[j] as f64;
+                    s[c + j] += q[j] as f64;
                 }
             }
             s
