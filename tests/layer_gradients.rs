@@ -119,3 +119,58 @@ fn cross_entropy_with_ignore_and_weights() {
     assert!(grad[c..2 * c].iter().all(|&v| v == 0.0), "ignored rows get no gradient");
     assert!(cross_entropy(&logits, c, &[5, 0, 0, 0, 0, 0], None).is_err());
 }
+
+/// SPVCNN's point ops are linear in the features, so a central difference with step 1 is exact
+/// up to rounding: every input value of a random case is checked (in f64) against the backward.
+#[test]
+fn point_voxel_ops_backward() {
+    use sparseconv::nn::points::{
+        average_backward, initial_voxelize, point_to_voxel, point_voxels, voxel_to_point, voxel_to_point_backward,
+        PointTensor,
+    };
+    let n = 60;
+    let c = 3;
+    let raw = pseudo_random(n * 3, 8, 6.0);
+    let coords: Vec<[f32; 3]> = raw.chunks(3).map(|p| [p[0], p[1], p[2]]).collect();
+    let batch: Vec<i32> = (0..n as i32).map(|i| i % 2).collect();
+    let z = PointTensor::new(coords, batch, pseudo_random(n * c, 9, 1.0), c).expect("points");
+    let (v1, idx) = initial_voxelize(&z).expect("voxelize");
+    // A coarser voxel grid (stride 2) as the sparse tensor the points talk to.
+    let coarse: std::collections::BTreeSet<[i32; 4]> = v1
+        .coords()
+        .iter()
+        .map(|q| [q[0], q[1].div_euclid(2) * 2, q[2].div_euclid(2) * 2, q[3].div_euclid(2) * 2])
+        .collect();
+    let cs = std::sync::Arc::new(sparseconv::CoordSet::new(coarse.into_iter().collect(), 2).expect("coords"));
+    let x = sparseconv::SparseTensor::new(cs.clone(), pseudo_random(cs.len() * c, 10, 1.0), c).expect("x");
+    let dot = |a: &[f32], g: &[f32]| a.iter().zip(g).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>();
+
+    // voxel_to_point: L = <g, f(x)>.
+    let g = pseudo_random(n * c, 11, 1.0);
+    let dx = voxel_to_point_backward(&x, &z, &g).expect("backward");
+    for k in 0..x.feats().len() {
+        let at = |d: f32| {
+            let mut f = x.feats().to_vec();
+            f[k] += d;
+            let t = sparseconv::SparseTensor::new(cs.clone(), f, c).expect("x");
+            dot(&voxel_to_point(&t, &z).expect("forward"), &g)
+        };
+        close(&format!("voxel_to_point dx[{k}]"), dx[k], (at(1.0) - at(-1.0)) / 2.0);
+    }
+    // point_to_voxel and initial_voxelize: L = <g, mean(z)>.
+    let gv = pseudo_random(x.len() * c, 12, 1.0);
+    let dz = average_backward(&point_voxels(&x, &z).expect("voxels"), &gv, c);
+    let g1 = pseudo_random(v1.len() * c, 13, 1.0);
+    let dz1 = average_backward(&idx.iter().map(|&r| Some(r)).collect::<Vec<_>>(), &g1, c);
+    for k in 0..n * c {
+        let with = |d: f32| {
+            let mut f = z.feats.clone();
+            f[k] += d;
+            z.with_feats(f, c).expect("points")
+        };
+        let l = |d: f32| dot(point_to_voxel(&x, &with(d)).expect("forward").feats(), &gv);
+        close(&format!("point_to_voxel dz[{k}]"), dz[k], (l(1.0) - l(-1.0)) / 2.0);
+        let l1 = |d: f32| dot(initial_voxelize(&with(d)).expect("forward").0.feats(), &g1);
+        close(&format!("initial_voxelize dz[{k}]"), dz1[k], (l1(1.0) - l1(-1.0)) / 2.0);
+    }
+}

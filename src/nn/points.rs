@@ -112,31 +112,12 @@ pub fn initial_voxelize(z: &PointTensor) -> Result<(SparseTensor, Vec<u32>)> {
 /// the 8 voxels around `s·floor(p/s)` (x outermost, z fastest) weighted by distance; absent
 /// voxels get weight 0 and the rest are renormalized.
 pub fn voxel_to_point(x: &SparseTensor, z: &PointTensor) -> Result<Vec<f32>> {
-    let s = x.stride();
-    let sf = s as f32;
-    let index = row_index(x.coord_set());
     let c = x.channels();
-    let keys: Vec<u64> = (0..z.len()).map(|i| z.voxel_key(i, s)).collect::<Result<_>>()?;
+    let taps = trilinear_taps(x, z)?;
     let mut out = vec![0f32; z.len() * c];
-    out.par_chunks_mut(c.max(1)).enumerate().for_each(|(i, row)| {
-        let p = z.coords[i];
-        let base = keys[i];
-        let mut w = [0f32; 8];
-        let mut rows = [u32::MAX; 8];
-        let lo: [f32; 3] = std::array::from_fn(|a| (p[a] / sf).floor() * sf);
-        for (j, slot) in rows.iter_mut().enumerate() {
-            let d = [(j >> 2) as i32 & 1, (j >> 1) as i32 & 1, j as i32 & 1];
-            let key = (base as i64 + coords::delta_key([d[0] * s, d[1] * s, d[2] * s])) as u64;
-            if let Some(&r) = index.get(&key) {
-                *slot = r;
-                let f = |a: usize| if d[a] == 1 { p[a] - lo[a] } else { lo[a] + sf - p[a] };
-                w[j] = f(0) * f(1) * f(2) / (sf * sf * sf);
-            }
-        }
-        let sum: f32 = w.iter().sum::<f32>() + 1e-8;
-        for (j, &r) in rows.iter().enumerate() {
+    out.par_chunks_mut(c.max(1)).zip(&taps).for_each(|(row, (rows, w))| {
+        for (&r, &wj) in rows.iter().zip(w) {
             if r != u32::MAX {
-                let wj = w[j] / sum;
                 for (o, &v) in row.iter_mut().zip(&x.feats()[r as usize * c..(r as usize + 1) * c]) {
                     *o += wj * v;
                 }
@@ -144,6 +125,101 @@ pub fn voxel_to_point(x: &SparseTensor, z: &PointTensor) -> Result<Vec<f32>> {
         }
     });
     Ok(out)
+}
+
+/// For every point: the rows of its (up to) 8 surrounding voxels of `x` and their normalized
+/// trilinear weights (`u32::MAX` where the voxel does not exist).
+fn trilinear_taps(x: &SparseTensor, z: &PointTensor) -> Result<Vec<([u32; 8], [f32; 8])>> {
+    let s = x.stride();
+    let sf = s as f32;
+    let index = row_index(x.coord_set());
+    let keys: Vec<u64> = (0..z.len()).map(|i| z.voxel_key(i, s)).collect::<Result<_>>()?;
+    Ok((0..z.len())
+        .into_par_iter()
+        .map(|i| {
+            let p = z.coords[i];
+            let mut w = [0f32; 8];
+            let mut rows = [u32::MAX; 8];
+            let lo: [f32; 3] = std::array::from_fn(|a| (p[a] / sf).floor() * sf);
+            for (j, slot) in rows.iter_mut().enumerate() {
+                let d = [(j >> 2) as i32 & 1, (j >> 1) as i32 & 1, j as i32 & 1];
+                let key = (keys[i] as i64 + coords::delta_key([d[0] * s, d[1] * s, d[2] * s])) as u64;
+                if let Some(&r) = index.get(&key) {
+                    *slot = r;
+                    let f = |a: usize| if d[a] == 1 { p[a] - lo[a] } else { lo[a] + sf - p[a] };
+                    w[j] = f(0) * f(1) * f(2) / (sf * sf * sf);
+                }
+            }
+            let sum: f32 = w.iter().sum::<f32>() + 1e-8;
+            (rows, w.map(|v| v / sum))
+        })
+        .collect())
+}
+
+/// Backward of [`voxel_to_point`]: the gradient at the voxels of `x` from the gradient at the
+/// points, `[x.len(), C]`. Each voxel sums its points' terms in point order (deterministic).
+pub fn voxel_to_point_backward(x: &SparseTensor, z: &PointTensor, dout: &[f32]) -> Result<Vec<f32>> {
+    let c = x.channels();
+    if dout.len() != z.len() * c {
+        return Err(Error::tensor("grad", format!("expected [{}, {c}], got {} values", z.len(), dout.len())));
+    }
+    let taps = trilinear_taps(x, z)?;
+    // (voxel, point, weight), grouped by voxel with points in order.
+    let mut t: Vec<(u32, u32, f32)> = Vec::with_capacity(z.len() * 8);
+    for (i, (rows, w)) in taps.iter().enumerate() {
+        for (&r, &wj) in rows.iter().zip(w) {
+            if r != u32::MAX {
+                t.push((r, i as u32, wj));
+            }
+        }
+    }
+    radsort::sort_by_key(&mut t, |e| e.0);
+    let mut starts = vec![0usize; x.len() + 1];
+    for e in &t {
+        starts[e.0 as usize + 1] += 1;
+    }
+    for v in 0..x.len() {
+        starts[v + 1] += starts[v];
+    }
+    let mut dx = vec![0f32; x.len() * c];
+    dx.par_chunks_mut(c.max(1)).enumerate().for_each(|(v, row)| {
+        let mut acc = vec![0f64; c];
+        for &(_, i, w) in &t[starts[v]..starts[v + 1]] {
+            for (a, &g) in acc.iter_mut().zip(&dout[i as usize * c..(i as usize + 1) * c]) {
+                *a += w as f64 * g as f64;
+            }
+        }
+        for (o, a) in row.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+    });
+    Ok(dx)
+}
+
+/// Backward of averaging points into voxels ([`point_to_voxel`], and [`initial_voxelize`] with
+/// `voxel_of` its index): point `i` gets `dv[voxel_of[i]] / count` (0 for points in no voxel).
+pub fn average_backward(voxel_of: &[Option<u32>], dv: &[f32], c: usize) -> Vec<f32> {
+    let n = dv.len() / c.max(1);
+    let mut counts = vec![0u32; n];
+    for &r in voxel_of.iter().flatten() {
+        counts[r as usize] += 1;
+    }
+    let mut dz = vec![0f32; voxel_of.len() * c];
+    dz.par_chunks_mut(c.max(1)).zip(voxel_of).for_each(|(row, r)| {
+        if let Some(r) = *r {
+            let k = counts[r as usize] as f32;
+            for (o, &g) in row.iter_mut().zip(&dv[r as usize * c..(r as usize + 1) * c]) {
+                *o = g / k;
+            }
+        }
+    });
+    dz
+}
+
+/// The voxel row of `x` each point of `z` averages into (as [`point_to_voxel`] assigns them).
+pub fn point_voxels(x: &SparseTensor, z: &PointTensor) -> Result<Vec<Option<u32>>> {
+    let index = row_index(x.coord_set());
+    (0..z.len()).map(|i| Ok(index.get(&z.voxel_key(i, x.stride())?).copied())).collect()
 }
 
 /// Average point features into the voxels of `x` (TorchSparse `point_to_voxel`): each point
