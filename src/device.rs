@@ -401,7 +401,8 @@ impl Engine {
         // The input gradient is a conv Cout -> Cin over the transposed map: narrow outputs
         // favour the output-tiled path as in the forward heuristic.
         let dx_plan = match self.grouping {
-            Grouping::Heuristic | Grouping::OutputTiled if w.cin <= 64 => Plan::output_tiled(&tmap),
+            Grouping::Off => Plan::ungrouped(&tmap),
+            _ if w.cin <= 64 => Plan::output_tiled(&tmap),
             _ => Plan::ungrouped(&tmap),
         };
         match &self.device {
