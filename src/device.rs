@@ -28,14 +28,6 @@ impl Device {
     pub fn gpu() -> Result<Self> {
         Ok(Device::Gpu(Arc::new(GpuContext::new()?)))
     }
-
-    /// `cpu`, or the adapter's description.
-    pub fn describe(&self) -> String {
-        match self {
-            Device::Cpu => "cpu".into(),
-            Device::Gpu(g) => format!("gpu: {}", g.describe()),
-        }
-    }
 }
 
 impl PartialEq for Device {

@@ -517,10 +517,7 @@ fn check_device(device: &str) -> Result<Device> {
     }
 }
 
-fn default_model() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/models/minkunet_cr0.5.safetensors")
-}
-
+/// A file bundled with the repository.
 fn bundled(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
@@ -551,8 +548,12 @@ fn cmd_demo(rerun: PathBuf) -> Result<()> {
     Ok(())
 }
 
+fn default_model() -> PathBuf {
+    bundled("data/models/minkunet_cr0.5.safetensors")
+}
+
 fn default_yaml() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/semantickitti/semantic-kitti.yaml")
+    bundled("data/semantickitti/semantic-kitti.yaml")
 }
 
 #[derive(clap::Args)]

@@ -71,8 +71,9 @@ pub fn conv_forward(
     precision: Precision,
 ) -> Result<Vec<f32>> {
     let (n_in, n_out, kv) = (map.n_in(), map.n_out(), map.volume());
-    if x.len() != n_in * cin || w.len() != kv * cin * cout || residual.is_some_and(|r| r.len() != n_out * cout) {
-        return Err(Error::invalid("gpu conv", "feature, weight or residual sizes do not match the map"));
+    crate::cpu::conv::check_shapes(map, x, cin, w, cout, bias)?;
+    if residual.is_some_and(|r| r.len() != n_out * cout) {
+        return Err(Error::tensor("residual", format!("expected [{n_out}, {cout}] values")));
     }
     if n_out == 0 || cout == 0 {
         return Ok(vec![0.0; n_out * cout]);

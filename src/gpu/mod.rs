@@ -120,11 +120,6 @@ impl GpuContext {
         self
     }
 
-    /// Number of compiled pipelines in the cache.
-    pub fn cached_pipelines(&self) -> usize {
-        self.pipelines.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     /// The pipeline of `key`, compiled on first use.
     fn pipeline(&self, key: PipelineKey) -> wgpu::ComputePipeline {
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());

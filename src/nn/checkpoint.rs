@@ -99,11 +99,6 @@ impl Checkpoint {
         self.tensors.get(name)
     }
 
-    /// Names of the stored tensors.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(|s| s.as_str())
-    }
-
     /// The file's `__metadata__`.
     pub fn metadata(&self) -> &HashMap<String, String> {
         &self.metadata

@@ -55,6 +55,16 @@ impl BatchNorm {
     }
 }
 
+/// Checkpoint shape of a conv kernel: `[K, Cin, Cout]`, or `[Cin, Cout]` for kernel size 1
+/// (TorchSparse stores 1×1 convs without the offset axis).
+pub fn kernel_shape(spec: KernelSpec, cin: usize, cout: usize) -> Vec<usize> {
+    if spec.size == 1 {
+        vec![cin, cout]
+    } else {
+        vec![spec.volume(), cin, cout]
+    }
+}
+
 /// A sparse conv (TorchSparse `spnn.Conv3d`), optionally transposed, with BatchNorm folded in.
 #[derive(Debug, Clone)]
 pub struct Conv {
@@ -83,7 +93,7 @@ impl Conv {
         relu: bool,
     ) -> Result<Self> {
         let vol = spec.volume();
-        let shape: Vec<usize> = if spec.size == 1 { vec![cin, cout] } else { vec![vol, cin, cout] };
+        let shape = kernel_shape(spec, cin, cout);
         let mut kernel = ck.take(name, &shape)?;
         let (a, b) = BatchNorm::load(ck, bn, cout)?.affine();
         for (j, v) in kernel.iter_mut().enumerate() {

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::io::tensors::Tensor;
 use crate::kmap::{KernelMap, KernelSpec};
 use crate::nn::checkpoint::Checkpoint;
+use crate::nn::layers::kernel_shape;
 use crate::nn::minkunet::{channels, IN_CHANNELS};
 use crate::tensor::{CoordSet, SparseTensor};
 
@@ -151,9 +152,8 @@ impl ConvBn {
         transposed: bool,
         relu: bool,
     ) -> Result<Self> {
-        let shape: Vec<usize> = if spec.size == 1 { vec![cin, cout] } else { vec![spec.volume(), cin, cout] };
         Ok(Self {
-            kernel: p.take(ck, conv, &shape, Role::Kernel)?,
+            kernel: p.take(ck, conv, &kernel_shape(spec, cin, cout), Role::Kernel)?,
             gamma: p.take(ck, &format!("{bn}.weight"), &[cout], Role::BnScale)?,
             beta: p.take(ck, &format!("{bn}.bias"), &[cout], Role::BnShift)?,
             mean: p.take(ck, &format!("{bn}.running_mean"), &[cout], Role::RunningStat)?,

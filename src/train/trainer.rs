@@ -340,8 +340,6 @@ pub struct StepReport {
     pub seconds: [f64; 4],
     /// mIoU on the evaluation scans, when evaluated after this step.
     pub miou: Option<f64>,
-    /// Where a checkpoint was written after this step.
-    pub saved: Option<PathBuf>,
 }
 
 /// A training run in progress.
@@ -540,7 +538,6 @@ impl Trainer {
             voxels,
             seconds: [secs(t0, t1), secs(t1, t2), secs(t2, t3), secs(t3, t4)],
             miou: None,
-            saved: None,
         })
     }
 
