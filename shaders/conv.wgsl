@@ -39,11 +39,19 @@ fn load_w(i: u32) -> f32 { return w[i]; }
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 @group(0) @binding(5) var<storage, read> residual: array<f32>;
 @group(0) @binding(6) var<storage, read_write> y: array<f32>;
+// Output row of each neighbour-table row: tiles walk rows sorted by their neighbour bitmask
+// (TorchSparse++'s sorted implicit GEMM), so the rows of a tile share most active offsets.
+@group(0) @binding(7) var<storage, read> out_rows: array<u32>;
 
-var<workgroup> a_tile: array<f32, 1024>; // TM * TK, row-major [m][k]
-var<workgroup> b_tile: array<f32, 1024>; // TK * TN, row-major [k][n]
-var<workgroup> rows: array<i32, 64>;     // gathered input row per output row of the tile
-var<workgroup> any_row: atomic<u32>;     // does any output of the tile have this neighbour?
+// A tile stored [kk][m] with a padded row (17 vec4 per kk) so the gather's stores, 16 threads
+// per row, spread over banks; B stored [kk][n]. Each thread reads one vec4 of each per kk:
+// the 4 x 4 block lives in four vec4 registers (no arrays, which some drivers put in local
+// memory).
+const AS: u32 = 17u;
+var<workgroup> a_tile: array<vec4<f32>, 272>; // TK * AS
+var<workgroup> b_tile: array<vec4<f32>, 256>; // TK * TN / 4
+var<workgroup> rows: array<i32, 64>;          // gathered input row per output row of the tile
+var<workgroup> any_row: atomic<u32>;          // does any output of the tile have this neighbour?
 var<workgroup> tile_active: u32;
 
 @compute @workgroup_size(16, 16)
@@ -54,10 +62,10 @@ fn main(
 ) {
     let row0 = (wg.x + wg.y * params.row_tiles) * TM;
     let col0 = wg.z * TN;
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < RM * RN; i++) {
-        acc[i] = 0.0;
-    }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k = 0u; k < params.volume; k++) {
         if (li == 0u) {
             atomicStore(&any_row, 0u);
@@ -83,66 +91,68 @@ fn main(
             continue;
         }
         for (var c0 = 0u; c0 < params.cin; c0 += TK) {
-            // 256 threads load 1024 values of A and of B, four each.
+            // 256 threads load 1024 values of A and of B, four each; consecutive threads read
+            // consecutive channels of one input row.
             for (var e = li; e < TM * TK; e += 256u) {
                 let m = e / TK;
-                let c = c0 + e % TK;
+                let kk = e % TK;
+                let c = c0 + kk;
                 let src = rows[m];
                 var v = 0.0;
                 if (src >= 0 && c < params.cin) {
                     v = load_x(u32(src) * params.cin + c);
                 }
-                a_tile[e] = v;
+                a_tile[kk * AS + m / 4u][m % 4u] = v;
             }
             for (var e = li; e < TK * TN; e += 256u) {
-                let c = c0 + e / TN;
+                let kk = e / TN;
+                let c = c0 + kk;
                 let n = col0 + e % TN;
                 var v = 0.0;
                 if (c < params.cin && n < params.cout) {
                     v = load_w((k * params.cin + c) * params.cout + n);
                 }
-                b_tile[e] = v;
+                b_tile[e / 4u][e % 4u] = v;
             }
             workgroupBarrier();
             for (var kk = 0u; kk < TK; kk++) {
-                var a: array<f32, 4>;
-                var b: array<f32, 4>;
-                for (var i = 0u; i < RM; i++) {
-                    a[i] = a_tile[(lid.y * RM + i) * TK + kk];
-                }
-                for (var j = 0u; j < RN; j++) {
-                    b[j] = b_tile[kk * TN + lid.x * RN + j];
-                }
-                for (var i = 0u; i < RM; i++) {
-                    for (var j = 0u; j < RN; j++) {
-                        acc[i * RN + j] = fma(a[i], b[j], acc[i * RN + j]);
-                    }
-                }
+                let a = a_tile[kk * AS + lid.y];
+                let b = b_tile[kk * (TN / 4u) + lid.x];
+                acc0 = fma(vec4<f32>(a.x), b, acc0);
+                acc1 = fma(vec4<f32>(a.y), b, acc1);
+                acc2 = fma(vec4<f32>(a.z), b, acc2);
+                acc3 = fma(vec4<f32>(a.w), b, acc3);
             }
             workgroupBarrier();
         }
     }
-    for (var i = 0u; i < RM; i++) {
-        let r = row0 + lid.y * RM + i;
-        if (r >= params.n_out) {
-            continue;
+    store_row(row0 + lid.y * RM, col0 + lid.x * RN, acc0);
+    store_row(row0 + lid.y * RM + 1u, col0 + lid.x * RN, acc1);
+    store_row(row0 + lid.y * RM + 2u, col0 + lid.x * RN, acc2);
+    store_row(row0 + lid.y * RM + 3u, col0 + lid.x * RN, acc3);
+}
+
+// Writes 4 consecutive output channels of neighbour-table row `t` (bias, residual, ReLU fused).
+fn store_row(t: u32, n0: u32, v: vec4<f32>) {
+    if (t >= params.n_out) {
+        return;
+    }
+    let r = out_rows[t];
+    for (var j = 0u; j < RN; j++) {
+        let n = n0 + j;
+        if (n >= params.cout) {
+            return;
         }
-        for (var j = 0u; j < RN; j++) {
-            let n = col0 + lid.x * RN + j;
-            if (n >= params.cout) {
-                continue;
-            }
-            var v = acc[i * RN + j];
-            if ((params.flags & 1u) != 0u) {
-                v += bias[n];
-            }
-            if ((params.flags & 2u) != 0u) {
-                v += residual[r * params.cout + n];
-            }
-            if ((params.flags & 4u) != 0u) {
-                v = max(v, 0.0);
-            }
-            y[r * params.cout + n] = v;
+        var o = v[j];
+        if ((params.flags & 1u) != 0u) {
+            o += bias[n];
         }
+        if ((params.flags & 2u) != 0u) {
+            o += residual[r * params.cout + n];
+        }
+        if ((params.flags & 4u) != 0u) {
+            o = max(o, 0.0);
+        }
+        y[r * params.cout + n] = o;
     }
 }

@@ -149,6 +149,11 @@ impl Engine {
         self
     }
 
+    /// Storage precision of GPU convs.
+    pub fn precision(&self) -> crate::gpu::conv::Precision {
+        self.precision
+    }
+
     /// The kernel-map builder.
     pub fn builder(&self) -> MapBuilder {
         self.builder
@@ -208,7 +213,10 @@ impl Engine {
         let key = MapKey { input: input.id(), target: 0, kind, spec };
         self.cached(key, || match &self.device {
             Device::Cpu => cpu::build_map(self.builder, input, spec),
-            Device::Gpu(g) => crate::gpu::kmap::build(g, input, spec),
+            Device::Gpu(g) => match self.builder {
+                MapBuilder::Hash => crate::gpu::kmap::build(g, input, spec),
+                MapBuilder::Sort => crate::gpu::kmap::build_sorted(g, input, spec),
+            },
         })
     }
 

@@ -281,7 +281,7 @@ impl KernelMap {
 
 /// Offsets (input-grid units) of a conv with this spec on coordinates at `tensor_stride`,
 /// validated against the packed-key range.
-pub(crate) fn scaled_offsets(spec: &KernelSpec, tensor_stride: i32) -> Result<Vec<[i32; 3]>> {
+pub fn scaled_offsets(spec: &KernelSpec, tensor_stride: i32) -> Result<Vec<[i32; 3]>> {
     let step = (tensor_stride as i64) * (spec.dilation as i64);
     let reach = step * (spec.size as i64 / 2 + 1);
     if reach >= coords::COORD_LIMIT as i64 {

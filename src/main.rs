@@ -884,7 +884,11 @@ fn cmd_bench(
         );
     } else {
         println!(
-            "{arch} cr={cr} ({source}) on cpu, {threads} threads: {} scans x {runs} runs, {:.0} points and {:.0} voxels per scan",
+            "{arch} cr={cr} ({source}) on {}, {threads} CPU threads: {} scans x {runs} runs, {:.0} points and {:.0} voxels per scan",
+            match engine.device() {
+                Device::Cpu => "cpu".to_string(),
+                Device::Gpu(c) => format!("gpu {} ({:?})", c.describe(), engine.precision()),
+            },
             scans.len(),
             points as f64 / n,
             voxels as f64 / n

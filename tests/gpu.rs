@@ -49,14 +49,64 @@ fn gpu_kernel_maps_equal_cpu_maps() {
         ("random k2 s2 down", random_tensor(2, 2, 20, 1, 0.2, 1), KernelSpec::new(2, 2, 1).unwrap()),
         ("random k3 s2 down", random_tensor(3, 1, 15, 1, 0.3, 1), KernelSpec::new(3, 2, 1).unwrap()),
         ("random k3 dilation 2", random_tensor(4, 1, 15, 1, 0.3, 1), KernelSpec::new(3, 1, 2).unwrap()),
+        ("random stride-2 k2 s2 down", random_tensor(6, 2, 24, 2, 0.3, 1), KernelSpec::new(2, 2, 1).unwrap()),
         ("real scan k3 sub", real.clone(), KernelSpec::new(3, 1, 1).unwrap()),
         ("real scan k2 s2 down", real, KernelSpec::new(2, 2, 1).unwrap()),
     ];
     for (label, x, spec) in cases {
         let cpu = build_map(MapBuilder::Hash, x.coord_set(), spec).unwrap();
         let g = kmap::build(ctx, x.coord_set(), spec).unwrap();
-        same_map(label, &g, &cpu);
+        same_map(&format!("{label} (gpu hash)"), &g, &cpu);
+        let g = kmap::build_sorted(ctx, x.coord_set(), spec).unwrap();
+        same_map(&format!("{label} (gpu sort)"), &g, &cpu);
         assert!(cpu.total_pairs() > 0, "{label}: empty map");
+    }
+}
+
+/// 64-bit keys from a few values, so runs of equal keys test stability.
+fn dup_keys(n: usize, seed: u64) -> Vec<u64> {
+    pseudo_random(n, seed, 1.0)
+        .iter()
+        .map(|&r| ((r * 1000.0) as i64 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect()
+}
+
+#[test]
+fn gpu_radix_sort_and_scan_match_cpu() {
+    use sparseconv::gpu::sort::{exclusive_scan, sort_pairs, KeyValues};
+    let Some(ctx) = gpu() else { return };
+    // One block, several blocks, and enough blocks that the scans recurse twice.
+    for n in [0usize, 1, 700, 5000, 1_200_000] {
+        let keys = dup_keys(n, n as u64 + 7);
+        let hi: Vec<u32> = keys.iter().map(|k| (k >> 32) as u32).collect();
+        let lo: Vec<u32> = keys.iter().map(|&k| k as u32).collect();
+        let val: Vec<u32> = (0..n as u32).collect();
+        let input = KeyValues {
+            hi: ctx.to_device("hi", &hi).unwrap(),
+            lo: ctx.to_device("lo", &lo).unwrap(),
+            val: ctx.to_device("val", &val).unwrap(),
+        };
+        let varying = keys.iter().fold(0u64, |a, &k| a | (k ^ keys.first().copied().unwrap_or(0)));
+        let mut enc = ctx.encoder();
+        let sorted = sort_pairs(ctx, &mut enc, &input, varying).unwrap();
+        let counts: Vec<u32> = (0..n as u32).map(|i| i % 7).collect();
+        let scanned = ctx.to_device("counts", &counts).unwrap();
+        exclusive_scan(ctx, &mut enc, scanned.raw(), n).unwrap();
+        ctx.submit(enc);
+        let (h, l, v) = (ctx.read(&sorted.hi).unwrap(), ctx.read(&sorted.lo).unwrap(), ctx.read(&sorted.val).unwrap());
+        let mut want: Vec<(u64, u32)> = keys.iter().copied().zip(0..).collect();
+        want.sort_by_key(|e| e.0); // stable
+        let got: Vec<(u64, u32)> = h.iter().zip(&l).zip(&v).map(|((&h, &l), &v)| ((u64::from(h) << 32) | u64::from(l), v)).collect();
+        assert!(got == want, "n = {n}: radix sort differs from a stable CPU sort");
+        let want_scan: Vec<u32> = counts
+            .iter()
+            .scan(0u32, |acc, &c| {
+                let start = *acc;
+                *acc += c;
+                Some(start)
+            })
+            .collect();
+        assert_eq!(ctx.read(&scanned).unwrap(), want_scan, "n = {n}: exclusive scan");
     }
 }
 
@@ -175,6 +225,7 @@ fn work_larger_than_one_binding_is_split() {
     let ctx = GpuContext::new().unwrap().with_binding_limit(limit);
     let map = kmap::build(&ctx, x.coord_set(), spec).unwrap();
     same_map("split kernel map", &map, &cpu_map);
+    same_map("split sorted kernel map", &kmap::build_sorted(&ctx, x.coord_set(), spec).unwrap(), &cpu_map);
     let (cin, cout) = (48, 24);
     let limit = limit as usize;
     assert!(map.n_in() * cin * 4 > limit && map.n_out() * 27 * 4 > limit, "the test must force splits");

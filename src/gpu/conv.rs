@@ -2,7 +2,7 @@
 //! atomics (missing on DX12, OpenGL and the web) and gives the same bits on every run.
 
 use super::shaders::{PipelineKey, Shader, F16};
-use super::{grid, GpuContext};
+use super::{grid, GpuBuffer, GpuContext};
 use crate::error::{Error, Result};
 use crate::kmap::KernelMap;
 
@@ -52,11 +52,49 @@ pub fn neighbour_table(map: &KernelMap) -> Result<Vec<i32>> {
     Ok(nbr)
 }
 
+/// The neighbour table with its rows sorted by neighbour bitmask (stable, so equal masks keep
+/// output order), and the output row of each sorted row. Tiles of the output-stationary kernel
+/// then hold rows that share their active offsets and skip the rest (the sorted implicit GEMM
+/// of TorchSparse++, Tang et al., MICRO 2023): on the real scan a k3 tile of unsorted rows has
+/// nearly every offset active while each row has about 4 of 27.
+#[derive(Debug, Clone)]
+pub struct SortedNeighbours {
+    /// `[n_out, K]` input row or -1, rows in sorted order.
+    pub nbr: Vec<i32>,
+    /// Output row of each sorted row.
+    pub out_rows: Vec<u32>,
+}
+
+impl SortedNeighbours {
+    /// Sort the rows of `map`'s neighbour table.
+    pub fn new(map: &KernelMap) -> Result<Self> {
+        Ok(Self::from_table(&neighbour_table(map)?, map.volume()))
+    }
+
+    /// Sort the rows of a neighbour table `[n, volume]`. Offsets past 64 share mask bits: that
+    /// only loosens the grouping, never the result.
+    pub fn from_table(table: &[i32], volume: usize) -> Self {
+        let kv = volume.max(1);
+        let masks: Vec<u64> = table
+            .chunks_exact(kv)
+            .map(|row| row.iter().enumerate().filter(|(_, &i)| i >= 0).fold(0u64, |m, (k, _)| m | 1 << (k % 64)))
+            .collect();
+        let mut out_rows: Vec<u32> = (0..masks.len() as u32).collect();
+        radsort::sort_by_key(&mut out_rows, |&r| masks[r as usize]);
+        let mut nbr = Vec::with_capacity(table.len());
+        for &r in &out_rows {
+            nbr.extend_from_slice(&table[r as usize * kv..(r as usize + 1) * kv]);
+        }
+        Self { nbr, out_rows }
+    }
+}
+
 /// `y = relu?(Σ_k gather_k(x) · W_k + bias + residual)` over `map`, weights `[K, Cin, Cout]`.
 ///
-/// Work larger than one storage binding is split: output rows into slices (neighbour table,
-/// residual and output are per row), input channels into slices (the conv is linear in them:
-/// each slice adds onto the previous partial output, bias with the first, ReLU with the last).
+/// Work larger than one storage binding is split: sorted rows into slices (each slice's
+/// output comes back in sorted order and is put in place on the host), input channels into
+/// slices (the conv is linear in them: each slice adds onto the previous partial output, bias
+/// with the first, ReLU with the last).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_forward(
     ctx: &GpuContext,
@@ -78,7 +116,7 @@ pub fn conv_forward(
     if n_out == 0 || cout == 0 {
         return Ok(vec![0.0; n_out * cout]);
     }
-    let nbr = neighbour_table(map)?;
+    let sorted = SortedNeighbours::new(map)?;
     let limit = ctx.binding_limit() as usize / 4;
     // Rows per slice: neighbour rows (K values) and output rows (Cout values) must fit.
     let rows = (limit / kv.max(cout).max(1) / TILE_ROWS * TILE_ROWS).max(TILE_ROWS);
@@ -87,10 +125,19 @@ pub fn conv_forward(
     if rows.saturating_mul(kv.max(cout)) > limit || chans.saturating_mul(n_in.max(kv * cout)) > limit {
         return Err(Error::invalid("gpu conv", "a single row or channel exceeds the adapter's binding limit"));
     }
+    let whole = rows >= n_out;
     let mut y = vec![0f32; n_out * cout];
     for r0 in (0..n_out).step_by(rows) {
         let r1 = (r0 + rows).min(n_out);
-        let mut acc: Option<Vec<f32>> = residual.map(|r| r[r0 * cout..r1 * cout].to_vec());
+        // Unsplit, the kernel writes rows in place; a slice writes its rows in sorted order.
+        let slice_rows: Vec<u32> = if whole { sorted.out_rows.clone() } else { (0..(r1 - r0) as u32).collect() };
+        let mut acc: Option<Vec<f32>> = residual.map(|r| {
+            if whole {
+                r.to_vec()
+            } else {
+                sorted.out_rows[r0..r1].iter().flat_map(|&o| r[o as usize * cout..(o as usize + 1) * cout].iter().copied()).collect()
+            }
+        });
         for c0 in (0..cin.max(1)).step_by(chans) {
             let c1 = (c0 + chans).min(cin);
             // The channel slice of x and of every offset's weights (whole tensors when unsplit).
@@ -107,7 +154,7 @@ pub fn conv_forward(
             let last = c1 == cin;
             let out = dispatch_conv(
                 ctx,
-                &nbr[r0 * kv..r1 * kv],
+                (&sorted.nbr[r0 * kv..r1 * kv], &slice_rows),
                 (xv, c1 - c0),
                 (wv, kv, cout),
                 if c0 == 0 { bias } else { None },
@@ -118,24 +165,72 @@ pub fn conv_forward(
             acc = Some(out);
         }
         if let Some(a) = acc {
-            y[r0 * cout..r1 * cout].copy_from_slice(&a);
+            if whole {
+                y = a;
+            } else {
+                for (t, &o) in sorted.out_rows[r0..r1].iter().enumerate() {
+                    y[o as usize * cout..(o as usize + 1) * cout].copy_from_slice(&a[t * cout..(t + 1) * cout]);
+                }
+            }
         }
     }
     Ok(y)
 }
 
-/// One dispatch over a neighbour table slice; everything fits a binding.
-fn dispatch_conv(
-    ctx: &GpuContext,
-    nbr: &[i32],
-    (x, cin): (&[f32], usize),
-    (w, kv, cout): (&[f32], usize, usize),
-    bias: Option<&[f32]>,
-    residual: Option<&[f32]>,
-    relu: bool,
+/// Features or weights on the device in a [`Precision`]'s storage format (f32 words, or f16
+/// pairs packed in u32 words).
+#[derive(Debug)]
+pub struct DeviceValues {
+    buf: GpuBuffer<u32>,
     precision: Precision,
-) -> Result<Vec<f32>> {
-    let n_out = nbr.len() / kv;
+}
+
+impl DeviceValues {
+    /// Upload `v` in `precision`'s storage format.
+    pub fn upload(ctx: &GpuContext, label: &str, v: &[f32], precision: Precision) -> Result<Self> {
+        let words: Vec<u32> = match precision {
+            Precision::F32 => bytemuck::cast_slice(v).to_vec(),
+            // f16 pairs packed little-end first into u32 words, as `unpack2x16float` reads them.
+            Precision::F16 => v
+                .chunks(2)
+                .map(|p| {
+                    let lo = half::f16::from_f32(p[0]).to_bits() as u32;
+                    let hi = p.get(1).map_or(0, |&b| half::f16::from_f32(b).to_bits() as u32);
+                    lo | (hi << 16)
+                })
+                .collect(),
+        };
+        Ok(Self { buf: ctx.to_device(label, &words)?, precision })
+    }
+
+    /// f32 features already on the device (a previous layer's output), used as they are.
+    pub fn from_f32(buf: GpuBuffer<f32>) -> Self {
+        let len = buf.len();
+        Self { buf: GpuBuffer::wrap(buf.buf, len), precision: Precision::F32 }
+    }
+}
+
+/// The device-resident form of [`conv_forward`] for one dispatch (everything fits a binding):
+/// `nbr` is a (sorted) neighbour table `[rows, K]` and `out_rows` the output row of each of its
+/// rows, `x` holds `[n_in, cin]`, `w` `[K, cin, cout]`; the output has `out_rows.len()` rows.
+/// Records and submits the kernel and returns without waiting; the output stays on the device.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_on_device(
+    ctx: &GpuContext,
+    (nbr, out_rows): (&GpuBuffer<i32>, &GpuBuffer<u32>),
+    (x, cin): (&DeviceValues, usize),
+    (w, kv, cout): (&DeviceValues, usize, usize),
+    bias: Option<&GpuBuffer<f32>>,
+    residual: Option<&GpuBuffer<f32>>,
+    relu: bool,
+) -> Result<GpuBuffer<f32>> {
+    if x.precision != w.precision {
+        return Err(Error::invalid("gpu conv", "features and weights are stored in different precisions"));
+    }
+    let n_out = nbr.len() / kv.max(1);
+    if out_rows.len() != n_out {
+        return Err(Error::invalid("gpu conv", "neighbour table and output rows differ in length"));
+    }
     let flags = u32::from(bias.is_some()) | (u32::from(residual.is_some()) << 1) | (u32::from(relu) << 2);
     let g = grid(n_out.div_ceil(TILE_ROWS) as u32);
     let params = Params {
@@ -148,35 +243,47 @@ fn dispatch_conv(
         pad: [0; 2],
     };
     let p = ctx.uniform(&params);
-    // f16 pairs packed little-end first into u32 words, as `unpack2x16float` reads them.
-    let half = |v: &[f32]| -> Vec<u32> {
-        v.chunks(2)
-            .map(|p| {
-                let lo = half::f16::from_f32(p[0]).to_bits() as u32;
-                let hi = p.get(1).map_or(0, |&b| half::f16::from_f32(b).to_bits() as u32);
-                lo | (hi << 16)
-            })
-            .collect()
+    let key = match x.precision {
+        Precision::F32 => CONV,
+        Precision::F16 => PipelineKey { variant: F16, ..CONV },
     };
-    let (bx, bw, key) = match precision {
-        Precision::F32 => (ctx.upload("x", x)?, ctx.upload("weights", w)?, CONV),
-        Precision::F16 => {
-            (ctx.upload("x", &half(x))?, ctx.upload("weights", &half(w))?, PipelineKey { variant: F16, ..CONV })
-        }
-    };
-    let bn = ctx.upload("neighbours", nbr)?;
-    let bb = ctx.upload("bias", bias.unwrap_or(&[]))?;
-    let br = ctx.upload("residual", residual.unwrap_or(&[]))?;
     let by = ctx.zeroed("y", (n_out * cout) as u64 * 4)?;
+    // Absent operands still need a binding: a tiny placeholder the kernel never reads.
+    let empty = ctx.zeroed("unused", 16)?;
+    let bb = bias.map_or(&empty, |b| b.raw());
+    let br = residual.map_or(&empty, |b| b.raw());
     let mut enc = ctx.encoder();
     let cols = cout.div_ceil(TILE_COLS) as u32;
     ctx.dispatch(
         &mut enc,
         key,
-        &[(0, &p), (1, &bx), (2, &bw), (3, &bn), (4, &bb), (5, &br), (6, &by)],
+        &[(0, &p), (1, x.buf.raw()), (2, w.buf.raw()), (3, nbr.raw()), (4, bb), (5, br), (6, &by), (7, out_rows.raw())],
         (g.0, g.1, cols),
     );
-    ctx.finish_and_read(enc, &by, n_out * cout)
+    ctx.submit(enc);
+    Ok(GpuBuffer::wrap(by, n_out * cout))
+}
+
+/// One dispatch over a neighbour table slice, from and to host memory.
+#[allow(clippy::too_many_arguments)]
+fn dispatch_conv(
+    ctx: &GpuContext,
+    (nbr, out_rows): (&[i32], &[u32]),
+    (x, cin): (&[f32], usize),
+    (w, kv, cout): (&[f32], usize, usize),
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    relu: bool,
+    precision: Precision,
+) -> Result<Vec<f32>> {
+    let bx = DeviceValues::upload(ctx, "x", x, precision)?;
+    let bw = DeviceValues::upload(ctx, "weights", w, precision)?;
+    let bn = ctx.to_device("neighbours", nbr)?;
+    let bo = ctx.to_device("out rows", out_rows)?;
+    let bb = bias.map(|b| ctx.to_device("bias", b)).transpose()?;
+    let br = residual.map(|r| ctx.to_device("residual", r)).transpose()?;
+    let y = conv_on_device(ctx, (&bn, &bo), (&bx, cin), (&bw, kv, cout), bb.as_ref(), br.as_ref(), relu)?;
+    ctx.read(&y)
 }
 
 /// A dense GEMM `a [m, k] · b [k, n]` through the same kernel (one offset, every row its own
@@ -186,5 +293,6 @@ pub fn dense_gemm(ctx: &GpuContext, a: &[f32], m: usize, k: usize, b: &[f32], n:
         return Err(Error::invalid("gpu gemm", "operand sizes do not match"));
     }
     let rows: Vec<i32> = (0..m as i32).collect();
-    dispatch_conv(ctx, &rows, (a, k), (b, 1, n), None, None, false, Precision::F32)
+    let out_rows: Vec<u32> = (0..m as u32).collect();
+    dispatch_conv(ctx, (&rows, &out_rows), (a, k), (b, 1, n), None, None, false, Precision::F32)
 }

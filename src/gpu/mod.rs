@@ -6,8 +6,10 @@
 pub mod conv;
 pub mod kmap;
 pub mod shaders;
+pub mod sort;
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::Mutex;
 
 use wgpu::util::DeviceExt;
@@ -212,7 +214,8 @@ impl GpuContext {
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
     }
 
-    fn encoder(&self) -> wgpu::CommandEncoder {
+    /// A command encoder to record kernels into (then [`GpuContext::submit`]).
+    pub fn encoder(&self) -> wgpu::CommandEncoder {
         self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
     }
 
@@ -249,6 +252,66 @@ impl GpuContext {
         drop(data);
         staging.unmap();
         Ok(out)
+    }
+}
+
+/// A typed storage buffer resident on the device: the input and output of the `*_on_device`
+/// kernel entry points, so a chain of kernels moves no data through the host.
+pub struct GpuBuffer<T> {
+    buf: wgpu::Buffer,
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T> std::fmt::Debug for GpuBuffer<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuBuffer<{}>[{}]", std::any::type_name::<T>(), self.len)
+    }
+}
+
+impl<T: bytemuck::Pod> GpuBuffer<T> {
+    /// Elements held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The wgpu buffer, to bind or copy.
+    pub fn raw(&self) -> &wgpu::Buffer {
+        &self.buf
+    }
+
+    pub(crate) fn wrap(buf: wgpu::Buffer, len: usize) -> Self {
+        Self { buf, len, _t: PhantomData }
+    }
+}
+
+impl GpuContext {
+    /// Copy `data` to the device.
+    pub fn to_device<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<GpuBuffer<T>> {
+        Ok(GpuBuffer::wrap(self.upload(label, data)?, data.len()))
+    }
+
+    /// Copy a device buffer back (waits for every submitted kernel).
+    pub fn read<T: bytemuck::Pod>(&self, b: &GpuBuffer<T>) -> Result<Vec<T>> {
+        self.finish_and_read(self.encoder(), b.raw(), b.len())
+    }
+
+    /// Wait until the device has finished all submitted work.
+    pub fn sync(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::invalid("gpu", format!("waiting for the device failed: {e}")))
+    }
+
+    /// Submit recorded work without waiting.
+    pub fn submit(&self, enc: wgpu::CommandEncoder) {
+        self.queue.submit(Some(enc.finish()));
     }
 }
 

@@ -8,17 +8,26 @@ pub enum Shader {
     KmapHash,
     /// `shaders/conv.wgsl`: output-stationary implicit-GEMM convolution.
     Conv,
+    /// `shaders/scan.wgsl`: exclusive prefix sums (reduce-then-scan).
+    Scan,
+    /// `shaders/radix_sort.wgsl`: one pass of a stable radix sort of u32-pair keys.
+    RadixSort,
+    /// `shaders/kmap_sort.wgsl`: packed keys, binary-search queries, unique parents.
+    KmapSort,
 }
 
 impl Shader {
     /// Every shader, for parse checks.
-    pub const ALL: [Shader; 2] = [Shader::KmapHash, Shader::Conv];
+    pub const ALL: [Shader; 5] = [Shader::KmapHash, Shader::Conv, Shader::Scan, Shader::RadixSort, Shader::KmapSort];
 
     /// File name under `shaders/`.
     pub fn name(self) -> &'static str {
         match self {
             Shader::KmapHash => "kmap_hash.wgsl",
             Shader::Conv => "conv.wgsl",
+            Shader::Scan => "scan.wgsl",
+            Shader::RadixSort => "radix_sort.wgsl",
+            Shader::KmapSort => "kmap_sort.wgsl",
         }
     }
 
@@ -27,6 +36,9 @@ impl Shader {
         match self {
             Shader::KmapHash => include_str!("../../shaders/kmap_hash.wgsl"),
             Shader::Conv => include_str!("../../shaders/conv.wgsl"),
+            Shader::Scan => include_str!("../../shaders/scan.wgsl"),
+            Shader::RadixSort => include_str!("../../shaders/radix_sort.wgsl"),
+            Shader::KmapSort => include_str!("../../shaders/kmap_sort.wgsl"),
         }
     }
 
@@ -50,6 +62,9 @@ fn load_w(i: u32) -> f32 { let p = unpack2x16float(w[i >> 1u]); return select(p.
         match self {
             Shader::KmapHash => &["insert", "query"],
             Shader::Conv => &["main"],
+            Shader::Scan => &["reduce", "scan"],
+            Shader::RadixSort => &["count", "scatter"],
+            Shader::KmapSort => &["keys", "query", "unique_flags", "compact"],
         }
     }
 }

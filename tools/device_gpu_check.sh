@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU measurements on a lent NVIDIA machine (see BENCHMARKS.md, "GPU backend"). The machine has no
+# Rust toolchain: build here and carry stripped binaries in .devbin/ (gitignored via
+# .git/info/exclude), with the Vulkan loader packages in .gl/:
+#   cargo build --release && cargo bench --bench gpu --no-run && cargo test --test gpu --no-run
+#   strip -o .devbin/sparseconv target/release/sparseconv; strip -o .devbin/gpu-bench <bench exe>
+#   strip -o .devbin/gpu-test <test exe>
+# Binaries find the bundled data through the build path (CARGO_MANIFEST_DIR), linked below.
+set -u
+for f in .gl/*.deb; do dpkg -x "$f" /; done
+ldconfig
+icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+[ -f "$icd" ] && export VK_DRIVER_FILES=$icd
+nvidia-smi -L
+built=${BUILT_AT:-/work/main}
+if [ ! -e "$built" ]; then mkdir -p "$(dirname "$built")" && ln -s "$PWD" "$built"; fi
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+scan=data/semantickitti/sequences/00/velodyne/000000.bin
+model=data/models/minkunet_cr0.5.safetensors
+echo "== gpu tests"
+timeout 150 .devbin/gpu-test --test-threads 1 > "$out/test.log" 2>&1; echo "tests rc=$?"
+grep -E "test result|FAILED|panicked|SKIP" "$out/test.log" | head -20
+echo "== cli bench"
+for p in f32 f16; do
+  timeout 60 .devbin/sparseconv bench "$scan" --model "$model" --device gpu --precision "$p" --runs 20 --layers \
+    > "$out/cli_$p.log" 2>&1; echo "cli $p rc=$?"
+done
+timeout 60 .devbin/sparseconv bench "$scan" --model "$model" --device cpu --runs 10 > "$out/cli_cpu.log" 2>&1
+echo "== layer bench"
+timeout 200 .devbin/gpu-bench > "$out/bench.log" 2>&1; echo "bench rc=$?"
+grep -v XDG "$out/bench.log"
+for f in "$out"/cli_*.log; do echo "== $f"; grep -v XDG "$f" | head -30; done
