@@ -239,3 +239,17 @@ fn work_larger_than_one_binding_is_split() {
     let err = rel_err(&g, &cpu);
     assert!(err < 1e-4, "split conv: relative error {err:e}");
 }
+
+#[test]
+fn scratch_buffers_return_to_the_pool() {
+    let Some(ctx) = gpu() else { return };
+    let a = ctx.scratch::<u32>("first", 3000).unwrap();
+    let raw = a.raw().clone();
+    let held = ctx.scratch::<u32>("held", 3000).unwrap();
+    assert!(held.raw() != &raw, "a buffer in use is never handed out twice");
+    drop(a.cast::<f32>(10));
+    // Same size class (16 KiB): the dropped buffer comes back.
+    let b = ctx.scratch::<f32>("second", 2500).unwrap();
+    assert!(b.raw() == &raw, "the dropped scratch buffer was not reused");
+    assert_eq!(b.len(), 2500);
+}

@@ -206,7 +206,7 @@ impl DeviceValues {
     /// f32 features already on the device (a previous layer's output), used as they are.
     pub fn from_f32(buf: GpuBuffer<f32>) -> Self {
         let len = buf.len();
-        Self { buf: GpuBuffer::wrap(buf.buf, len), precision: Precision::F32 }
+        Self { buf: buf.cast(len), precision: Precision::F32 }
     }
 }
 
@@ -247,7 +247,8 @@ pub fn conv_on_device(
         Precision::F32 => CONV,
         Precision::F16 => PipelineKey { variant: F16, ..CONV },
     };
-    let by = ctx.zeroed("y", (n_out * cout) as u64 * 4)?;
+    // Every output value is written (out_rows is a permutation of the rows): no clearing.
+    let by = ctx.scratch::<f32>("y", n_out * cout)?;
     // Absent operands still need a binding: a tiny placeholder the kernel never reads.
     let empty = ctx.zeroed("unused", 16)?;
     let bb = bias.map_or(&empty, |b| b.raw());
@@ -257,11 +258,11 @@ pub fn conv_on_device(
     ctx.dispatch(
         &mut enc,
         key,
-        &[(0, &p), (1, x.buf.raw()), (2, w.buf.raw()), (3, nbr.raw()), (4, bb), (5, br), (6, &by), (7, out_rows.raw())],
+        &[(0, &p), (1, x.buf.raw()), (2, w.buf.raw()), (3, nbr.raw()), (4, bb), (5, br), (6, by.raw()), (7, out_rows.raw())],
         (g.0, g.1, cols),
     );
     ctx.submit(enc);
-    Ok(GpuBuffer::wrap(by, n_out * cout))
+    Ok(by)
 }
 
 /// One dispatch over a neighbour table slice, from and to host memory.

@@ -45,7 +45,7 @@ impl DeviceHashTable {
         let n_in = inputs.len();
         check_sizes(n_in, 0, 0)?;
         let cap = (2 * n_in).next_power_of_two().max(64);
-        let table = ctx.zeroed("hash table", cap as u64 * 4)?;
+        let table = ctx.scratch::<u32>("hash table", cap)?;
         let gi = grid((n_in as u32).div_ceil(256));
         let pi = ctx.uniform(&Params {
             n_in: n_in as u32,
@@ -56,9 +56,11 @@ impl DeviceHashTable {
             pad: [0; 3],
         });
         let mut enc = ctx.encoder();
-        ctx.dispatch(&mut enc, INSERT, &[(0, &pi), (1, inputs.raw()), (2, &table)], (gi.0, gi.1, 1));
+        // 0 marks an empty slot; a pooled buffer holds old contents.
+        enc.clear_buffer(table.raw(), 0, None);
+        ctx.dispatch(&mut enc, INSERT, &[(0, &pi), (1, inputs.raw()), (2, table.raw())], (gi.0, gi.1, 1));
         ctx.submit(enc);
-        Ok(Self { table: GpuBuffer::wrap(table, cap), n_in })
+        Ok(Self { table, n_in })
     }
 
     /// The neighbour table `[outputs.len(), deltas.len()]` (input row at `out + delta`, or -1),
@@ -75,7 +77,7 @@ impl DeviceHashTable {
         if inputs.len() != self.n_in {
             return Err(Error::invalid("gpu kernel map", "queried with other inputs than the table holds"));
         }
-        let nbr = ctx.zeroed("neighbours", (n * kv) as u64 * 4)?;
+        let nbr = ctx.scratch::<i32>("neighbours", n * kv)?;
         let gq = grid(((n * kv) as u32).div_ceil(256));
         let pq = ctx.uniform(&Params {
             n_in: self.n_in as u32,
@@ -86,10 +88,10 @@ impl DeviceHashTable {
             pad: [0; 3],
         });
         let mut enc = ctx.encoder();
-        let binds = [(0, &pq), (1, inputs.raw()), (2, self.table.raw()), (3, outputs.raw()), (4, deltas.raw()), (5, &nbr)];
+        let binds = [(0, &pq), (1, inputs.raw()), (2, self.table.raw()), (3, outputs.raw()), (4, deltas.raw()), (5, nbr.raw())];
         ctx.dispatch(&mut enc, QUERY, &binds, (gq.0, gq.1, 1));
         ctx.submit(enc);
-        Ok(GpuBuffer::wrap(nbr, n * kv))
+        Ok(nbr)
     }
 }
 
@@ -199,7 +201,8 @@ pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -
         let parents: Vec<u64> = input.coords().iter().map(|&c| parent_key(c, s)).collect::<Result<_>>()?;
         let pkeys = record_keys(ctx, &mut enc, &bin, s)?;
         let psorted = sort::sort_pairs(ctx, &mut enc, &pkeys, varying_bits(parents.into_iter()))?;
-        let flags = ctx.zeroed("run starts", n_in.max(1) as u64 * 4)?;
+        let flags = ctx.scratch::<u32>("run starts", n_in)?;
+        let flags = flags.raw();
         let count = ctx.zeroed("unique count", 4)?;
         let g = grid((n_in as u32).div_ceil(256));
         let p = ctx.uniform(&SortParams {
@@ -212,23 +215,22 @@ pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -
             pad: [0; 2],
         });
         let (sh, sl) = (psorted.hi.raw(), psorted.lo.raw());
-        ctx.dispatch(&mut enc, UNIQUE_FLAGS, &[(0, &p), (5, sh), (6, sl), (10, &flags)], (g.0, g.1, 1));
-        sort::exclusive_scan(ctx, &mut enc, &flags, n_in)?;
+        ctx.dispatch(&mut enc, UNIQUE_FLAGS, &[(0, &p), (5, sh), (6, sl), (10, flags)], (g.0, g.1, 1));
+        sort::exclusive_scan(ctx, &mut enc, flags, n_in)?;
         // The unique keys land at the front of the parent buffers, which are free again.
         let (uh, ul) = (pkeys.hi.raw(), pkeys.lo.raw());
-        let binds = [(0, &p), (2, uh), (3, ul), (5, sh), (6, sl), (10, &flags), (11, &count)];
+        let binds = [(0, &p), (2, uh), (3, ul), (5, sh), (6, sl), (10, flags), (11, &count)];
         ctx.dispatch(&mut enc, COMPACT, &binds, (g.0, g.1, 1));
         ctx.submit(enc);
         let n_out = ctx.read(&GpuBuffer::<u32>::wrap(count, 1))?[0] as usize;
-        let hi = ctx.read(&GpuBuffer::<u32>::wrap(pkeys.hi.raw().clone(), n_out))?;
-        let lo = ctx.read(&GpuBuffer::<u32>::wrap(pkeys.lo.raw().clone(), n_out))?;
+        let queries = sort::KeyValues {
+            hi: pkeys.hi.cast(n_out),
+            lo: pkeys.lo.cast(n_out),
+            val: pkeys.val.cast(n_out),
+        };
+        let (hi, lo) = (ctx.read(&queries.hi)?, ctx.read(&queries.lo)?);
         let coords: Vec<[i32; 4]> =
             hi.iter().zip(&lo).map(|(&h, &l)| coords::unpack((u64::from(h) << 32) | u64::from(l))).collect();
-        let queries = sort::KeyValues {
-            hi: GpuBuffer::wrap(pkeys.hi.raw().clone(), n_out),
-            lo: GpuBuffer::wrap(pkeys.lo.raw().clone(), n_out),
-            val: GpuBuffer::wrap(pkeys.val.raw().clone(), n_out),
-        };
         (Arc::new(CoordSet::new_unchecked(coords, s)), queries)
     };
     let n_out = out.len();
@@ -246,7 +248,7 @@ pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -
     let mut nbr = Vec::with_capacity(n_out * kv);
     for r0 in (0..n_out).step_by(rows) {
         let n = (r0 + rows).min(n_out) - r0;
-        let bn = ctx.zeroed("neighbours", (n * kv) as u64 * 4)?;
+        let bn = ctx.scratch::<i32>("neighbours", n * kv)?;
         let g = grid(((n * kv) as u32).div_ceil(256));
         let p = ctx.uniform(&SortParams {
             n: n_in as u32,
@@ -266,11 +268,11 @@ pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -
             (6, sorted.lo.raw()),
             (7, sorted.val.raw()),
             (8, bdel.raw()),
-            (9, &bn),
+            (9, bn.raw()),
         ];
         ctx.dispatch(&mut enc, SORT_QUERY, &binds, (g.0, g.1, 1));
         ctx.submit(enc);
-        nbr.extend(ctx.read(&GpuBuffer::<i32>::wrap(bn, n * kv))?);
+        nbr.extend(ctx.read(&bn)?);
     }
     let per = pairs_from_neighbours(&nbr, kv);
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };

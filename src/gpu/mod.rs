@@ -10,7 +10,7 @@ pub mod sort;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use wgpu::util::DeviceExt;
 
@@ -31,7 +31,15 @@ pub struct GpuContext {
     limits: wgpu::Limits,
     binding_limit: u64,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    pool: Arc<Pool>,
 }
+
+/// Free device buffers by size: scratch buffers return here when their [`GpuBuffer`] drops,
+/// so a chain of layers reuses memory instead of allocating (and wgpu zero-filling) each time.
+type Pool = Mutex<HashMap<u64, Vec<wgpu::Buffer>>>;
+
+/// Buffers kept per size class.
+const POOL_DEPTH: usize = 8;
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,7 +105,15 @@ impl GpuContext {
         }))
         .map_err(|e| no_adapter(&format!("adapter `{}` refused a device: {e}", info.name)))?;
         let binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
-        Ok(Self { device, queue, info, limits, binding_limit, pipelines: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            device,
+            queue,
+            info,
+            limits,
+            binding_limit,
+            pipelines: Mutex::new(HashMap::new()),
+            pool: Arc::new(Mutex::new(HashMap::new())),
+        })
     }
 
     /// Adapter name, type and backend.
@@ -260,7 +276,21 @@ impl GpuContext {
 pub struct GpuBuffer<T> {
     buf: wgpu::Buffer,
     len: usize,
+    // Where the buffer goes back on drop (scratch buffers only).
+    pool: Option<Weak<Pool>>,
     _t: PhantomData<T>,
+}
+
+impl<T> Drop for GpuBuffer<T> {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take().and_then(|w| w.upgrade()) {
+            let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+            let free = pool.entry(self.buf.size()).or_default();
+            if free.len() < POOL_DEPTH {
+                free.push(self.buf.clone());
+            }
+        }
+    }
 }
 
 impl<T> std::fmt::Debug for GpuBuffer<T> {
@@ -286,7 +316,13 @@ impl<T: bytemuck::Pod> GpuBuffer<T> {
     }
 
     pub(crate) fn wrap(buf: wgpu::Buffer, len: usize) -> Self {
-        Self { buf, len, _t: PhantomData }
+        Self { buf, len, pool: None, _t: PhantomData }
+    }
+
+    /// The same storage seen as `len` values of `U` (the buffer moves, pool membership too).
+    pub fn cast<U: bytemuck::Pod>(mut self, len: usize) -> GpuBuffer<U> {
+        debug_assert!((len * std::mem::size_of::<U>()) as u64 <= self.buf.size());
+        GpuBuffer { buf: self.buf.clone(), len, pool: self.pool.take(), _t: PhantomData }
     }
 }
 
@@ -294,6 +330,26 @@ impl GpuContext {
     /// Copy `data` to the device.
     pub fn to_device<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<GpuBuffer<T>> {
         Ok(GpuBuffer::wrap(self.upload(label, data)?, data.len()))
+    }
+
+    /// A device buffer for `len` values whose contents are unspecified, from the pool when one
+    /// of its size class is free. Size classes are powers of two (up to the binding limit).
+    pub fn scratch<T: bytemuck::Pod>(&self, label: &str, len: usize) -> Result<GpuBuffer<T>> {
+        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        self.check_binding(label, bytes)?;
+        let class = bytes.max(256).next_power_of_two();
+        let class = if class > self.binding_limit { bytes.max(256).next_multiple_of(256) } else { class };
+        let reused = self.pool.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&class).and_then(Vec::pop);
+        let buf = match reused {
+            Some(b) => b,
+            None => self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: class,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+        };
+        Ok(GpuBuffer { buf, len, pool: Some(Arc::downgrade(&self.pool)), _t: PhantomData })
     }
 
     /// Copy a device buffer back (waits for every submitted kernel).

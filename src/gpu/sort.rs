@@ -41,11 +41,11 @@ pub fn exclusive_scan(ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, data: &w
         ctx.dispatch(enc, SCAN, &[(0, &params(0)), (1, data), (2, &unused)], (1, 1, 1));
         return Ok(());
     }
-    let sums = ctx.zeroed("scan sums", blocks as u64 * 4)?;
+    let sums = ctx.scratch::<u32>("scan sums", blocks)?;
     let p = params(1);
-    ctx.dispatch(enc, REDUCE, &[(0, &p), (1, data), (2, &sums)], (g.0, g.1, 1));
-    exclusive_scan(ctx, enc, &sums, blocks)?;
-    ctx.dispatch(enc, SCAN, &[(0, &p), (1, data), (2, &sums)], (g.0, g.1, 1));
+    ctx.dispatch(enc, REDUCE, &[(0, &p), (1, data), (2, sums.raw())], (g.0, g.1, 1));
+    exclusive_scan(ctx, enc, sums.raw(), blocks)?;
+    ctx.dispatch(enc, SCAN, &[(0, &p), (1, data), (2, sums.raw())], (g.0, g.1, 1));
     Ok(())
 }
 
@@ -63,7 +63,7 @@ pub struct KeyValues {
 impl KeyValues {
     /// Uninitialised storage for `n` keys and values.
     pub fn alloc(ctx: &GpuContext, n: usize) -> Result<Self> {
-        let b = |label| ctx.zeroed(label, n as u64 * 4).map(|b| GpuBuffer::wrap(b, n));
+        let b = |label| ctx.scratch::<u32>(label, n);
         Ok(Self { hi: b("keys hi")?, lo: b("keys lo")?, val: b("values")? })
     }
 
@@ -90,7 +90,8 @@ pub fn sort_pairs(
     let n = input.len();
     let blocks = n.div_ceil(BLOCK).max(1);
     let g = grid(blocks as u32);
-    let hist = ctx.zeroed("radix histogram", (16 * blocks) as u64 * 4)?;
+    let hist = ctx.scratch::<u32>("radix histogram", 16 * blocks)?;
+    let hist = hist.raw();
     let shifts: Vec<u32> = (0..16u32).map(|d| d * 4).filter(|&s| (varying >> s) & 15 != 0).collect();
     let bufs = [KeyValues::alloc(ctx, n)?, KeyValues::alloc(ctx, n)?];
     if shifts.is_empty() {
@@ -107,14 +108,14 @@ pub fn sort_pairs(
             _ => (&bufs[1], &bufs[0]),
         };
         // Auto-derived layouts hold only the bindings an entry point uses.
-        ctx.dispatch(enc, COUNT, &[(0, &p), (1, src.hi.raw()), (2, src.lo.raw()), (4, &hist)], (g.0, g.1, 1));
-        exclusive_scan(ctx, enc, &hist, 16 * blocks)?;
+        ctx.dispatch(enc, COUNT, &[(0, &p), (1, src.hi.raw()), (2, src.lo.raw()), (4, hist)], (g.0, g.1, 1));
+        exclusive_scan(ctx, enc, hist, 16 * blocks)?;
         let all = [
             (0, &p),
             (1, src.hi.raw()),
             (2, src.lo.raw()),
             (3, src.val.raw()),
-            (4, &hist),
+            (4, hist),
             (5, dst.hi.raw()),
             (6, dst.lo.raw()),
             (7, dst.val.raw()),
