@@ -17,11 +17,13 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sparseconv::bench::{conv_flops, measure, pseudo_random, Stats};
 use sparseconv::cpu::build_map;
 use sparseconv::cpu::conv::conv_forward as cpu_conv;
-use sparseconv::gpu::conv::{conv_forward as gpu_conv, conv_on_device, dense_gemm, DeviceValues, SortedNeighbours, Precision};
+use sparseconv::gpu::conv::{
+    conv_forward as gpu_conv, conv_on_device, dense_gemm, DeviceValues, Precision, SortedNeighbours, WeightStationary,
+};
 use sparseconv::gpu::kmap::{deltas4, DeviceHashTable};
 use sparseconv::gpu::{kmap, GpuContext};
 use sparseconv::voxel::voxelize;
-use sparseconv::{KernelSpec, MapBuilder, Plan};
+use sparseconv::{GroupingParams, KernelSpec, MapBuilder, Plan};
 
 fn row(name: &str, s: &Stats, flops: Option<f64>, extra: &str) {
     let tp = flops.map_or(String::new(), |f| format!("{:>8.1} GFLOP/s", s.gflops(f)));
@@ -117,9 +119,22 @@ fn main() {
             let bx = DeviceValues::upload(&ctx, "x", &x, p).expect("upload");
             let bw = DeviceValues::upload(&ctx, "w", &w, p).expect("upload");
             res.push(measure(1, min_runs, 2000, secs, || {
-                conv_on_device(&ctx, (&nbr, &orows), (&bx, cin), (&bw, map.volume(), cout), None, None, false).expect("conv");
+                conv_on_device(&ctx, (&nbr, &orows), (&bx, cin), (&bw, map.volume(), cout), None, None, false)
+                    .expect("conv");
                 ctx.sync().expect("sync");
             }));
+        }
+        // Weight-stationary (gather -> GEMM -> scatter), ungrouped and grouped, f32, resident.
+        let mut ws = Vec::new();
+        for plan in [Plan::ungrouped(map), Plan::grouped(map, GroupingParams { tolerance: 0.5, max_rows: 1 << 20 })] {
+            let prepared = WeightStationary::prepare(&ctx, map, &plan, cin, cout).expect("prepare").expect("fits");
+            let bx = DeviceValues::upload(&ctx, "x", &x, Precision::F32).expect("upload");
+            let bw = DeviceValues::upload(&ctx, "w", &w, Precision::F32).expect("upload");
+            let s = measure(1, min_runs, 2000, secs, || {
+                prepared.run(&ctx, (&bx, cin), (&bw, cout), None, None, false).expect("conv");
+                ctx.sync().expect("sync");
+            });
+            ws.push((plan.groups.len(), s));
         }
         let m = map.total_pairs();
         let (a, b) = (pseudo_random(m * cin, 3, 1.0), pseudo_random(cin * cout, 4, 0.1));
@@ -137,10 +152,24 @@ fn main() {
             ctx.sync().expect("sync");
         });
         row(&format!("{name} cpu"), &c, Some(flops), "");
-        row(&format!("{name} gpu f32 host"), &gpu[0], Some(flops), &format!("{:.0}% of dense", 100.0 * d.median / gpu[0].median));
+        row(
+            &format!("{name} gpu f32 host"),
+            &gpu[0],
+            Some(flops),
+            &format!("{:.0}% of dense", 100.0 * d.median / gpu[0].median),
+        );
         row(&format!("{name} gpu f16 host"), &gpu[1], Some(flops), "");
-        row(&format!("{name} gpu f32 resident"), &res[0], Some(flops), &format!("{:.0}% of dense", 100.0 * dr.median / res[0].median));
+        row(
+            &format!("{name} gpu f32 resident"),
+            &res[0],
+            Some(flops),
+            &format!("{:.0}% of dense", 100.0 * dr.median / res[0].median),
+        );
         row(&format!("{name} gpu f16 resident"), &res[1], Some(flops), "");
+        for (i, (groups, s)) in ws.iter().enumerate() {
+            let kind = if i == 0 { "ungrouped" } else { "grouped" };
+            row(&format!("{name} gpu ws {kind} ({groups} groups) resident"), s, Some(flops), "");
+        }
         row(&format!("{name} gpu dense gemm {m}x{cin}x{cout} host"), &d, Some(flops), "");
         row(&format!("{name} gpu dense gemm resident"), &dr, Some(flops), "");
     }

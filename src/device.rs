@@ -347,9 +347,10 @@ impl Engine {
         let t0 = std::time::Instant::now();
         let out = match &self.device {
             Device::Cpu => cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, epi)?,
-            Device::Gpu(g) => crate::gpu::conv::conv_forward(
+            Device::Gpu(g) => crate::gpu::conv::conv_forward_planned(
                 g,
                 map,
+                &plan,
                 x.feats(),
                 w.cin,
                 &w.kernel,

@@ -10,9 +10,9 @@ use std::sync::{Arc, OnceLock};
 use common::*;
 use sparseconv::bench::pseudo_random;
 use sparseconv::cpu::build_map;
-use sparseconv::gpu::conv::{conv_forward, Precision};
+use sparseconv::gpu::conv::{conv_forward, conv_forward_planned, Precision, WeightStationary};
 use sparseconv::gpu::{kmap, GpuContext};
-use sparseconv::{Engine, KernelMap, KernelSpec, MapBuilder, Plan};
+use sparseconv::{Engine, GroupingParams, KernelMap, KernelSpec, MapBuilder, Plan};
 
 fn gpu() -> Option<&'static GpuContext> {
     static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
@@ -96,7 +96,8 @@ fn gpu_radix_sort_and_scan_match_cpu() {
         let (h, l, v) = (ctx.read(&sorted.hi).unwrap(), ctx.read(&sorted.lo).unwrap(), ctx.read(&sorted.val).unwrap());
         let mut want: Vec<(u64, u32)> = keys.iter().copied().zip(0..).collect();
         want.sort_by_key(|e| e.0); // stable
-        let got: Vec<(u64, u32)> = h.iter().zip(&l).zip(&v).map(|((&h, &l), &v)| ((u64::from(h) << 32) | u64::from(l), v)).collect();
+        let got: Vec<(u64, u32)> =
+            h.iter().zip(&l).zip(&v).map(|((&h, &l), &v)| ((u64::from(h) << 32) | u64::from(l), v)).collect();
         assert!(got == want, "n = {n}: radix sort differs from a stable CPU sort");
         let want_scan: Vec<u32> = counts
             .iter()
@@ -177,15 +178,27 @@ fn gpu_conv_matches_cpu_and_repeats_bit_for_bit() {
         let r = residual.then(|| pseudo_random(map.n_out() * cout, 40, 1.0));
         let epi = sparseconv::cpu::conv::Epilogue { bias: b.as_deref(), residual: r.as_deref(), relu };
         let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &Plan::ungrouped(&map), &x, cin, &w, cout, epi).unwrap();
-        let g1 = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu, Precision::F32).unwrap();
-        let err = rel_err(&g1, &cpu);
-        assert!(err < 1e-4, "{label}: relative error {err:e}");
-        let g2 = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu, Precision::F32).unwrap();
-        assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: second run differs");
-        let h = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu, Precision::F16).unwrap();
-        let err = rel_err(&h, &cpu);
-        assert!(err < 5e-3, "{label} f16: relative error {err:e} over the stated bound 5e-3");
-        assert!(err > 0.0, "{label} f16: identical to f32, so the f16 path did not run");
+        let plans = [
+            ("output-stationary", Plan::output_tiled(&map)),
+            ("weight-stationary ungrouped", Plan::ungrouped(&map)),
+            ("weight-stationary grouped", Plan::grouped(&map, GroupingParams { tolerance: 0.6, max_rows: 1 << 20 })),
+        ];
+        for (pname, plan) in &plans {
+            let label = format!("{label} {pname}");
+            let run = |p| conv_forward_planned(ctx, &map, plan, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu, p);
+            let g1 = run(Precision::F32).unwrap();
+            let err = rel_err(&g1, &cpu);
+            assert!(err < 1e-4, "{label}: relative error {err:e}");
+            let g2 = run(Precision::F32).unwrap();
+            assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: second run differs");
+            let h = run(Precision::F16).unwrap();
+            let err = rel_err(&h, &cpu);
+            assert!(err < 5e-3, "{label} f16: relative error {err:e} over the stated bound 5e-3");
+            assert!(err > 0.0, "{label} f16: identical to f32, so the f16 path did not run");
+        }
+        // The plain entry point is the output-stationary kernel.
+        let g = conv_forward(ctx, &map, &x, cin, &w, cout, b.as_deref(), r.as_deref(), relu, Precision::F32).unwrap();
+        assert!(rel_err(&g, &cpu) < 1e-4, "{label}: conv_forward");
     }
 }
 
@@ -208,9 +221,17 @@ fn minkunet_on_gpu_matches_cpu() {
     let model = Model::load_arch("minkunet", &Checkpoint::random(3), 0.5, 19).unwrap();
     let cpu = model.forward(&Engine::default(), &x).unwrap();
     let dev = Device::gpu().unwrap();
-    let g = model.forward(&Engine::new(dev, MapBuilder::Hash, Grouping::Heuristic), &x).unwrap();
-    let err = rel_err(&g, &cpu);
-    assert!(err < 1e-3, "MinkUNet logits on the GPU: relative error {err:e}");
+    let fixed = Grouping::Fixed(GroupingParams { tolerance: 0.6, max_rows: 1 << 20 });
+    // Output-stationary (heuristic: narrow layers) and weight-stationary layers, both map builders.
+    for (label, builder, grouping) in [
+        ("gpu/hash/heuristic", MapBuilder::Hash, Grouping::Heuristic),
+        ("gpu/sort/ungrouped", MapBuilder::Sort, Grouping::Off),
+        ("gpu/sort/grouped", MapBuilder::Sort, fixed),
+    ] {
+        let g = model.forward(&Engine::new(dev.clone(), builder, grouping), &x).unwrap();
+        let err = rel_err(&g, &cpu);
+        assert!(err < 1e-3, "{label}: MinkUNet logits on the GPU: relative error {err:e}");
+    }
 }
 
 #[test]
@@ -238,6 +259,20 @@ fn work_larger_than_one_binding_is_split() {
     let g = conv_forward(&ctx, &map, &xf, cin, &w, cout, Some(&b), Some(&r), true, Precision::F32).unwrap();
     let err = rel_err(&g, &cpu);
     assert!(err < 1e-4, "split conv: relative error {err:e}");
+    // Weight-stationary: inputs and outputs fit, the products of all offsets do not.
+    let (cin, cout) = (8, 24);
+    let ctx = GpuContext::new().unwrap().with_binding_limit(128 * map.n_in() as u64);
+    let xf = pseudo_random(map.n_in() * cin, 54, 1.0);
+    let w = pseudo_random(27 * cin * cout, 55, 0.3);
+    let plan = Plan::ungrouped(&map);
+    let ws = WeightStationary::prepare(&ctx, &map, &plan, cin, cout).unwrap().expect("inputs fit one binding");
+    assert!(ws.chunk_count() > 1, "the test must force several chunks");
+    let epi = sparseconv::cpu::conv::Epilogue { bias: Some(&b), residual: Some(&r), relu: true };
+    let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &plan, &xf, cin, &w, cout, epi).unwrap();
+    let g =
+        conv_forward_planned(&ctx, &map, &plan, &xf, cin, &w, cout, Some(&b), Some(&r), true, Precision::F32).unwrap();
+    let err = rel_err(&g, &cpu);
+    assert!(err < 1e-4, "chunked weight-stationary conv: relative error {err:e}");
 }
 
 #[test]

@@ -5,6 +5,7 @@ use super::shaders::{PipelineKey, Shader, F16};
 use super::{grid, GpuBuffer, GpuContext};
 use crate::error::{Error, Result};
 use crate::kmap::KernelMap;
+use crate::plan::Plan;
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -15,12 +16,15 @@ struct Params {
     volume: u32,
     flags: u32,
     row_tiles: u32,
-    pad: [u32; 2],
+    col_tiles: u32,
+    pad: u32,
 }
 
 const TILE_ROWS: usize = 64;
 const TILE_COLS: usize = 64;
 const CONV: PipelineKey = PipelineKey::new(Shader::Conv, "main");
+const GATHER_GEMM: PipelineKey = PipelineKey::new(Shader::Conv, "gather_gemm");
+const SCATTER_SUM: PipelineKey = PipelineKey::new(Shader::Conv, "scatter_sum");
 
 /// Storage precision of features and weights on the GPU (accumulation is always f32).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -135,7 +139,10 @@ pub fn conv_forward(
             if whole {
                 r.to_vec()
             } else {
-                sorted.out_rows[r0..r1].iter().flat_map(|&o| r[o as usize * cout..(o as usize + 1) * cout].iter().copied()).collect()
+                sorted.out_rows[r0..r1]
+                    .iter()
+                    .flat_map(|&o| r[o as usize * cout..(o as usize + 1) * cout].iter().copied())
+                    .collect()
             }
         });
         for c0 in (0..cin.max(1)).step_by(chans) {
@@ -240,7 +247,8 @@ pub fn conv_on_device(
         volume: kv as u32,
         flags,
         row_tiles: g.0,
-        pad: [0; 2],
+        col_tiles: 0,
+        pad: 0,
     };
     let p = ctx.uniform(&params);
     let key = match x.precision {
@@ -258,7 +266,16 @@ pub fn conv_on_device(
     ctx.dispatch(
         &mut enc,
         key,
-        &[(0, &p), (1, x.buf.raw()), (2, w.buf.raw()), (3, nbr.raw()), (4, bb), (5, br), (6, by.raw()), (7, out_rows.raw())],
+        &[
+            (0, &p),
+            (1, x.buf.raw()),
+            (2, w.buf.raw()),
+            (3, nbr.raw()),
+            (4, bb),
+            (5, br),
+            (6, by.raw()),
+            (7, out_rows.raw()),
+        ],
         (g.0, g.1, cols),
     );
     ctx.submit(enc);
@@ -284,6 +301,201 @@ fn dispatch_conv(
     let bb = bias.map(|b| ctx.to_device("bias", b)).transpose()?;
     let br = residual.map(|r| ctx.to_device("residual", r)).transpose()?;
     let y = conv_on_device(ctx, (&bn, &bo), (&bx, cin), (&bw, kv, cout), bb.as_ref(), br.as_ref(), relu)?;
+    ctx.read(&y)
+}
+
+/// One chunk of groups whose product rows fit one temporary binding.
+#[derive(Debug)]
+struct Chunk {
+    /// Per group: gathered input rows `[members, padded]` (-1 pads), member table, padded rows.
+    groups: Vec<(GpuBuffer<i32>, GpuBuffer<[u32; 4]>, usize)>,
+    /// `[n_out, offsets of the chunk]`: temp row of each (output, offset) pair, or -1.
+    pidx: GpuBuffer<i32>,
+    /// Offsets in the chunk and its product rows.
+    offsets: usize,
+    rows: usize,
+}
+
+/// The weight-stationary execution of one map under a grouping [`Plan`] (gather -> batched
+/// GEMM per group -> scatter as a per-output sum), prepared on the device once per map and run
+/// for any features and weights of matching shape.
+#[derive(Debug)]
+pub struct WeightStationary {
+    chunks: Vec<Chunk>,
+    n_out: usize,
+}
+
+impl WeightStationary {
+    /// Upload the plan's gather lists and pair-index tables; `None` when the map has no pairs or
+    /// a group's products, the inputs or the outputs exceed one binding (the output-stationary
+    /// path splits those).
+    pub fn prepare(ctx: &GpuContext, map: &KernelMap, plan: &Plan, cin: usize, cout: usize) -> Result<Option<Self>> {
+        let limit = ctx.binding_limit() as usize / 4;
+        let (n_out, kv) = (map.n_out(), map.volume());
+        if map.n_in() * cin.max(1) > limit || kv * cin * cout > limit || n_out * cout.max(kv) > limit {
+            return Ok(None);
+        }
+        let mut chunks = Vec::new();
+        let mut cur: Vec<&crate::plan::Group> = Vec::new();
+        let mut cur_rows = 0usize;
+        let rows_of = |g: &crate::plan::Group| g.offsets.iter().map(|&k| map.size(k)).sum::<usize>();
+        let mut flush = |cur: &mut Vec<&crate::plan::Group>| -> Result<()> {
+            if cur.is_empty() {
+                return Ok(());
+            }
+            let offs: Vec<usize> = cur.iter().flat_map(|g| g.offsets.iter().copied()).collect();
+            let mut pidx = vec![-1i32; n_out * offs.len()];
+            let mut base = 0usize;
+            let mut groups = Vec::new();
+            let mut j = 0usize;
+            for g in cur.iter() {
+                let padded = g.padded_rows.max(1);
+                let mut rows = vec![-1i32; g.offsets.len() * padded];
+                let mut members = Vec::new();
+                for (m, &k) in g.offsets.iter().enumerate() {
+                    let (ins, outs) = map.pairs(k);
+                    for (i, (&a, &o)) in ins.iter().zip(outs).enumerate() {
+                        rows[m * padded + i] = a as i32;
+                        pidx[o as usize * offs.len() + j] = (base + i) as i32;
+                    }
+                    members.push([k as u32, base as u32, ins.len() as u32, 0]);
+                    base += ins.len();
+                    j += 1;
+                }
+                groups.push((ctx.to_device("gather rows", &rows)?, ctx.to_device("members", &members)?, padded));
+            }
+            chunks.push(Chunk { groups, pidx: ctx.to_device("pair index", &pidx)?, offsets: offs.len(), rows: base });
+            cur.clear();
+            Ok(())
+        };
+        for g in &plan.groups {
+            let rows = rows_of(g);
+            if rows * cout > limit || g.offsets.len() * g.padded_rows > limit || n_out * (g.offsets.len()) > limit {
+                return Ok(None);
+            }
+            let offs: usize = cur.iter().map(|g| g.offsets.len()).sum::<usize>() + g.offsets.len();
+            if (cur_rows + rows) * cout > limit || n_out * offs > limit {
+                flush(&mut cur)?;
+                cur_rows = 0;
+            }
+            cur.push(g);
+            cur_rows += rows;
+        }
+        flush(&mut cur)?;
+        Ok((!chunks.is_empty()).then_some(Self { chunks, n_out }))
+    }
+
+    /// Chunks of groups (more than one when the products exceed one binding).
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// `y = relu?(Σ_k gather_k(x) · W_k + bias + residual)`, recorded and submitted; the output
+    /// stays on the device. Sums run in the plan's offset order, the same on every run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        ctx: &GpuContext,
+        (x, cin): (&DeviceValues, usize),
+        (w, cout): (&DeviceValues, usize),
+        bias: Option<&GpuBuffer<f32>>,
+        residual: Option<&GpuBuffer<f32>>,
+        relu: bool,
+    ) -> Result<GpuBuffer<f32>> {
+        if x.precision != w.precision {
+            return Err(Error::invalid("gpu conv", "features and weights are stored in different precisions"));
+        }
+        let key = |k: PipelineKey| match x.precision {
+            Precision::F32 => k,
+            Precision::F16 => PipelineKey { variant: F16, ..k },
+        };
+        let y = ctx.scratch::<f32>("y", self.n_out * cout)?;
+        let empty = ctx.zeroed("unused", 16)?;
+        let col_tiles = cout.div_ceil(TILE_COLS).max(1);
+        let mut enc = ctx.encoder();
+        let n_chunks = self.chunks.len();
+        for (c, chunk) in self.chunks.iter().enumerate() {
+            let temp = ctx.scratch::<f32>("products", chunk.rows * cout)?;
+            for (rows, members, padded) in &chunk.groups {
+                let g = grid(padded.div_ceil(TILE_ROWS) as u32);
+                let p = ctx.uniform(&Params {
+                    n_out: *padded as u32,
+                    cin: cin as u32,
+                    cout: cout as u32,
+                    volume: members.len() as u32,
+                    flags: 0,
+                    row_tiles: g.0,
+                    col_tiles: col_tiles as u32,
+                    pad: 0,
+                });
+                let binds =
+                    [(0, &p), (1, x.buf.raw()), (2, w.buf.raw()), (3, rows.raw()), (6, temp.raw()), (8, members.raw())];
+                ctx.dispatch(&mut enc, key(GATHER_GEMM), &binds, (g.0, g.1, (members.len() * col_tiles) as u32));
+            }
+            let first = c == 0;
+            let flags = if first { u32::from(bias.is_some()) | (u32::from(residual.is_some()) << 1) } else { 8 }
+                | (u32::from(relu && c + 1 == n_chunks) << 2);
+            let threads = (self.n_out * cout.div_ceil(4)) as u32;
+            let g = grid(threads.div_ceil(256));
+            let p = ctx.uniform(&Params {
+                n_out: self.n_out as u32,
+                cin: cin as u32,
+                cout: cout as u32,
+                volume: chunk.offsets as u32,
+                flags,
+                row_tiles: g.0,
+                col_tiles: 0,
+                pad: 0,
+            });
+            let binds = [
+                (0, &p),
+                (3, chunk.pidx.raw()),
+                (4, bias.map_or(&empty, |b| b.raw())),
+                (5, residual.map_or(&empty, |b| b.raw())),
+                (6, y.raw()),
+                (9, temp.raw()),
+            ];
+            ctx.dispatch(&mut enc, key(SCATTER_SUM), &binds, (g.0, g.1, 1));
+        }
+        ctx.submit(enc);
+        Ok(y)
+    }
+}
+
+/// [`conv_forward`] under a grouping plan: output-tiled plans run the output-stationary kernel,
+/// the others gather -> GEMM -> scatter per group ([`WeightStationary`]), falling back to the
+/// output-stationary kernel (which splits) when the work exceeds one binding.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_forward_planned(
+    ctx: &GpuContext,
+    map: &KernelMap,
+    plan: &Plan,
+    x: &[f32],
+    cin: usize,
+    w: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    relu: bool,
+    precision: Precision,
+) -> Result<Vec<f32>> {
+    crate::cpu::conv::check_shapes(map, x, cin, w, cout, bias)?;
+    let n_out = map.n_out();
+    if residual.is_some_and(|r| r.len() != n_out * cout) {
+        return Err(Error::tensor("residual", format!("expected [{n_out}, {cout}] values")));
+    }
+    let ws = match plan.output_tiled || n_out == 0 || cout == 0 || map.total_pairs() == 0 {
+        true => None,
+        false => WeightStationary::prepare(ctx, map, plan, cin, cout)?,
+    };
+    let Some(ws) = ws else {
+        return conv_forward(ctx, map, x, cin, w, cout, bias, residual, relu, precision);
+    };
+    let bx = DeviceValues::upload(ctx, "x", x, precision)?;
+    let bw = DeviceValues::upload(ctx, "weights", w, precision)?;
+    let bb = bias.map(|b| ctx.to_device("bias", b)).transpose()?;
+    let br = residual.map(|r| ctx.to_device("residual", r)).transpose()?;
+    let y = ws.run(ctx, (&bx, cin), (&bw, cout), bb.as_ref(), br.as_ref(), relu)?;
     ctx.read(&y)
 }
 

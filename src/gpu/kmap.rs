@@ -88,7 +88,8 @@ impl DeviceHashTable {
             pad: [0; 3],
         });
         let mut enc = ctx.encoder();
-        let binds = [(0, &pq), (1, inputs.raw()), (2, self.table.raw()), (3, outputs.raw()), (4, deltas.raw()), (5, nbr.raw())];
+        let binds =
+            [(0, &pq), (1, inputs.raw()), (2, self.table.raw()), (3, outputs.raw()), (4, deltas.raw()), (5, nbr.raw())];
         ctx.dispatch(&mut enc, QUERY, &binds, (gq.0, gq.1, 1));
         ctx.submit(enc);
         Ok(nbr)
@@ -175,7 +176,15 @@ fn record_keys(
     let n = coords.len();
     let kv = sort::KeyValues::alloc(ctx, n)?;
     let g = grid((n as u32).div_ceil(256));
-    let p = ctx.uniform(&SortParams { n: n as u32, n_out: 0, volume: 0, stride, row_threads: g.0 * 256, row0: 0, pad: [0; 2] });
+    let p = ctx.uniform(&SortParams {
+        n: n as u32,
+        n_out: 0,
+        volume: 0,
+        stride,
+        row_threads: g.0 * 256,
+        row0: 0,
+        pad: [0; 2],
+    });
     let binds = [(0, &p), (1, coords.raw()), (2, kv.hi.raw()), (3, kv.lo.raw()), (4, kv.val.raw())];
     ctx.dispatch(enc, KEYS, &binds, (g.0, g.1, 1));
     Ok(kv)
@@ -192,7 +201,8 @@ pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -
     let bin = ctx.to_device("in_coords", input.coords())?;
     let mut enc = ctx.encoder();
     let in_keys = record_keys(ctx, &mut enc, &bin, 1)?;
-    let sorted = sort::sort_pairs(ctx, &mut enc, &in_keys, varying_bits(input.coords().iter().map(|&c| coords::pack(c))))?;
+    let sorted =
+        sort::sort_pairs(ctx, &mut enc, &in_keys, varying_bits(input.coords().iter().map(|&c| coords::pack(c))))?;
     let (out, queries) = if sub {
         ctx.submit(enc);
         (input.clone(), in_keys)
@@ -223,11 +233,8 @@ pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -
         ctx.dispatch(&mut enc, COMPACT, &binds, (g.0, g.1, 1));
         ctx.submit(enc);
         let n_out = ctx.read(&GpuBuffer::<u32>::wrap(count, 1))?[0] as usize;
-        let queries = sort::KeyValues {
-            hi: pkeys.hi.cast(n_out),
-            lo: pkeys.lo.cast(n_out),
-            val: pkeys.val.cast(n_out),
-        };
+        let queries =
+            sort::KeyValues { hi: pkeys.hi.cast(n_out), lo: pkeys.lo.cast(n_out), val: pkeys.val.cast(n_out) };
         let (hi, lo) = (ctx.read(&queries.hi)?, ctx.read(&queries.lo)?);
         let coords: Vec<[i32; 4]> =
             hi.iter().zip(&lo).map(|(&h, &l)| coords::unpack((u64::from(h) << 32) | u64::from(l))).collect();

@@ -61,7 +61,7 @@ fn load_w(i: u32) -> f32 { let p = unpack2x16float(w[i >> 1u]); return select(p.
     pub fn entries(self) -> &'static [&'static str] {
         match self {
             Shader::KmapHash => &["insert", "query"],
-            Shader::Conv => &["main"],
+            Shader::Conv => &["main", "gather_gemm", "scatter_sum"],
             Shader::Scan => &["reduce", "scan"],
             Shader::RadixSort => &["count", "scatter"],
             Shader::KmapSort => &["keys", "query", "unique_flags", "compact"],
