@@ -28,6 +28,6 @@ for p in f32 f16; do
 done
 timeout 60 .devbin/sparseconv bench "$scan" --model "$model" --device cpu --runs 10 > "$out/cli_cpu.log" 2>&1
 echo "== layer bench"
-timeout 200 .devbin/gpu-bench > "$out/bench.log" 2>&1; echo "bench rc=$?"
+timeout 300 .devbin/gpu-bench --secs "${BENCH_SECS:-2}" > "$out/bench.log" 2>&1; echo "bench rc=$?"
 grep -v XDG "$out/bench.log"
 for f in "$out"/cli_*.log; do echo "== $f"; grep -v XDG "$f" | head -30; done
