@@ -94,6 +94,27 @@ pub struct Engine {
     trace: Mutex<Option<Vec<LayerTrace>>>,
     tmaps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
     precision: crate::gpu::conv::Precision,
+    gpu_tables: Mutex<HashMap<TableKey, Arc<GpuTables>>>,
+}
+
+/// A map's device-side tables for one execution plan (and, weight-stationary, one width).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TableKey {
+    map: MapKey,
+    plan: String,
+    cin: usize,
+    cout: usize,
+}
+
+/// What a GPU conv needs of its map, uploaded once per map and plan.
+#[derive(Debug)]
+enum GpuTables {
+    /// Output-stationary: neighbour rows sorted by bitmask, and their output rows.
+    OutputStationary(crate::gpu::GpuBuffer<i32>, crate::gpu::GpuBuffer<u32>),
+    /// Gather -> GEMM -> scatter per group.
+    WeightStationary(crate::gpu::conv::WeightStationary),
+    /// Too large for one binding: the host-side path splits it.
+    Split,
 }
 
 /// Timing of one conv call, recorded while tracing is on.
@@ -169,6 +190,7 @@ impl Engine {
     pub fn clear_cache(&self) {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.tmaps.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Forget the tuned grouping parameters too.
@@ -279,7 +301,12 @@ impl Engine {
                     None => {
                         let (plan, _) = match &self.device {
                             Device::Cpu => cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?,
-                            // The GPU conv is output-stationary: nothing to tune yet.
+                            // No timing on the GPU (it would need a sync per candidate): on an
+                            // H200 (BENCHMARKS.md) output-stationary won up to 64 channels and
+                            // grouped gather -> GEMM -> scatter at 128 on k3 submanifold layers.
+                            Device::Gpu(_) if w.cout >= 128 && map.kind == MapKind::Submanifold => {
+                                (Plan::grouped(map, GroupingParams { tolerance: 0.5, max_rows: 1 << 20 }), 0.0)
+                            }
                             Device::Gpu(_) => (Plan::output_tiled(map), 0.0),
                         };
                         self.tuned.lock().unwrap_or_else(|e| e.into_inner()).insert(
@@ -342,26 +369,25 @@ impl Engine {
                 ),
             ));
         }
-        let plan = self.plan_for(map, x.feats(), w)?;
-        let epi = cpu::conv::Epilogue { bias: w.bias.as_deref(), residual: residual.map(|r| r.feats()), relu };
         let t0 = std::time::Instant::now();
-        let out = match &self.device {
-            Device::Cpu => cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, epi)?,
-            Device::Gpu(g) => crate::gpu::conv::conv_forward_planned(
-                g,
-                map,
-                &plan,
-                x.feats(),
-                w.cin,
-                &w.kernel,
-                w.cout,
-                epi.bias,
-                epi.residual,
-                epi.relu,
-                self.precision,
-            )?,
+        let (out, plan) = match &self.device {
+            Device::Cpu => {
+                let plan = self.plan_for(map, x.feats(), w)?;
+                let epi = cpu::conv::Epilogue { bias: w.bias.as_deref(), residual: residual.map(|r| r.feats()), relu };
+                let y = cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, epi)?;
+                (SparseTensor::new(map.out_coords.clone(), y, w.cout)?, plan)
+            }
+            Device::Gpu(g) => {
+                // The GPU plan needs no timing on features: do not pull them back to the host.
+                let plan = self.plan_for(map, &[], w)?;
+                (self.gpu_conv(g, map, &plan, x, w, residual, relu)?, plan)
+            }
         };
         if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            // GPU work is only submitted so far: a layer's time includes its kernels.
+            if let Device::Gpu(g) = &self.device {
+                g.sync()?;
+            }
             trace.push(LayerTrace {
                 kind: map.kind,
                 spec: map.spec,
@@ -374,7 +400,102 @@ impl Engine {
                 seconds: t0.elapsed().as_secs_f64(),
             });
         }
-        SparseTensor::new(map.out_coords.clone(), out, w.cout)
+        Ok(out)
+    }
+
+    /// The GPU conv with features kept on the device: inputs and residual used in place when a
+    /// GPU op produced them, the map's tables uploaded once per map and plan, the output left
+    /// on the device. Work over one binding takes the splitting host-side path.
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_conv(
+        &self,
+        ctx: &Arc<GpuContext>,
+        map: &KernelMap,
+        plan: &Plan,
+        x: &SparseTensor,
+        w: &ConvWeight,
+        residual: Option<&SparseTensor>,
+        relu: bool,
+    ) -> Result<SparseTensor> {
+        use crate::gpu::conv::{conv_on_device, DeviceValues, SortedNeighbours, WeightStationary};
+        let (cin, cout, kv) = (w.cin, w.cout, map.volume());
+        let key = TableKey {
+            map: MapKey { input: map.in_coords.id(), target: map.out_coords.id(), kind: map.kind, spec: map.spec },
+            plan: plan.label(),
+            cin,
+            cout,
+        };
+        let cached = self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let tables = match cached {
+            Some(t) => t,
+            None => {
+                let limit = ctx.binding_limit() as usize / 4;
+                let fits = map.n_in() * cin <= limit && map.n_out() * kv.max(cout) <= limit && kv * cin * cout <= limit;
+                let t = if !fits || map.n_out() == 0 || cout == 0 {
+                    GpuTables::Split
+                } else if plan.output_tiled || map.total_pairs() == 0 {
+                    let sorted = SortedNeighbours::new(map)?;
+                    GpuTables::OutputStationary(
+                        ctx.to_device("neighbours", &sorted.nbr)?,
+                        ctx.to_device("out rows", &sorted.out_rows)?,
+                    )
+                } else {
+                    match WeightStationary::prepare(ctx, map, plan, cin, cout)? {
+                        Some(ws) => GpuTables::WeightStationary(ws),
+                        None => GpuTables::Split,
+                    }
+                };
+                let t = Arc::new(t);
+                self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t.clone());
+                t
+            }
+        };
+        if let GpuTables::Split = *tables {
+            let y = crate::gpu::conv::conv_forward_planned(
+                ctx,
+                map,
+                plan,
+                x.feats(),
+                cin,
+                &w.kernel,
+                cout,
+                w.bias.as_deref(),
+                residual.map(|r| r.feats()),
+                relu,
+                self.precision,
+            )?;
+            return SparseTensor::new(map.out_coords.clone(), y, cout);
+        }
+        // A tensor's device buffer, or an upload of its host features.
+        let on_device = |t: &SparseTensor, label: &str| -> Result<Option<crate::gpu::GpuBuffer<f32>>> {
+            match t.device_feats() {
+                Some(d) if Arc::ptr_eq(d.context(), ctx) => Ok(None),
+                _ => ctx.to_device(label, t.feats()).map(Some),
+            }
+        };
+        let x_up = on_device(x, "x")?;
+        let xb = match (&x_up, x.device_feats()) {
+            (Some(b), _) => b,
+            (None, Some(d)) => d.buffer(),
+            (None, None) => return Err(Error::invalid("gpu conv", "input features are nowhere")),
+        };
+        let r_up = residual.map(|r| on_device(r, "residual")).transpose()?.flatten();
+        let rb = match (&r_up, residual.and_then(|r| r.device_feats())) {
+            (Some(b), _) => Some(b),
+            (None, Some(d)) => Some(d.buffer()),
+            (None, None) => None,
+        };
+        let xv = DeviceValues::from_features(ctx, xb, self.precision)?;
+        let wv = DeviceValues::upload(ctx, "weights", &w.kernel, self.precision)?;
+        let bias = w.bias.as_deref().map(|b| ctx.to_device("bias", b)).transpose()?;
+        let y = match &*tables {
+            GpuTables::OutputStationary(nbr, rows) => {
+                conv_on_device(ctx, (nbr, rows), (&xv, cin), (&wv, kv, cout), bias.as_ref(), rb, relu)?
+            }
+            GpuTables::WeightStationary(ws) => ws.run(ctx, (&xv, cin), (&wv, cout), bias.as_ref(), rb, relu)?,
+            GpuTables::Split => unreachable!("handled above"),
+        };
+        SparseTensor::from_device(map.out_coords.clone(), y, cout, ctx.clone())
     }
 
     /// Gradients of the conv of `map` (see [`cpu::conv::ConvGrads`]); the transposed map is
@@ -419,11 +540,23 @@ impl Engine {
     /// Channel concat `[a | b]` of two tensors on the same coordinates.
     pub fn concat(&self, a: &SparseTensor, b: &SparseTensor) -> Result<SparseTensor> {
         same_rows("concat", a, b)?;
-        let f = match &self.device {
-            // Features live in host memory on both backends.
-            Device::Cpu | Device::Gpu(_) => cpu::elementwise::concat(a.feats(), a.channels(), b.feats(), b.channels()),
-        };
-        SparseTensor::new(a.coord_set().clone(), f, a.channels() + b.channels())
+        let c = a.channels() + b.channels();
+        if let Device::Gpu(g) = &self.device {
+            // On the device when either part is there already.
+            if a.device_feats().is_some() || b.device_feats().is_some() {
+                let up = |t: &SparseTensor| -> Result<crate::gpu::GpuBuffer<f32>> {
+                    match t.device_feats() {
+                        Some(d) if Arc::ptr_eq(d.context(), g) => Ok(d.buffer().clone_ref()),
+                        _ => g.to_device("concat part", t.feats()),
+                    }
+                };
+                let (ba, bb) = (up(a)?, up(b)?);
+                let y = crate::gpu::elementwise::concat(g, &ba, a.channels(), &bb, b.channels())?;
+                return SparseTensor::from_device(a.coord_set().clone(), y, c, g.clone());
+            }
+        }
+        let f = cpu::elementwise::concat(a.feats(), a.channels(), b.feats(), b.channels());
+        SparseTensor::new(a.coord_set().clone(), f, c)
     }
 
     /// Point-wise linear layer `x · Wᵀ + b`, PyTorch layout `W: [out, in]`. Returns `[N, out]`.

@@ -1,7 +1,9 @@
 //! `SparseTensor`: voxel coordinates `(batch, x, y, z)` shared between layers, plus row-major features.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use crate::gpu::{GpuBuffer, GpuContext};
 
 use crate::coords;
 use crate::error::{Error, Result};
@@ -74,11 +76,46 @@ impl CoordSet {
 }
 
 /// Sparse voxel features: `coords[i]` owns row `i` of `feats` (`[N, C]`, row-major f32).
+/// Features live in host memory, or on a GPU when a GPU engine produced them: there they stay
+/// for the next GPU op, and [`SparseTensor::feats`] copies them back on first use.
 #[derive(Debug, Clone)]
 pub struct SparseTensor {
     coords: Arc<CoordSet>,
-    feats: Vec<f32>,
+    feats: Storage,
     channels: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Storage {
+    Host(Vec<f32>),
+    Device(Arc<DeviceFeats>),
+}
+
+/// Features resident on a GPU, with their host copy made on first request.
+#[derive(Debug)]
+pub struct DeviceFeats {
+    buf: GpuBuffer<f32>,
+    ctx: Arc<GpuContext>,
+    host: OnceLock<Vec<f32>>,
+}
+
+impl DeviceFeats {
+    /// The device buffer `[N, C]`.
+    pub fn buffer(&self) -> &GpuBuffer<f32> {
+        &self.buf
+    }
+
+    /// The context the buffer belongs to.
+    pub fn context(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+
+    fn host(&self) -> &[f32] {
+        self.host.get_or_init(|| {
+            // A failed readback means the device was lost: nothing sensible can continue.
+            self.ctx.read(&self.buf).unwrap_or_else(|e| panic!("reading features back from the GPU: {e}"))
+        })
+    }
 }
 
 impl SparseTensor {
@@ -100,7 +137,31 @@ impl SparseTensor {
         if coords.len() > u32::MAX as usize {
             return Err(Error::tensor("coords", "more than 2^32 - 1 voxels"));
         }
-        Ok(Self { coords, feats, channels })
+        Ok(Self { coords, feats: Storage::Host(feats), channels })
+    }
+
+    /// Features already on a GPU (`[N, C]` in `buf`).
+    pub fn from_device(
+        coords: Arc<CoordSet>,
+        buf: GpuBuffer<f32>,
+        channels: usize,
+        ctx: Arc<GpuContext>,
+    ) -> Result<Self> {
+        if buf.len() != coords.len() * channels {
+            return Err(Error::tensor(
+                "feats",
+                format!("device buffer of {} values for {} x {channels}", buf.len(), coords.len()),
+            ));
+        }
+        Ok(Self { coords, feats: Storage::Device(Arc::new(DeviceFeats { buf, ctx, host: OnceLock::new() })), channels })
+    }
+
+    /// The device copy of the features, when they live on a GPU.
+    pub fn device_feats(&self) -> Option<&Arc<DeviceFeats>> {
+        match &self.feats {
+            Storage::Host(_) => None,
+            Storage::Device(d) => Some(d),
+        }
     }
 
     /// Build from coordinate rows and features at tensor stride 1.
@@ -117,16 +178,30 @@ impl SparseTensor {
         self.coords.coords()
     }
     /// Features, row-major `[N, C]`.
+    /// (Copied back from the GPU on first use when they live there.)
     pub fn feats(&self) -> &[f32] {
-        &self.feats
+        match &self.feats {
+            Storage::Host(v) => v,
+            Storage::Device(d) => d.host(),
+        }
     }
-    /// Mutable features (coordinates are immutable and shared).
+    /// Mutable features (coordinates are immutable and shared); features on a GPU move to host
+    /// memory first.
     pub fn feats_mut(&mut self) -> &mut [f32] {
-        &mut self.feats
+        if let Storage::Device(d) = &self.feats {
+            self.feats = Storage::Host(d.host().to_vec());
+        }
+        match &mut self.feats {
+            Storage::Host(v) => v,
+            Storage::Device(_) => unreachable!("moved to host above"),
+        }
     }
     /// Take the features out.
     pub fn into_feats(self) -> Vec<f32> {
-        self.feats
+        match self.feats {
+            Storage::Host(v) => v,
+            Storage::Device(d) => d.host().to_vec(),
+        }
     }
     /// Feature channels `C`.
     pub fn channels(&self) -> usize {

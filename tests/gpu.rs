@@ -232,6 +232,11 @@ fn minkunet_on_gpu_matches_cpu() {
         let err = rel_err(&g, &cpu);
         assert!(err < 1e-3, "{label}: MinkUNet logits on the GPU: relative error {err:e}");
     }
+    // Features stay on the device between layers; f16 storage converts them there.
+    let e = Engine::new(dev.clone(), MapBuilder::Hash, Grouping::Auto).with_precision(Precision::F16);
+    let g = model.forward(&e, &x).unwrap();
+    let err = rel_err(&g, &cpu);
+    assert!(err > 0.0 && err < 2e-2, "gpu/hash/auto f16: MinkUNet logits: relative error {err:e} (bound 2e-2)");
 }
 
 #[test]
@@ -287,4 +292,26 @@ fn scratch_buffers_return_to_the_pool() {
     let b = ctx.scratch::<f32>("second", 2500).unwrap();
     assert!(b.raw() == &raw, "the dropped scratch buffer was not reused");
     assert_eq!(b.len(), 2500);
+}
+
+#[test]
+fn gpu_concat_and_half_packing_match_cpu() {
+    use sparseconv::gpu::elementwise::{concat, pack_half};
+    let Some(ctx) = gpu() else { return };
+    let (n, ca, cb) = (1001, 5, 3);
+    let a = pseudo_random(n * ca, 60, 2.0);
+    let b = pseudo_random(n * cb, 61, 2.0);
+    let y = concat(ctx, &ctx.to_device("a", &a).unwrap(), ca, &ctx.to_device("b", &b).unwrap(), cb).unwrap();
+    let want = sparseconv::cpu::elementwise::concat(&a, ca, &b, cb);
+    assert_eq!(ctx.read(&y).unwrap(), want, "concat");
+    // An odd count: the last word pads with 0.
+    let v = pseudo_random(2 * 777 + 1, 62, 100.0);
+    let packed = ctx.read(&pack_half(ctx, &ctx.to_device("v", &v).unwrap()).unwrap()).unwrap();
+    assert_eq!(packed.len(), 778);
+    for (i, &x) in v.iter().enumerate() {
+        let bits = (packed[i / 2] >> (16 * (i % 2))) as u16;
+        let want = half::f16::from_f32(x).to_bits();
+        assert!(bits.abs_diff(want) <= 1, "value {i} ({x}): f16 bits {bits:#x}, CPU rounds to {want:#x}");
+    }
+    assert_eq!(packed[777] >> 16, 0, "padding half");
 }

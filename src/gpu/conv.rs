@@ -41,18 +41,29 @@ pub enum Precision {
 /// The map as a neighbour table `[n_out, K]` (input row or -1). Every map kind has at most
 /// one input per (output, offset).
 pub fn neighbour_table(map: &KernelMap) -> Result<Vec<i32>> {
-    let kv = map.volume();
-    let mut nbr = vec![-1i32; map.n_out() * kv];
-    for k in 0..kv {
-        let (ins, outs) = map.pairs(k);
-        for (&i, &o) in ins.iter().zip(outs) {
-            let slot = &mut nbr[o as usize * kv + k];
-            if *slot >= 0 {
-                return Err(Error::invalid("gpu conv", "map has two inputs for one output and offset"));
+    use rayon::prelude::*;
+    let (kv, n_out) = (map.volume(), map.n_out());
+    // One column per offset in parallel, then rows assembled in parallel.
+    let cols: Vec<Vec<i32>> = (0..kv)
+        .into_par_iter()
+        .map(|k| {
+            let mut col = vec![-1i32; n_out];
+            let (ins, outs) = map.pairs(k);
+            for (&i, &o) in ins.iter().zip(outs) {
+                if col[o as usize] >= 0 {
+                    return Err(Error::invalid("gpu conv", "map has two inputs for one output and offset"));
+                }
+                col[o as usize] = i as i32;
             }
-            *slot = i as i32;
+            Ok(col)
+        })
+        .collect::<Result<_>>()?;
+    let mut nbr = vec![-1i32; n_out * kv];
+    nbr.par_chunks_mut(kv.max(1)).enumerate().for_each(|(o, row)| {
+        for (k, slot) in row.iter_mut().enumerate() {
+            *slot = cols[k][o];
         }
-    }
+    });
     Ok(nbr)
 }
 
@@ -78,17 +89,18 @@ impl SortedNeighbours {
     /// Sort the rows of a neighbour table `[n, volume]`. Offsets past 64 share mask bits: that
     /// only loosens the grouping, never the result.
     pub fn from_table(table: &[i32], volume: usize) -> Self {
+        use rayon::prelude::*;
         let kv = volume.max(1);
         let masks: Vec<u64> = table
-            .chunks_exact(kv)
+            .par_chunks_exact(kv)
             .map(|row| row.iter().enumerate().filter(|(_, &i)| i >= 0).fold(0u64, |m, (k, _)| m | 1 << (k % 64)))
             .collect();
         let mut out_rows: Vec<u32> = (0..masks.len() as u32).collect();
         radsort::sort_by_key(&mut out_rows, |&r| masks[r as usize]);
-        let mut nbr = Vec::with_capacity(table.len());
-        for &r in &out_rows {
-            nbr.extend_from_slice(&table[r as usize * kv..(r as usize + 1) * kv]);
-        }
+        let mut nbr = vec![0i32; table.len()];
+        nbr.par_chunks_mut(kv).zip(out_rows.par_iter()).for_each(|(dst, &r)| {
+            dst.copy_from_slice(&table[r as usize * kv..(r as usize + 1) * kv]);
+        });
         Self { nbr, out_rows }
     }
 }
@@ -188,7 +200,9 @@ pub fn conv_forward(
 /// pairs packed in u32 words).
 #[derive(Debug)]
 pub struct DeviceValues {
-    buf: GpuBuffer<u32>,
+    raw: wgpu::Buffer,
+    // The pooled buffer this owns, if any (returned to the pool on drop).
+    _owned: Option<GpuBuffer<u32>>,
     precision: Precision,
 }
 
@@ -207,13 +221,25 @@ impl DeviceValues {
                 })
                 .collect(),
         };
-        Ok(Self { buf: ctx.to_device(label, &words)?, precision })
+        Ok(Self { raw: ctx.to_device(label, &words)?.raw().clone(), _owned: None, precision })
     }
 
     /// f32 features already on the device (a previous layer's output), used as they are.
     pub fn from_f32(buf: GpuBuffer<f32>) -> Self {
         let len = buf.len();
-        Self { buf: buf.cast(len), precision: Precision::F32 }
+        Self { raw: buf.raw().clone(), _owned: Some(buf.cast(len)), precision: Precision::F32 }
+    }
+
+    /// Features on the device in `precision`: f32 features used in place (the caller keeps
+    /// `buf` alive while this is in use), or converted to packed f16 on the device.
+    pub fn from_features(ctx: &GpuContext, buf: &GpuBuffer<f32>, precision: Precision) -> Result<Self> {
+        Ok(match precision {
+            Precision::F32 => Self { raw: buf.raw().clone(), _owned: None, precision },
+            Precision::F16 => {
+                let packed = super::elementwise::pack_half(ctx, buf)?;
+                Self { raw: packed.raw().clone(), _owned: Some(packed), precision }
+            }
+        })
     }
 }
 
@@ -266,16 +292,7 @@ pub fn conv_on_device(
     ctx.dispatch(
         &mut enc,
         key,
-        &[
-            (0, &p),
-            (1, x.buf.raw()),
-            (2, w.buf.raw()),
-            (3, nbr.raw()),
-            (4, bb),
-            (5, br),
-            (6, by.raw()),
-            (7, out_rows.raw()),
-        ],
+        &[(0, &p), (1, &x.raw), (2, &w.raw), (3, nbr.raw()), (4, bb), (5, br), (6, by.raw()), (7, out_rows.raw())],
         (g.0, g.1, cols),
     );
     ctx.submit(enc);
@@ -428,8 +445,7 @@ impl WeightStationary {
                     col_tiles: col_tiles as u32,
                     pad: 0,
                 });
-                let binds =
-                    [(0, &p), (1, x.buf.raw()), (2, w.buf.raw()), (3, rows.raw()), (6, temp.raw()), (8, members.raw())];
+                let binds = [(0, &p), (1, &x.raw), (2, &w.raw), (3, rows.raw()), (6, temp.raw()), (8, members.raw())];
                 ctx.dispatch(&mut enc, key(GATHER_GEMM), &binds, (g.0, g.1, (members.len() * col_tiles) as u32));
             }
             let first = c == 0;

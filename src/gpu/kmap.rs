@@ -129,18 +129,24 @@ pub fn neighbours(
     Ok(out)
 }
 
-/// Per-offset `(input rows, output rows)` lists from a neighbour table (output-row order).
+/// Per-offset `(input rows, output rows)` lists from a neighbour table (output-row order),
+/// one offset per task.
 pub fn pairs_from_neighbours(nbr: &[i32], volume: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
-    let mut per: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); volume];
-    for (o, row) in nbr.chunks_exact(volume.max(1)).enumerate() {
-        for (k, &i) in row.iter().enumerate() {
-            if i >= 0 {
-                per[k].0.push(i as u32);
-                per[k].1.push(o as u32);
+    use rayon::prelude::*;
+    let kv = volume.max(1);
+    (0..volume)
+        .into_par_iter()
+        .map(|k| {
+            let (mut ins, mut outs) = (Vec::new(), Vec::new());
+            for (o, row) in nbr.chunks_exact(kv).enumerate() {
+                if row[k] >= 0 {
+                    ins.push(row[k] as u32);
+                    outs.push(o as u32);
+                }
             }
-        }
-    }
-    per
+            (ins, outs)
+        })
+        .collect()
 }
 
 #[repr(C)]

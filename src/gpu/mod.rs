@@ -4,6 +4,7 @@
 //! Vulkan adapter where no GPU exists (CI).
 
 pub mod conv;
+pub mod elementwise;
 pub mod kmap;
 pub mod shaders;
 pub mod sort;
@@ -317,6 +318,12 @@ impl<T: bytemuck::Pod> GpuBuffer<T> {
 
     pub(crate) fn wrap(buf: wgpu::Buffer, len: usize) -> Self {
         Self { buf, len, pool: None, _t: PhantomData }
+    }
+
+    /// Another handle on the same storage that never returns it to the pool (the original
+    /// keeps that role); valid while the original lives.
+    pub fn clone_ref(&self) -> Self {
+        Self { buf: self.buf.clone(), len: self.len, pool: None, _t: PhantomData }
     }
 
     /// The same storage seen as `len` values of `U` (the buffer moves, pool membership too).

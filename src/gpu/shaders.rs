@@ -14,11 +14,14 @@ pub enum Shader {
     RadixSort,
     /// `shaders/kmap_sort.wgsl`: packed keys, binary-search queries, unique parents.
     KmapSort,
+    /// `shaders/elementwise.wgsl`: channel concat, f32 -> packed f16.
+    Elementwise,
 }
 
 impl Shader {
     /// Every shader, for parse checks.
-    pub const ALL: [Shader; 5] = [Shader::KmapHash, Shader::Conv, Shader::Scan, Shader::RadixSort, Shader::KmapSort];
+    pub const ALL: [Shader; 6] =
+        [Shader::KmapHash, Shader::Conv, Shader::Scan, Shader::RadixSort, Shader::KmapSort, Shader::Elementwise];
 
     /// File name under `shaders/`.
     pub fn name(self) -> &'static str {
@@ -28,6 +31,7 @@ impl Shader {
             Shader::Scan => "scan.wgsl",
             Shader::RadixSort => "radix_sort.wgsl",
             Shader::KmapSort => "kmap_sort.wgsl",
+            Shader::Elementwise => "elementwise.wgsl",
         }
     }
 
@@ -39,6 +43,7 @@ impl Shader {
             Shader::Scan => include_str!("../../shaders/scan.wgsl"),
             Shader::RadixSort => include_str!("../../shaders/radix_sort.wgsl"),
             Shader::KmapSort => include_str!("../../shaders/kmap_sort.wgsl"),
+            Shader::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
         }
     }
 
@@ -65,6 +70,7 @@ fn load_w(i: u32) -> f32 { let p = unpack2x16float(w[i >> 1u]); return select(p.
             Shader::Scan => &["reduce", "scan"],
             Shader::RadixSort => &["count", "scatter"],
             Shader::KmapSort => &["keys", "query", "unique_flags", "compact"],
+            Shader::Elementwise => &["concat", "pack_half"],
         }
     }
 }

@@ -1,0 +1,55 @@
+//! Row-wise kernels that keep features on the GPU between convs (`shaders/elementwise.wgsl`):
+//! channel concat and f32 -> packed f16 conversion.
+
+use super::shaders::{PipelineKey, Shader};
+use super::{grid, GpuBuffer, GpuContext};
+use crate::error::{Error, Result};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    ca: u32,
+    cb: u32,
+    row_threads: u32,
+}
+
+const CONCAT: PipelineKey = PipelineKey::new(Shader::Elementwise, "concat");
+const PACK_HALF: PipelineKey = PipelineKey::new(Shader::Elementwise, "pack_half");
+
+/// `[a | b]` row by row: `a` is `[n, ca]`, `b` is `[n, cb]`.
+pub fn concat(
+    ctx: &GpuContext,
+    a: &GpuBuffer<f32>,
+    ca: usize,
+    b: &GpuBuffer<f32>,
+    cb: usize,
+) -> Result<GpuBuffer<f32>> {
+    let n = a.len().checked_div(ca).unwrap_or_else(|| b.len() / cb.max(1));
+    if a.len() != n * ca || b.len() != n * cb {
+        return Err(Error::invalid("gpu concat", "the two tensors hold different row counts"));
+    }
+    let total = n * (ca + cb);
+    let y = ctx.scratch::<f32>("concat", total)?;
+    let g = grid((total as u32).div_ceil(256));
+    let p = ctx.uniform(&Params { n: n as u32, ca: ca as u32, cb: cb as u32, row_threads: g.0 * 256 });
+    let mut enc = ctx.encoder();
+    ctx.dispatch(&mut enc, CONCAT, &[(0, &p), (1, a.raw()), (2, b.raw()), (3, y.raw())], (g.0, g.1, 1));
+    ctx.submit(enc);
+    Ok(y)
+}
+
+/// f32 values as f16 pairs packed in u32 words (little end first), as the conv's f16 variant
+/// reads them. Rounding is the adapter's `pack2x16float`: within one f16 step of
+/// [`half::f16::from_f32`] (`tests/gpu.rs`).
+pub fn pack_half(ctx: &GpuContext, a: &GpuBuffer<f32>) -> Result<GpuBuffer<u32>> {
+    let n = a.len();
+    let words = n.div_ceil(2);
+    let out = ctx.scratch::<u32>("packed halves", words)?;
+    let g = grid((words as u32).div_ceil(256));
+    let p = ctx.uniform(&Params { n: n as u32, ca: 0, cb: 0, row_threads: g.0 * 256 });
+    let mut enc = ctx.encoder();
+    ctx.dispatch(&mut enc, PACK_HALF, &[(0, &p), (1, a.raw()), (4, out.raw())], (g.0, g.1, 1));
+    ctx.submit(enc);
+    Ok(out)
+}
