@@ -235,10 +235,20 @@ impl Engine {
         let key = MapKey { input: input.id(), target: 0, kind, spec };
         self.cached(key, || match &self.device {
             Device::Cpu => cpu::build_map(self.builder, input, spec),
-            Device::Gpu(g) => match self.builder {
-                MapBuilder::Hash => crate::gpu::kmap::build(g, input, spec),
-                MapBuilder::Sort => crate::gpu::kmap::build_sorted(g, input, spec),
-            },
+            Device::Gpu(g) => {
+                let (map, tables) = match self.builder {
+                    MapBuilder::Hash => crate::gpu::kmap::build_with_tables(g, input, spec)?,
+                    MapBuilder::Sort => crate::gpu::kmap::build_sorted_with_tables(g, input, spec)?,
+                };
+                // The conv's sorted neighbour table was made on the device with the map: keep it.
+                if let Some(t) = tables {
+                    let key =
+                        Self::table_key(&map, &Plan { groups: Vec::new(), params: None, output_tiled: true }, 0, 0);
+                    let t = Arc::new(GpuTables::OutputStationary(t.nbr, t.out_rows));
+                    self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t);
+                }
+                Ok(map)
+            }
         })
     }
 
@@ -272,6 +282,17 @@ impl Engine {
             }
             let mut up = down.transposed();
             up.in_coords = input.clone();
+            if let Device::Gpu(g) = &self.device {
+                // The transposed conv's table, from the down map's on the device.
+                let ot = Plan { groups: Vec::new(), params: None, output_tiled: true };
+                let found = self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).get(&Self::table_key(&down, &ot, 0, 0)).cloned();
+                if let Some(GpuTables::OutputStationary(nbr, rows)) = found.as_deref() {
+                    let dn = crate::gpu::kmap::DeviceNeighbours { nbr: nbr.clone_ref(), out_rows: rows.clone_ref() };
+                    let t = dn.transposed(g, up.volume(), up.n_out())?;
+                    let t = Arc::new(GpuTables::OutputStationary(t.nbr, t.out_rows));
+                    self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).insert(Self::table_key(&up, &ot, 0, 0), t);
+                }
+            }
             Ok(up)
         })
     }
@@ -403,6 +424,15 @@ impl Engine {
         Ok(out)
     }
 
+    fn table_key(map: &KernelMap, plan: &Plan, cin: usize, cout: usize) -> TableKey {
+        TableKey {
+            map: MapKey { input: map.in_coords.id(), target: map.out_coords.id(), kind: map.kind, spec: map.spec },
+            plan: plan.label(),
+            cin,
+            cout,
+        }
+    }
+
     /// The GPU conv with features kept on the device: inputs and residual used in place when a
     /// GPU op produced them, the map's tables uploaded once per map and plan, the output left
     /// on the device. Work over one binding takes the splitting host-side path.
@@ -419,19 +449,21 @@ impl Engine {
     ) -> Result<SparseTensor> {
         use crate::gpu::conv::{conv_on_device, DeviceValues, SortedNeighbours, WeightStationary};
         let (cin, cout, kv) = (w.cin, w.cout, map.volume());
-        let key = TableKey {
-            map: MapKey { input: map.in_coords.id(), target: map.out_coords.id(), kind: map.kind, spec: map.spec },
-            plan: plan.label(),
-            cin,
-            cout,
+        // Output-stationary tables serve every width; weight-stationary chunks depend on it.
+        let key = match plan.output_tiled {
+            true => Self::table_key(map, plan, 0, 0),
+            false => Self::table_key(map, plan, cin, cout),
         };
-        let cached = self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+        let limit = ctx.binding_limit() as usize / 4;
+        let fits = map.n_in() * cin <= limit && map.n_out() * kv.max(cout) <= limit && kv * cin * cout <= limit;
+        let cached = match fits {
+            true => self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned(),
+            false => Some(Arc::new(GpuTables::Split)),
+        };
         let tables = match cached {
             Some(t) => t,
             None => {
-                let limit = ctx.binding_limit() as usize / 4;
-                let fits = map.n_in() * cin <= limit && map.n_out() * kv.max(cout) <= limit && kv * cin * cout <= limit;
-                let t = if !fits || map.n_out() == 0 || cout == 0 {
+                let t = if map.n_out() == 0 || cout == 0 {
                     GpuTables::Split
                 } else if plan.output_tiled || map.total_pairs() == 0 {
                     let sorted = SortedNeighbours::new(map)?;

@@ -224,6 +224,24 @@ impl KernelMap {
             in_idx.extend_from_slice(&ins);
             out_idx.extend_from_slice(&outs);
         }
+        Self::from_flat(kind, spec, offsets, in_coords, out_coords, starts, in_idx, out_idx)
+    }
+
+    /// A map from pairs already in the canonical layout: offset `k` owns
+    /// `starts[k]..starts[k + 1]`, output rows ascending within each offset.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn from_flat(
+        kind: MapKind,
+        spec: KernelSpec,
+        offsets: Vec<[i32; 3]>,
+        in_coords: Arc<CoordSet>,
+        out_coords: Arc<CoordSet>,
+        starts: Vec<usize>,
+        in_idx: Vec<u32>,
+        out_idx: Vec<u32>,
+    ) -> Self {
+        let kv = offsets.len();
+        debug_assert_eq!(starts.len(), kv + 1);
         let identity = match kind {
             MapKind::Submanifold => offsets.iter().position(|d| *d == [0, 0, 0]),
             _ => None,

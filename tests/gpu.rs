@@ -57,8 +57,20 @@ fn gpu_kernel_maps_equal_cpu_maps() {
         let cpu = build_map(MapBuilder::Hash, x.coord_set(), spec).unwrap();
         let g = kmap::build(ctx, x.coord_set(), spec).unwrap();
         same_map(&format!("{label} (gpu hash)"), &g, &cpu);
-        let g = kmap::build_sorted(ctx, x.coord_set(), spec).unwrap();
+        let (g, tables) = kmap::build_sorted_with_tables(ctx, x.coord_set(), spec).unwrap();
         same_map(&format!("{label} (gpu sort)"), &g, &cpu);
+        // The conv's table, sorted by bitmask on the device, equals the host's stable sort.
+        let t = tables.expect("the table fits one binding");
+        let want = sparseconv::gpu::conv::SortedNeighbours::new(&cpu).unwrap();
+        assert_eq!(ctx.read(&t.nbr).unwrap(), want.nbr, "{label}: sorted neighbour rows");
+        assert_eq!(ctx.read(&t.out_rows).unwrap(), want.out_rows, "{label}: output rows");
+        if spec.stride > 1 {
+            let up = cpu.transposed();
+            let tt = t.transposed(ctx, up.volume(), up.n_out()).unwrap();
+            let want = sparseconv::gpu::conv::SortedNeighbours::new(&up).unwrap();
+            assert_eq!(ctx.read(&tt.nbr).unwrap(), want.nbr, "{label}: transposed sorted rows");
+            assert_eq!(ctx.read(&tt.out_rows).unwrap(), want.out_rows, "{label}: transposed output rows");
+        }
         assert!(cpu.total_pairs() > 0, "{label}: empty map");
     }
 }

@@ -27,6 +27,25 @@ for p in f32 f16; do
     > "$out/cli_$p.log" 2>&1; echo "cli $p rc=$?"
 done
 timeout 60 .devbin/sparseconv bench "$scan" --model "$model" --device cpu --runs 10 > "$out/cli_cpu.log" 2>&1
+echo "== labels: gpu against cpu on the bundled scan"
+labels=data/semantickitti/sequences/00/labels/000000.label
+for d in cpu gpu; do
+  .devbin/sparseconv segment "$scan" --device "$d" --out-labels "$out/$d.label" --labels "$labels" > "$out/segment_$d.log" 2>&1
+  grep -i "miou" "$out/segment_$d.log" | head -2
+done
+.devbin/sparseconv --precision f16 segment "$scan" --device gpu --out-labels "$out/gpu16.label" > /dev/null 2>&1
+python3 - "$out" <<'PY'
+import sys, array
+o = sys.argv[1]
+def read(p):
+    a = array.array("I"); a.frombytes(open(p, "rb").read()); return a
+c = read(o + "/cpu.label")
+for name in ("gpu", "gpu16"):
+    g = read(o + "/" + name + ".label")
+    diff = sum(1 for x, y in zip(c, g) if x != y)
+    print(f"{name}: {diff} of {len(c)} points labelled differently from the CPU ({100 * diff / len(c):.3f}%)")
+PY
+rm -f "$out"/*.label
 echo "== layer bench"
 timeout 300 .devbin/gpu-bench --secs "${BENCH_SECS:-2}" > "$out/bench.log" 2>&1; echo "bench rc=$?"
 grep -v XDG "$out/bench.log"

@@ -200,6 +200,16 @@ fn record_keys(
 /// for downsampling (sort, flag run starts, scan, compact), one binary search per (output,
 /// offset). Equal, pair for pair, to the CPU's maps.
 pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
+    build_sorted_with_tables(ctx, input, spec).map(|(m, _)| m)
+}
+
+/// [`build_sorted`], also returning the map's bitmask-sorted neighbour table on the device
+/// when it fits one binding.
+pub fn build_sorted_with_tables(
+    ctx: &GpuContext,
+    input: &Arc<CoordSet>,
+    spec: KernelSpec,
+) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
     let offsets = scaled_offsets(&spec, input.stride())?;
     let sub = spec.stride == 1;
     let (n_in, kv) = (input.len(), offsets.len());
@@ -285,16 +295,137 @@ pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -
         ];
         ctx.dispatch(&mut enc, SORT_QUERY, &binds, (g.0, g.1, 1));
         ctx.submit(enc);
+        let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
+        if n == n_out {
+            return finish_on_device(ctx, &bn, kind, spec, offsets, input.clone(), out);
+        }
         nbr.extend(ctx.read(&bn)?);
     }
     let per = pairs_from_neighbours(&nbr, kv);
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out, per))
+    Ok((KernelMap::from_pairs(kind, spec, offsets, input.clone(), out, per), None))
+}
+
+/// A neighbour table on the device with rows sorted by bitmask (see
+/// [`super::conv::SortedNeighbours`]), ready for the output-stationary conv.
+#[derive(Debug)]
+pub struct DeviceNeighbours {
+    /// `[n_out, K]` input rows or -1, sorted rows.
+    pub nbr: GpuBuffer<i32>,
+    /// Output row of each sorted row.
+    pub out_rows: GpuBuffer<u32>,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct TableParams {
+    n: u32,
+    volume: u32,
+    row_threads: u32,
+    n_t: u32,
+}
+
+const ROW_MASKS: PipelineKey = PipelineKey::new(Shader::NbrTable, "row_masks");
+const PERMUTE_ROWS: PipelineKey = PipelineKey::new(Shader::NbrTable, "permute_rows");
+const PAIR_FLAGS: PipelineKey = PipelineKey::new(Shader::NbrTable, "pair_flags");
+const PAIR_COMPACT: PipelineKey = PipelineKey::new(Shader::NbrTable, "pair_compact");
+const COLUMN_STARTS: PipelineKey = PipelineKey::new(Shader::NbrTable, "column_starts");
+const FILL_EMPTY: PipelineKey = PipelineKey::new(Shader::NbrTable, "fill_empty");
+const TRANSPOSE_SCATTER: PipelineKey = PipelineKey::new(Shader::NbrTable, "transpose_scatter");
+
+/// From a neighbour table on the device: the map's pairs (compacted on the device, only they
+/// come back) and the bitmask-sorted table for the conv, which stays.
+fn finish_on_device(
+    ctx: &GpuContext,
+    nbr: &GpuBuffer<i32>,
+    kind: MapKind,
+    spec: KernelSpec,
+    offsets: Vec<[i32; 3]>,
+    input: Arc<CoordSet>,
+    out: Arc<CoordSet>,
+) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
+    let (n, kv) = (out.len(), offsets.len());
+    let total = n * kv;
+    let g = grid((total as u32).div_ceil(256));
+    let p = ctx.uniform(&TableParams { n: n as u32, volume: kv as u32, row_threads: g.0 * 256, n_t: 0 });
+    let mut enc = ctx.encoder();
+    // Pairs: flag, scan, compact, offset starts.
+    let flags = ctx.scratch::<u32>("pair flags", total)?;
+    ctx.dispatch(&mut enc, PAIR_FLAGS, &[(0, &p), (1, nbr.raw()), (7, flags.raw())], (g.0, g.1, 1));
+    sort::exclusive_scan(ctx, &mut enc, flags.raw(), total)?;
+    let (ins, outs) = (ctx.scratch::<u32>("in_idx", total)?, ctx.scratch::<u32>("out_idx", total)?);
+    let binds = [(0, &p), (1, nbr.raw()), (8, flags.raw()), (9, ins.raw()), (10, outs.raw())];
+    ctx.dispatch(&mut enc, PAIR_COMPACT, &binds, (g.0, g.1, 1));
+    let starts = ctx.scratch::<u32>("starts", kv + 1)?;
+    let binds = [(0, &p), (1, nbr.raw()), (8, flags.raw()), (11, starts.raw())];
+    ctx.dispatch(&mut enc, COLUMN_STARTS, &binds, ((kv as u32 + 1).div_ceil(64), 1, 1));
+    let sorted = sort_rows(ctx, &mut enc, nbr, n, kv)?;
+    ctx.submit(enc);
+    let starts: Vec<usize> = ctx.read(&starts)?.into_iter().map(|s| s as usize).collect();
+    let pairs = starts[kv];
+    let in_idx = ctx.read(&ins.cast::<u32>(pairs))?;
+    let out_idx = ctx.read(&outs.cast::<u32>(pairs))?;
+    let map = KernelMap::from_flat(kind, spec, offsets, input, out, starts, in_idx, out_idx);
+    Ok((map, Some(sorted)))
+}
+
+/// Record the bitmask sort of a table's `n` rows of `kv` entries.
+fn sort_rows(
+    ctx: &GpuContext,
+    enc: &mut wgpu::CommandEncoder,
+    nbr: &GpuBuffer<i32>,
+    n: usize,
+    kv: usize,
+) -> Result<DeviceNeighbours> {
+    let gr = grid((n as u32).div_ceil(256));
+    let pr = ctx.uniform(&TableParams { n: n as u32, volume: kv as u32, row_threads: gr.0 * 256, n_t: 0 });
+    let keys = sort::KeyValues::alloc(ctx, n)?;
+    let binds = [(0, &pr), (1, nbr.raw()), (2, keys.hi.raw()), (3, keys.lo.raw()), (4, keys.val.raw())];
+    ctx.dispatch(enc, ROW_MASKS, &binds, (gr.0, gr.1, 1));
+    let varying = if kv >= 64 { u64::MAX } else { (1u64 << kv) - 1 };
+    let sorted = sort::sort_pairs(ctx, enc, &keys, varying)?;
+    let total = n * kv;
+    let g = grid((total as u32).div_ceil(256));
+    let p = ctx.uniform(&TableParams { n: n as u32, volume: kv as u32, row_threads: g.0 * 256, n_t: 0 });
+    let table = ctx.scratch::<i32>("sorted neighbours", total)?;
+    let binds = [(0, &p), (1, nbr.raw()), (5, sorted.val.raw()), (6, table.raw())];
+    ctx.dispatch(enc, PERMUTE_ROWS, &binds, (g.0, g.1, 1));
+    Ok(DeviceNeighbours { nbr: table, out_rows: sorted.val })
+}
+
+impl DeviceNeighbours {
+    /// The sorted table of the transposed map (`n_t` rows: the original map's inputs), built on
+    /// the device from this one. Submitted, not waited for.
+    pub fn transposed(&self, ctx: &GpuContext, kv: usize, n_t: usize) -> Result<DeviceNeighbours> {
+        let n = self.out_rows.len();
+        let table = ctx.scratch::<i32>("transposed neighbours", n_t * kv)?;
+        let mut enc = ctx.encoder();
+        let gf = grid(((n_t * kv) as u32).div_ceil(256));
+        let pf = ctx.uniform(&TableParams { n: n as u32, volume: kv as u32, row_threads: gf.0 * 256, n_t: n_t as u32 });
+        ctx.dispatch(&mut enc, FILL_EMPTY, &[(0, &pf), (6, table.raw())], (gf.0, gf.1, 1));
+        let g = grid(((n * kv) as u32).div_ceil(256));
+        let p = ctx.uniform(&TableParams { n: n as u32, volume: kv as u32, row_threads: g.0 * 256, n_t: n_t as u32 });
+        let binds = [(0, &p), (1, self.nbr.raw()), (5, self.out_rows.raw()), (6, table.raw())];
+        ctx.dispatch(&mut enc, TRANSPOSE_SCATTER, &binds, (g.0, g.1, 1));
+        let sorted = sort_rows(ctx, &mut enc, &table, n_t, kv)?;
+        ctx.submit(enc);
+        Ok(sorted)
+    }
 }
 
 /// The submanifold (stride 1) or downsampling map of `spec` on `input`, queried on the GPU.
 /// Downsampled output coordinates (unique parents) are computed on the CPU.
 pub fn build(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
+    build_with_tables(ctx, input, spec).map(|(m, _)| m)
+}
+
+/// [`build`], also returning the map's bitmask-sorted neighbour table on the device when it
+/// fits one binding.
+pub fn build_with_tables(
+    ctx: &GpuContext,
+    input: &Arc<CoordSet>,
+    spec: KernelSpec,
+) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
     let offsets = scaled_offsets(&spec, input.stride())?;
     let sub = spec.stride == 1;
     let out = if sub {
@@ -306,8 +437,18 @@ pub fn build(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -> Resul
         keys.dedup();
         Arc::new(CoordSet::new_unchecked(keys.into_iter().map(coords::unpack).collect(), s))
     };
+    let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
+    let (n_in, n_out, kv) = (input.len(), out.len(), offsets.len());
+    if n_out > 0 && n_out * kv * 4 <= ctx.binding_limit() as usize {
+        check_sizes(n_in, n_out, kv)?;
+        let bin = ctx.to_device("in_coords", input.coords())?;
+        let bdel = ctx.to_device("deltas", &deltas4(&offsets))?;
+        let table = DeviceHashTable::build(ctx, &bin)?;
+        let bout = if sub { bin.clone_ref() } else { ctx.to_device("out_coords", out.coords())? };
+        let nbr = table.query(ctx, &bin, &bout, &bdel)?;
+        return finish_on_device(ctx, &nbr, kind, spec, offsets, input.clone(), out);
+    }
     let nbr = neighbours(ctx, input.coords(), out.coords(), &offsets)?;
     let per = pairs_from_neighbours(&nbr, offsets.len());
-    let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out, per))
+    Ok((KernelMap::from_pairs(kind, spec, offsets, input.clone(), out, per), None))
 }

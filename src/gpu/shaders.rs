@@ -16,12 +16,21 @@ pub enum Shader {
     KmapSort,
     /// `shaders/elementwise.wgsl`: channel concat, f32 -> packed f16.
     Elementwise,
+    /// `shaders/nbr_table.wgsl`: pairs and bitmask-sorted rows from a neighbour table.
+    NbrTable,
 }
 
 impl Shader {
     /// Every shader, for parse checks.
-    pub const ALL: [Shader; 6] =
-        [Shader::KmapHash, Shader::Conv, Shader::Scan, Shader::RadixSort, Shader::KmapSort, Shader::Elementwise];
+    pub const ALL: [Shader; 7] = [
+        Shader::KmapHash,
+        Shader::Conv,
+        Shader::Scan,
+        Shader::RadixSort,
+        Shader::KmapSort,
+        Shader::Elementwise,
+        Shader::NbrTable,
+    ];
 
     /// File name under `shaders/`.
     pub fn name(self) -> &'static str {
@@ -32,6 +41,7 @@ impl Shader {
             Shader::RadixSort => "radix_sort.wgsl",
             Shader::KmapSort => "kmap_sort.wgsl",
             Shader::Elementwise => "elementwise.wgsl",
+            Shader::NbrTable => "nbr_table.wgsl",
         }
     }
 
@@ -44,6 +54,7 @@ impl Shader {
             Shader::RadixSort => include_str!("../../shaders/radix_sort.wgsl"),
             Shader::KmapSort => include_str!("../../shaders/kmap_sort.wgsl"),
             Shader::Elementwise => include_str!("../../shaders/elementwise.wgsl"),
+            Shader::NbrTable => include_str!("../../shaders/nbr_table.wgsl"),
         }
     }
 
@@ -71,6 +82,15 @@ fn load_w(i: u32) -> f32 { let p = unpack2x16float(w[i >> 1u]); return select(p.
             Shader::RadixSort => &["count", "scatter"],
             Shader::KmapSort => &["keys", "query", "unique_flags", "compact"],
             Shader::Elementwise => &["concat", "pack_half"],
+            Shader::NbrTable => &[
+                "row_masks",
+                "permute_rows",
+                "pair_flags",
+                "pair_compact",
+                "column_starts",
+                "fill_empty",
+                "transpose_scatter",
+            ],
         }
     }
 }
