@@ -300,6 +300,16 @@ impl Engine {
     /// The execution plan of `map` for these weights: fixed, ungrouped, or tuned once per layer
     /// on its first input.
     pub fn plan_for(&self, map: &KernelMap, x: &[f32], w: &ConvWeight) -> Result<Plan> {
+        if matches!(self.device, Device::Gpu(_)) && matches!(self.grouping, Grouping::Auto | Grouping::Heuristic) {
+            // No timing on the GPU (it would need a sync per candidate): on an H200
+            // (BENCHMARKS.md) output-stationary won up to 64 channels and grouped
+            // gather -> GEMM -> scatter at 128 on k3 submanifold layers.
+            return Ok(if w.cout >= 128 && map.kind == MapKind::Submanifold {
+                Plan::grouped(map, GroupingParams { tolerance: 0.5, max_rows: 1 << 20 })
+            } else {
+                Plan::output_tiled(map)
+            });
+        }
         Ok(match self.grouping {
             Grouping::Off => Plan::ungrouped(map),
             Grouping::Fixed(p) => Plan::grouped(map, p),
@@ -320,16 +330,7 @@ impl Engine {
                     Some(Tuned::Ungrouped) => Plan::ungrouped(map),
                     Some(Tuned::OutputTiled) => Plan::output_tiled(map),
                     None => {
-                        let (plan, _) = match &self.device {
-                            Device::Cpu => cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?,
-                            // No timing on the GPU (it would need a sync per candidate): on an
-                            // H200 (BENCHMARKS.md) output-stationary won up to 64 channels and
-                            // grouped gather -> GEMM -> scatter at 128 on k3 submanifold layers.
-                            Device::Gpu(_) if w.cout >= 128 && map.kind == MapKind::Submanifold => {
-                                (Plan::grouped(map, GroupingParams { tolerance: 0.5, max_rows: 1 << 20 }), 0.0)
-                            }
-                            Device::Gpu(_) => (Plan::output_tiled(map), 0.0),
-                        };
+                        let (plan, _) = cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?;
                         self.tuned.lock().unwrap_or_else(|e| e.into_inner()).insert(
                             key,
                             match (plan.output_tiled, plan.params) {

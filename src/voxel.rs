@@ -101,43 +101,49 @@ pub fn voxelize_batch(clouds: &[PointCloud], voxel_size: f32) -> Result<Voxelize
     if total > u32::MAX as usize {
         return Err(Error::invalid("voxelize", "more than 2^32 - 1 points"));
     }
-    let mut keyed: Vec<(u64, u32)> = Vec::with_capacity(total);
-    let mut rows: Vec<&[f32]> = Vec::with_capacity(total);
-    for (b, cloud) in clouds.iter().enumerate() {
-        for i in 0..cloud.len() {
-            let p = cloud.point(i);
-            let c = voxel_coord(p, voxel_size, b as i32)?;
-            keyed.push((coords::pack(c), rows.len() as u32));
-            rows.push(p);
-        }
-    }
+    use rayon::prelude::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Point rows of every scan, in input order (scan by scan).
+    let rows: Vec<&[f32]> = clouds.iter().flat_map(|c| (0..c.len()).map(move |i| c.point(i))).collect();
+    let batch_of: Vec<i32> =
+        clouds.iter().enumerate().flat_map(|(b, c)| std::iter::repeat_n(b as i32, c.len())).collect();
+    let mut keyed: Vec<(u64, u32)> = rows
+        .par_iter()
+        .zip(batch_of.par_iter())
+        .enumerate()
+        .map(|(i, (p, &b))| Ok((coords::pack(voxel_coord(p, voxel_size, b)?), i as u32)))
+        .collect::<Result<_>>()?;
     // Stable: points of one voxel stay in input order, so the mean is summed deterministically.
     radsort::sort_by_key(&mut keyed, |e| e.0);
-    let mut coords_out: Vec<[i32; 4]> = Vec::new();
-    let mut feats: Vec<f32> = Vec::new();
-    let mut counts: Vec<u32> = Vec::new();
-    let mut inverse = vec![0u32; total];
-    let mut acc = vec![0f64; dims];
-    let mut i = 0;
-    while i < keyed.len() {
-        let key = keyed[i].0;
-        let v = coords_out.len() as u32;
-        acc.fill(0.0);
-        let mut j = i;
-        while j < keyed.len() && keyed[j].0 == key {
-            let pi = keyed[j].1 as usize;
-            inverse[pi] = v;
-            for (a, &x) in acc.iter_mut().zip(rows[pi]) {
+    // First sorted position of each voxel.
+    let starts: Vec<usize> = (0..keyed.len())
+        .into_par_iter()
+        .filter(|&j| j == 0 || keyed[j].0 != keyed[j - 1].0)
+        .chain(rayon::iter::once(keyed.len()))
+        .collect();
+    let n_vox = starts.len() - 1;
+    // One task per run of voxels; each voxel is summed by one task in point order (same bits
+    // whatever the thread count); each point's inverse slot is written exactly once.
+    let inverse_at: Vec<AtomicU32> = (0..total).map(|_| AtomicU32::new(0)).collect();
+    let mut feats = vec![0f32; n_vox * dims];
+    feats.par_chunks_mut(dims.max(1)).enumerate().for_each(|(v, out)| {
+        let mut acc = [0f64; 8];
+        let mut accv = vec![0f64; if dims > 8 { dims } else { 0 }];
+        let acc: &mut [f64] = if dims <= 8 { &mut acc[..dims] } else { &mut accv };
+        for &(_, pi) in &keyed[starts[v]..starts[v + 1]] {
+            inverse_at[pi as usize].store(v as u32, Ordering::Relaxed);
+            for (a, &x) in acc.iter_mut().zip(rows[pi as usize]) {
                 *a += x as f64;
             }
-            j += 1;
         }
-        let n = (j - i) as f64;
-        feats.extend(acc.iter().map(|a| (a / n) as f32));
-        counts.push((j - i) as u32);
-        coords_out.push(coords::unpack(key));
-        i = j;
-    }
+        let n = (starts[v + 1] - starts[v]) as f64;
+        for (o, a) in out.iter_mut().zip(acc.iter()) {
+            *o = (a / n) as f32;
+        }
+    });
+    let counts: Vec<u32> = starts.windows(2).map(|w| (w[1] - w[0]) as u32).collect();
+    let coords_out: Vec<[i32; 4]> = starts[..n_vox].par_iter().map(|&j| coords::unpack(keyed[j].0)).collect();
+    let inverse: Vec<u32> = inverse_at.into_iter().map(AtomicU32::into_inner).collect();
     let set = Arc::new(CoordSet::new_unchecked(coords_out, 1));
     Ok(Voxelized { tensor: SparseTensor::new(set, feats, dims)?, inverse, counts })
 }
@@ -188,5 +194,42 @@ mod tests {
         assert!(voxelize(&PointCloud::new(vec![1e9, 0.0, 0.0], 3).unwrap(), 0.05).is_err());
         let empty = voxelize(&PointCloud::new(vec![], 4).unwrap(), 0.05).unwrap();
         assert!(empty.tensor.is_empty() && empty.inverse.is_empty());
+    }
+
+    #[test]
+    fn matches_a_naive_mean_with_the_same_bits_at_any_thread_count() {
+        // A dense random cloud with many points per voxel and negative coordinates.
+        let mut data = Vec::new();
+        let mut r = 12345u64;
+        for _ in 0..20_000 {
+            for scale in [3.0f32, 3.0, 1.0, 1.0] {
+                r = r.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                data.push(((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale);
+            }
+        }
+        let cloud = PointCloud::new(data, 4).unwrap();
+        let v = voxelize(&cloud, 0.1).unwrap();
+        let mut naive: std::collections::BTreeMap<[i32; 4], (Vec<f64>, u32)> = Default::default();
+        for i in 0..cloud.len() {
+            let e = naive.entry(voxel_coord(cloud.point(i), 0.1, 0).unwrap()).or_insert((vec![0.0; 4], 0));
+            e.0.iter_mut().zip(cloud.point(i)).for_each(|(a, &x)| *a += x as f64);
+            e.1 += 1;
+        }
+        assert_eq!(v.tensor.len(), naive.len());
+        for (row, (c, (sum, n))) in naive.iter().enumerate() {
+            assert_eq!(v.tensor.coords()[row], *c);
+            assert_eq!(v.counts[row], *n);
+            for a in 0..4 {
+                assert_eq!(v.tensor.feats()[row * 4 + a], (sum[a] / *n as f64) as f32);
+            }
+        }
+        for i in 0..cloud.len() {
+            assert_eq!(v.tensor.coords()[v.inverse[i] as usize], voxel_coord(cloud.point(i), 0.1, 0).unwrap());
+        }
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let w = one.install(|| voxelize(&cloud, 0.1).unwrap());
+        let bits = |t: &Voxelized| t.tensor.feats().iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&v), bits(&w));
+        assert_eq!(v.inverse, w.inverse);
     }
 }

@@ -363,8 +363,9 @@ fn finish_on_device(
     ctx.submit(enc);
     let starts: Vec<usize> = ctx.read(&starts)?.into_iter().map(|s| s as usize).collect();
     let pairs = starts[kv];
-    let in_idx = ctx.read(&ins.cast::<u32>(pairs))?;
-    let out_idx = ctx.read(&outs.cast::<u32>(pairs))?;
+    let (ins, outs) = (ins.cast::<u32>(pairs), outs.cast::<u32>(pairs));
+    let mut both = ctx.read_all(&[&ins, &outs])?.into_iter();
+    let (in_idx, out_idx) = (both.next().unwrap_or_default(), both.next().unwrap_or_default());
     let map = KernelMap::from_flat(kind, spec, offsets, input, out, starts, in_idx, out_idx);
     Ok((map, Some(sorted)))
 }

@@ -364,6 +364,49 @@ impl GpuContext {
         self.finish_and_read(self.encoder(), b.raw(), b.len())
     }
 
+    /// Copy several device buffers back with one wait.
+    pub fn read_all<T: bytemuck::Pod>(&self, bufs: &[&GpuBuffer<T>]) -> Result<Vec<Vec<T>>> {
+        let size = std::mem::size_of::<T>() as u64;
+        // Copies start at multiples of 4 bytes.
+        let lens: Vec<u64> = bufs.iter().map(|b| (b.len() as u64 * size).next_multiple_of(4)).collect();
+        let total: u64 = lens.iter().sum::<u64>().max(16);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: total,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.encoder();
+        let mut at = 0;
+        for (b, &len) in bufs.iter().zip(&lens) {
+            if len > 0 {
+                enc.copy_buffer_to_buffer(b.raw(), 0, &staging, at, len);
+            }
+            at += len;
+        }
+        self.queue.submit(Some(enc.finish()));
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.sync()?;
+        rx.recv()
+            .map_err(|_| Error::invalid("gpu", "readback never completed"))?
+            .map_err(|e| Error::invalid("gpu", format!("readback failed: {e}")))?;
+        let data = slice.get_mapped_range().map_err(|e| Error::invalid("gpu", format!("readback failed: {e}")))?;
+        let mut out = Vec::with_capacity(bufs.len());
+        let mut at = 0usize;
+        for (b, &len) in bufs.iter().zip(&lens) {
+            let bytes = b.len() * size as usize;
+            out.push(bytemuck::pod_collect_to_vec::<u8, T>(&data[at..at + bytes]));
+            at += len as usize;
+        }
+        drop(data);
+        staging.unmap();
+        Ok(out)
+    }
+
     /// Wait until the device has finished all submitted work.
     pub fn sync(&self) -> Result<()> {
         self.device
