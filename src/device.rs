@@ -499,21 +499,22 @@ impl Engine {
             )?;
             return SparseTensor::new(map.out_coords.clone(), y, cout);
         }
+        use crate::gpu::DeviceFeats;
         // A tensor's device buffer, or an upload of its host features.
         let on_device = |t: &SparseTensor, label: &str| -> Result<Option<crate::gpu::GpuBuffer<f32>>> {
-            match t.device_feats() {
-                Some(d) if Arc::ptr_eq(d.context(), ctx) => Ok(None),
-                _ => ctx.to_device(label, t.feats()).map(Some),
+            match DeviceFeats::of(t, ctx) {
+                Some(_) => Ok(None),
+                None => ctx.to_device(label, t.feats()).map(Some),
             }
         };
         let x_up = on_device(x, "x")?;
-        let xb = match (&x_up, x.device_feats()) {
+        let xb = match (&x_up, DeviceFeats::of(x, ctx)) {
             (Some(b), _) => b,
             (None, Some(d)) => d.buffer(),
             (None, None) => return Err(Error::invalid("gpu conv", "input features are nowhere")),
         };
         let r_up = residual.map(|r| on_device(r, "residual")).transpose()?.flatten();
-        let rb = match (&r_up, residual.and_then(|r| r.device_feats())) {
+        let rb = match (&r_up, residual.and_then(|r| DeviceFeats::of(r, ctx))) {
             (Some(b), _) => Some(b),
             (None, Some(d)) => Some(d.buffer()),
             (None, None) => None,
@@ -528,7 +529,7 @@ impl Engine {
             GpuTables::WeightStationary(ws) => ws.run(ctx, (&xv, cin), (&wv, cout), bias.as_ref(), rb, relu)?,
             GpuTables::Split => unreachable!("handled above"),
         };
-        SparseTensor::from_device(map.out_coords.clone(), y, cout, ctx.clone())
+        SparseTensor::from_device(map.out_coords.clone(), Box::new(DeviceFeats::new(y, ctx.clone())), cout)
     }
 
     /// Gradients of the conv of `map` (see [`cpu::conv::ConvGrads`]); the transposed map is
@@ -578,14 +579,15 @@ impl Engine {
             // On the device when either part is there already.
             if a.device_feats().is_some() || b.device_feats().is_some() {
                 let up = |t: &SparseTensor| -> Result<crate::gpu::GpuBuffer<f32>> {
-                    match t.device_feats() {
-                        Some(d) if Arc::ptr_eq(d.context(), g) => Ok(d.buffer().clone_ref()),
-                        _ => g.to_device("concat part", t.feats()),
+                    match crate::gpu::DeviceFeats::of(t, g) {
+                        Some(d) => Ok(d.buffer().clone_ref()),
+                        None => g.to_device("concat part", t.feats()),
                     }
                 };
                 let (ba, bb) = (up(a)?, up(b)?);
                 let y = crate::gpu::elementwise::concat(g, &ba, a.channels(), &bb, b.channels())?;
-                return SparseTensor::from_device(a.coord_set().clone(), y, c, g.clone());
+                let dev = Box::new(crate::gpu::DeviceFeats::new(y, g.clone()));
+                return SparseTensor::from_device(a.coord_set().clone(), dev, c);
             }
         }
         let f = cpu::elementwise::concat(a.feats(), a.channels(), b.feats(), b.channels());

@@ -3,8 +3,6 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use crate::gpu::{GpuBuffer, GpuContext};
-
 use crate::coords;
 use crate::error::{Error, Result};
 
@@ -88,32 +86,35 @@ pub struct SparseTensor {
 #[derive(Debug, Clone)]
 enum Storage {
     Host(Vec<f32>),
-    Device(Arc<DeviceFeats>),
+    Device(Arc<DeviceStore>),
 }
 
-/// Features resident on a GPU, with their host copy made on first request.
+/// Features held by a backend outside host memory (a GPU buffer). The tensor keeps them
+/// opaque (this module knows no backend) and asks for a host copy only when one is needed.
+pub trait DeviceFeatures: std::fmt::Debug + Send + Sync {
+    /// Values held (`[N, C]`).
+    fn len(&self) -> usize;
+    /// Whether no values are held.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Copy the values to host memory.
+    fn to_host(&self) -> Result<Vec<f32>>;
+    /// For the backend to recognise its own storage.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
 #[derive(Debug)]
-pub struct DeviceFeats {
-    buf: GpuBuffer<f32>,
-    ctx: Arc<GpuContext>,
+struct DeviceStore {
+    dev: Box<dyn DeviceFeatures>,
     host: OnceLock<Vec<f32>>,
 }
 
-impl DeviceFeats {
-    /// The device buffer `[N, C]`.
-    pub fn buffer(&self) -> &GpuBuffer<f32> {
-        &self.buf
-    }
-
-    /// The context the buffer belongs to.
-    pub fn context(&self) -> &Arc<GpuContext> {
-        &self.ctx
-    }
-
+impl DeviceStore {
     fn host(&self) -> &[f32] {
         self.host.get_or_init(|| {
-            // A failed readback means the device was lost: nothing sensible can continue.
-            self.ctx.read(&self.buf).unwrap_or_else(|e| panic!("reading features back from the GPU: {e}"))
+            // A failed copy means the device was lost: nothing sensible can continue.
+            self.dev.to_host().unwrap_or_else(|e| panic!("copying features back from the device: {e}"))
         })
     }
 }
@@ -140,27 +141,22 @@ impl SparseTensor {
         Ok(Self { coords, feats: Storage::Host(feats), channels })
     }
 
-    /// Features already on a GPU (`[N, C]` in `buf`).
-    pub fn from_device(
-        coords: Arc<CoordSet>,
-        buf: GpuBuffer<f32>,
-        channels: usize,
-        ctx: Arc<GpuContext>,
-    ) -> Result<Self> {
-        if buf.len() != coords.len() * channels {
+    /// Features held by a backend (`[N, C]`).
+    pub fn from_device(coords: Arc<CoordSet>, dev: Box<dyn DeviceFeatures>, channels: usize) -> Result<Self> {
+        if dev.len() != coords.len() * channels {
             return Err(Error::tensor(
                 "feats",
-                format!("device buffer of {} values for {} x {channels}", buf.len(), coords.len()),
+                format!("device storage of {} values for {} x {channels}", dev.len(), coords.len()),
             ));
         }
-        Ok(Self { coords, feats: Storage::Device(Arc::new(DeviceFeats { buf, ctx, host: OnceLock::new() })), channels })
+        Ok(Self { coords, feats: Storage::Device(Arc::new(DeviceStore { dev, host: OnceLock::new() })), channels })
     }
 
-    /// The device copy of the features, when they live on a GPU.
-    pub fn device_feats(&self) -> Option<&Arc<DeviceFeats>> {
+    /// The backend storage of the features, when a backend holds them.
+    pub fn device_feats(&self) -> Option<&dyn DeviceFeatures> {
         match &self.feats {
             Storage::Host(_) => None,
-            Storage::Device(d) => Some(d),
+            Storage::Device(d) => Some(d.dev.as_ref()),
         }
     }
 

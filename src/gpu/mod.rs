@@ -421,6 +421,51 @@ impl GpuContext {
     }
 }
 
+/// Sparse-tensor features held in a GPU buffer (see [`crate::tensor::DeviceFeatures`]).
+#[derive(Debug)]
+pub struct DeviceFeats {
+    buf: GpuBuffer<f32>,
+    ctx: std::sync::Arc<GpuContext>,
+}
+
+impl DeviceFeats {
+    /// Features `buf` on `ctx`'s device.
+    pub fn new(buf: GpuBuffer<f32>, ctx: std::sync::Arc<GpuContext>) -> Self {
+        Self { buf, ctx }
+    }
+
+    /// The device buffer `[N, C]`.
+    pub fn buffer(&self) -> &GpuBuffer<f32> {
+        &self.buf
+    }
+
+    /// The context the buffer belongs to.
+    pub fn context(&self) -> &std::sync::Arc<GpuContext> {
+        &self.ctx
+    }
+
+    /// The GPU storage of `t`'s features on `ctx`, if that is where they are.
+    pub fn of<'a>(t: &'a crate::tensor::SparseTensor, ctx: &std::sync::Arc<GpuContext>) -> Option<&'a DeviceFeats> {
+        t.device_feats()
+            .and_then(|d| d.as_any().downcast_ref::<DeviceFeats>())
+            .filter(|d| std::sync::Arc::ptr_eq(&d.ctx, ctx))
+    }
+}
+
+impl crate::tensor::DeviceFeatures for DeviceFeats {
+    fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn to_host(&self) -> Result<Vec<f32>> {
+        self.ctx.read(&self.buf)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 /// Workgroup grid for `n` workgroups: x up to the per-dimension limit, the rest in y.
 fn grid(n: u32) -> (u32, u32) {
     if n <= MAX_GROUPS {
