@@ -67,6 +67,24 @@ pub fn neighbour_table(map: &KernelMap) -> Result<Vec<i32>> {
     Ok(nbr)
 }
 
+/// The CPU conv's shape checks, and the residual's.
+fn check_operands(
+    map: &KernelMap,
+    x: &[f32],
+    cin: usize,
+    w: &[f32],
+    cout: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Result<()> {
+    crate::cpu::conv::check_shapes(map, x, cin, w, cout, bias)?;
+    let n_out = map.n_out();
+    if residual.is_some_and(|r| r.len() != n_out * cout) {
+        return Err(Error::tensor("residual", format!("expected [{n_out}, {cout}] values")));
+    }
+    Ok(())
+}
+
 /// The neighbour table with its rows sorted by neighbour bitmask (stable, so equal masks keep
 /// output order), and the output row of each sorted row. Tiles of the output-stationary kernel
 /// then hold rows that share their active offsets and skip the rest (the sorted implicit GEMM
@@ -125,10 +143,7 @@ pub fn conv_forward(
     precision: Precision,
 ) -> Result<Vec<f32>> {
     let (n_in, n_out, kv) = (map.n_in(), map.n_out(), map.volume());
-    crate::cpu::conv::check_shapes(map, x, cin, w, cout, bias)?;
-    if residual.is_some_and(|r| r.len() != n_out * cout) {
-        return Err(Error::tensor("residual", format!("expected [{n_out}, {cout}] values")));
-    }
+    check_operands(map, x, cin, w, cout, bias, residual)?;
     if n_out == 0 || cout == 0 {
         return Ok(vec![0.0; n_out * cout]);
     }
@@ -495,11 +510,8 @@ pub fn conv_forward_planned(
     relu: bool,
     precision: Precision,
 ) -> Result<Vec<f32>> {
-    crate::cpu::conv::check_shapes(map, x, cin, w, cout, bias)?;
+    check_operands(map, x, cin, w, cout, bias, residual)?;
     let n_out = map.n_out();
-    if residual.is_some_and(|r| r.len() != n_out * cout) {
-        return Err(Error::tensor("residual", format!("expected [{n_out}, {cout}] values")));
-    }
     let ws = match plan.output_tiled || n_out == 0 || cout == 0 || map.total_pairs() == 0 {
         true => None,
         false => WeightStationary::prepare(ctx, map, plan, cin, cout)?,
