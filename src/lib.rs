@@ -10,6 +10,8 @@
 //! - [`voxel::voxelize`]: points → voxels (floor semantics, mean features, inverse map).
 //! - [`KernelMap`]: the `(input, output)` pairs per kernel offset, in TorchSparse offset order.
 //! - [`Engine`]: runs convs on a [`Device`], caching maps per coordinate set and tuned plans.
+//!   `Device::Gpu` (wgpu: Vulkan, Metal, DX12) builds maps and runs convs in WGSL and keeps
+//!   features on the GPU between layers; [`SparseTensor::feats`] copies them back on demand.
 //! - [`Error`]: the one error type.
 //!
 //! ```
@@ -32,6 +34,13 @@
 //! let engine = Engine::default();
 //! let y: SparseTensor = engine.conv(&vox.tensor, &w, spec)?;
 //! assert_eq!((y.len(), y.channels()), (2, 8));
+//!
+//! // The same conv on a GPU, where one exists (no CUDA needed; lavapipe works without a GPU).
+//! if let Ok(gpu) = sparseconv::Device::gpu() {
+//!     let g = Engine::new(gpu, sparseconv::MapBuilder::Hash, sparseconv::Grouping::Auto);
+//!     let yg = g.conv(&vox.tensor, &w, spec)?;
+//!     assert!(yg.feats().iter().zip(y.feats()).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs())));
+//! }
 //! # Ok(())
 //! # }
 //! ```
