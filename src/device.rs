@@ -280,7 +280,8 @@ impl Engine {
                     ),
                 ));
             }
-            let mut up = down.transposed();
+            // Lazily: a GPU conv on it needs only the counts and the device tables.
+            let mut up = down.transposed_lazy();
             up.in_coords = input.clone();
             if let Device::Gpu(g) = &self.device {
                 // The transposed conv's table, from the down map's on the device.

@@ -107,6 +107,41 @@ impl std::str::FromStr for MapBuilder {
     }
 }
 
+/// Fetches a map's pairs `(in_idx, out_idx)` from where a backend left them (a GPU buffer):
+/// called once, on first use. A backend that needs only the per-offset counts never calls it.
+pub type PairLoader = Arc<dyn Fn() -> Result<(Vec<u32>, Vec<u32>)> + Send + Sync>;
+
+#[derive(Clone)]
+struct PairStore {
+    cell: std::sync::OnceLock<(Vec<u32>, Vec<u32>)>,
+    load: Option<PairLoader>,
+}
+
+impl std::fmt::Debug for PairStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.cell.get() {
+            Some(p) => write!(f, "{} pairs", p.0.len()),
+            None => write!(f, "pairs not fetched yet"),
+        }
+    }
+}
+
+impl PairStore {
+    fn ready(in_idx: Vec<u32>, out_idx: Vec<u32>) -> Self {
+        let cell = std::sync::OnceLock::new();
+        let _ = cell.set((in_idx, out_idx));
+        Self { cell, load: None }
+    }
+
+    fn get(&self) -> &(Vec<u32>, Vec<u32>) {
+        self.cell.get_or_init(|| match &self.load {
+            // A failed fetch means the device was lost: nothing sensible can continue.
+            Some(load) => load().unwrap_or_else(|e| panic!("fetching kernel-map pairs from the device: {e}")),
+            None => (Vec::new(), Vec::new()),
+        })
+    }
+}
+
 /// The `(input row, output row)` pairs of every kernel offset.
 ///
 /// Canonical form: within each offset, pairs are sorted by output row; each output row
@@ -126,10 +161,8 @@ pub struct KernelMap {
     pub out_coords: Arc<CoordSet>,
     /// Pairs of offset `k` are `starts[k]..starts[k + 1]`.
     pub starts: Vec<usize>,
-    /// Input row of each pair.
-    pub in_idx: Vec<u32>,
-    /// Output row of each pair.
-    pub out_idx: Vec<u32>,
+    /// Input and output row of each pair, possibly still on a device (see [`PairLoader`]).
+    pairs: PairStore,
     /// Offset whose map is the identity on all rows (the centre of a submanifold conv).
     pub identity: Option<usize>,
     /// Index of the offset `-δ` for each offset `δ`, where present (submanifold only).
@@ -152,7 +185,16 @@ impl KernelMap {
     /// Pairs of offset `k`: `(in_idx, out_idx)` slices.
     pub fn pairs(&self, k: usize) -> (&[u32], &[u32]) {
         let r = self.starts[k]..self.starts[k + 1];
-        (&self.in_idx[r.clone()], &self.out_idx[r])
+        let (i, o) = self.pairs.get();
+        (&i[r.clone()], &o[r])
+    }
+    /// Input row of every pair, offset by offset.
+    pub fn in_idx(&self) -> &[u32] {
+        &self.pairs.get().0
+    }
+    /// Output row of every pair, offset by offset.
+    pub fn out_idx(&self) -> &[u32] {
+        &self.pairs.get().1
     }
     /// Number of pairs of offset `k`.
     pub fn size(&self, k: usize) -> usize {
@@ -160,7 +202,7 @@ impl KernelMap {
     }
     /// Total pairs over all offsets.
     pub fn total_pairs(&self) -> usize {
-        self.in_idx.len()
+        self.starts.last().copied().unwrap_or(0)
     }
 
     /// The fixed order in which offsets are accumulated into each output row:
@@ -252,7 +294,31 @@ impl KernelMap {
             }
             _ => vec![None; kv],
         };
-        KernelMap { kind, spec, offsets, in_coords, out_coords, starts, in_idx, out_idx, identity, mirror }
+        let pairs = PairStore::ready(in_idx, out_idx);
+        KernelMap { kind, spec, offsets, in_coords, out_coords, starts, pairs, identity, mirror }
+    }
+
+    /// A map whose pairs stay where a backend built them until first needed: `starts` (the
+    /// per-offset counts) is known now, `load` fetches `(in_idx, out_idx)` in the canonical
+    /// layout on first use.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn with_pair_loader(
+        kind: MapKind,
+        spec: KernelSpec,
+        offsets: Vec<[i32; 3]>,
+        in_coords: Arc<CoordSet>,
+        out_coords: Arc<CoordSet>,
+        starts: Vec<usize>,
+        load: PairLoader,
+    ) -> Self {
+        let mut m = Self::from_flat(kind, spec, offsets, in_coords, out_coords, starts, Vec::new(), Vec::new());
+        m.pairs = PairStore { cell: std::sync::OnceLock::new(), load: Some(load) };
+        m
+    }
+
+    /// Whether the pairs are in host memory (not waiting on a device).
+    pub fn pairs_fetched(&self) -> bool {
+        self.pairs.cell.get().is_some()
     }
 
     /// The transposed map: inputs and outputs swapped, each offset re-sorted by its new output row.
@@ -260,6 +326,22 @@ impl KernelMap {
     /// The transposed map of a downsampling map is the upsampling map (kind `Up`); the
     /// backward pass of any conv runs the transposed map of its forward map.
     pub fn transposed(&self) -> KernelMap {
+        let (in_idx, out_idx) = self.transposed_pairs();
+        self.transposed_shell(PairStore::ready(in_idx, out_idx))
+    }
+
+    /// [`KernelMap::transposed`] computed only when its pairs are first needed (a GPU conv on
+    /// the transposed map needs just the counts, which equal this map's).
+    pub fn transposed_lazy(self: &Arc<Self>) -> KernelMap {
+        if self.pairs_fetched() {
+            return self.transposed();
+        }
+        let me = self.clone();
+        let load: PairLoader = Arc::new(move || Ok(me.transposed_pairs()));
+        self.transposed_shell(PairStore { cell: std::sync::OnceLock::new(), load: Some(load) })
+    }
+
+    fn transposed_pairs(&self) -> (Vec<u32>, Vec<u32>) {
         use rayon::prelude::*;
         let kv = self.volume();
         let per: Vec<(Vec<u32>, Vec<u32>)> = (0..kv)
@@ -278,6 +360,10 @@ impl KernelMap {
             in_idx.extend_from_slice(&i);
             out_idx.extend_from_slice(&o);
         }
+        (in_idx, out_idx)
+    }
+
+    fn transposed_shell(&self, pairs: PairStore) -> KernelMap {
         KernelMap {
             kind: match self.kind {
                 MapKind::Down => MapKind::Up,
@@ -289,8 +375,7 @@ impl KernelMap {
             in_coords: self.out_coords.clone(),
             out_coords: self.in_coords.clone(),
             starts: self.starts.clone(),
-            in_idx,
-            out_idx,
+            pairs,
             identity: self.identity,
             mirror: self.mirror.clone(),
         }

@@ -32,6 +32,12 @@ fn gpu() -> Option<&'static GpuContext> {
     .as_ref()
 }
 
+/// A shared context for the entry points that keep it (lazily fetched pairs).
+fn arc_ctx() -> &'static Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    CTX.get_or_init(|| Arc::new(GpuContext::new().expect("an adapter (checked by gpu())")))
+}
+
 fn same_map(label: &str, a: &KernelMap, b: &KernelMap) {
     assert_eq!(a.offsets, b.offsets, "{label}: offsets");
     assert_eq!(a.out_coords.coords(), b.out_coords.coords(), "{label}: output coordinates");
@@ -57,19 +63,21 @@ fn gpu_kernel_maps_equal_cpu_maps() {
         let cpu = build_map(MapBuilder::Hash, x.coord_set(), spec).unwrap();
         let g = kmap::build(ctx, x.coord_set(), spec).unwrap();
         same_map(&format!("{label} (gpu hash)"), &g, &cpu);
-        let (g, tables) = kmap::build_sorted_with_tables(ctx, x.coord_set(), spec).unwrap();
+        let actx = arc_ctx();
+        let (g, tables) = kmap::build_sorted_with_tables(actx, x.coord_set(), spec).unwrap();
+        assert!(!g.pairs_fetched(), "{label}: the pairs should wait on the device");
         same_map(&format!("{label} (gpu sort)"), &g, &cpu);
         // The conv's table, sorted by bitmask on the device, equals the host's stable sort.
         let t = tables.expect("the table fits one binding");
         let want = sparseconv::gpu::conv::SortedNeighbours::new(&cpu).unwrap();
-        assert_eq!(ctx.read(&t.nbr).unwrap(), want.nbr, "{label}: sorted neighbour rows");
-        assert_eq!(ctx.read(&t.out_rows).unwrap(), want.out_rows, "{label}: output rows");
+        assert_eq!(actx.read(&t.nbr).unwrap(), want.nbr, "{label}: sorted neighbour rows");
+        assert_eq!(actx.read(&t.out_rows).unwrap(), want.out_rows, "{label}: output rows");
         if spec.stride > 1 {
             let up = cpu.transposed();
-            let tt = t.transposed(ctx, up.volume(), up.n_out()).unwrap();
+            let tt = t.transposed(actx, up.volume(), up.n_out()).unwrap();
             let want = sparseconv::gpu::conv::SortedNeighbours::new(&up).unwrap();
-            assert_eq!(ctx.read(&tt.nbr).unwrap(), want.nbr, "{label}: transposed sorted rows");
-            assert_eq!(ctx.read(&tt.out_rows).unwrap(), want.out_rows, "{label}: transposed output rows");
+            assert_eq!(actx.read(&tt.nbr).unwrap(), want.nbr, "{label}: transposed sorted rows");
+            assert_eq!(actx.read(&tt.out_rows).unwrap(), want.out_rows, "{label}: transposed output rows");
         }
         assert!(cpu.total_pairs() > 0, "{label}: empty map");
     }
@@ -244,6 +252,12 @@ fn minkunet_on_gpu_matches_cpu() {
         let err = rel_err(&g, &cpu);
         assert!(err < 1e-3, "{label}: MinkUNet logits on the GPU: relative error {err:e}");
     }
+    // Maps used only by output-stationary layers never bring their pairs to the host.
+    let e = Engine::new(dev.clone(), MapBuilder::Hash, Grouping::OutputTiled);
+    model.forward(&e, &x).unwrap();
+    let m = e.kernel_map(x.coord_set(), KernelSpec::new(3, 1, 1).unwrap()).unwrap();
+    assert!(!m.pairs_fetched(), "the stem's map fetched its pairs");
+    assert_eq!(m.in_idx(), build_map(MapBuilder::Hash, x.coord_set(), m.spec).unwrap().in_idx(), "fetched later");
     // Features stay on the device between layers; f16 storage converts them there.
     let e = Engine::new(dev.clone(), MapBuilder::Hash, Grouping::Auto).with_precision(Precision::F16);
     let g = model.forward(&e, &x).unwrap();

@@ -200,13 +200,22 @@ fn record_keys(
 /// for downsampling (sort, flag run starts, scan, compact), one binary search per (output,
 /// offset). Equal, pair for pair, to the CPU's maps.
 pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
-    build_sorted_with_tables(ctx, input, spec).map(|(m, _)| m)
+    sorted_map(ctx, None, input, spec).map(|(m, _)| m)
 }
 
 /// [`build_sorted`], also returning the map's bitmask-sorted neighbour table on the device
-/// when it fits one binding.
+/// when it fits one binding; the pairs then stay on the device until first needed.
 pub fn build_sorted_with_tables(
+    ctx: &Arc<GpuContext>,
+    input: &Arc<CoordSet>,
+    spec: KernelSpec,
+) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
+    sorted_map(ctx, Some(ctx), input, spec)
+}
+
+fn sorted_map(
     ctx: &GpuContext,
+    lazy: Option<&Arc<GpuContext>>,
     input: &Arc<CoordSet>,
     spec: KernelSpec,
 ) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
@@ -297,7 +306,7 @@ pub fn build_sorted_with_tables(
         ctx.submit(enc);
         let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
         if n == n_out {
-            return finish_on_device(ctx, &bn, kind, spec, offsets, input.clone(), out);
+            return finish_on_device(ctx, lazy, &bn, kind, spec, offsets, input.clone(), out);
         }
         nbr.extend(ctx.read(&bn)?);
     }
@@ -337,6 +346,7 @@ const TRANSPOSE_SCATTER: PipelineKey = PipelineKey::new(Shader::NbrTable, "trans
 /// come back) and the bitmask-sorted table for the conv, which stays.
 fn finish_on_device(
     ctx: &GpuContext,
+    lazy: Option<&Arc<GpuContext>>,
     nbr: &GpuBuffer<i32>,
     kind: MapKind,
     spec: KernelSpec,
@@ -364,9 +374,22 @@ fn finish_on_device(
     let starts: Vec<usize> = ctx.read(&starts)?.into_iter().map(|s| s as usize).collect();
     let pairs = starts[kv];
     let (ins, outs) = (ins.cast::<u32>(pairs), outs.cast::<u32>(pairs));
-    let mut both = ctx.read_all(&[&ins, &outs])?.into_iter();
-    let (in_idx, out_idx) = (both.next().unwrap_or_default(), both.next().unwrap_or_default());
-    let map = KernelMap::from_flat(kind, spec, offsets, input, out, starts, in_idx, out_idx);
+    let fetch = move |c: &GpuContext| -> Result<(Vec<u32>, Vec<u32>)> {
+        let mut both = c.read_all(&[&ins, &outs])?.into_iter();
+        Ok((both.next().unwrap_or_default(), both.next().unwrap_or_default()))
+    };
+    let map = match lazy {
+        // The pairs stay on the device until something on the host asks for them.
+        Some(c) => {
+            let c = c.clone();
+            let load: crate::kmap::PairLoader = Arc::new(move || fetch(&c));
+            KernelMap::with_pair_loader(kind, spec, offsets, input, out, starts, load)
+        }
+        None => {
+            let (in_idx, out_idx) = fetch(ctx)?;
+            KernelMap::from_flat(kind, spec, offsets, input, out, starts, in_idx, out_idx)
+        }
+    };
     Ok((map, Some(sorted)))
 }
 
@@ -417,13 +440,22 @@ impl DeviceNeighbours {
 /// The submanifold (stride 1) or downsampling map of `spec` on `input`, queried on the GPU.
 /// Downsampled output coordinates (unique parents) are computed on the CPU.
 pub fn build(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
-    build_with_tables(ctx, input, spec).map(|(m, _)| m)
+    hashed_map(ctx, None, input, spec).map(|(m, _)| m)
 }
 
 /// [`build`], also returning the map's bitmask-sorted neighbour table on the device when it
-/// fits one binding.
+/// fits one binding; the pairs then stay on the device until first needed.
 pub fn build_with_tables(
+    ctx: &Arc<GpuContext>,
+    input: &Arc<CoordSet>,
+    spec: KernelSpec,
+) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
+    hashed_map(ctx, Some(ctx), input, spec)
+}
+
+fn hashed_map(
     ctx: &GpuContext,
+    lazy: Option<&Arc<GpuContext>>,
     input: &Arc<CoordSet>,
     spec: KernelSpec,
 ) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
@@ -447,7 +479,7 @@ pub fn build_with_tables(
         let table = DeviceHashTable::build(ctx, &bin)?;
         let bout = if sub { bin.clone_ref() } else { ctx.to_device("out_coords", out.coords())? };
         let nbr = table.query(ctx, &bin, &bout, &bdel)?;
-        return finish_on_device(ctx, &nbr, kind, spec, offsets, input.clone(), out);
+        return finish_on_device(ctx, lazy, &nbr, kind, spec, offsets, input.clone(), out);
     }
     let nbr = neighbours(ctx, input.coords(), out.coords(), &offsets)?;
     let per = pairs_from_neighbours(&nbr, offsets.len());
