@@ -285,7 +285,7 @@ impl Engine {
             up.in_coords = input.clone();
             if let Device::Gpu(g) = &self.device {
                 // The transposed conv's table, from the down map's on the device.
-                let ot = Plan { groups: Vec::new(), params: None, output_tiled: true };
+                let ot = Self::device_output_tiled();
                 let found = self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).get(&Self::table_key(&down, &ot, 0, 0)).cloned();
                 if let Some(GpuTables::OutputStationary(nbr, rows)) = found.as_deref() {
                     let dn = crate::gpu::kmap::DeviceNeighbours { nbr: nbr.clone_ref(), out_rows: rows.clone_ref() };
@@ -302,18 +302,21 @@ impl Engine {
     /// on its first input.
     pub fn plan_for(&self, map: &KernelMap, x: &[f32], w: &ConvWeight) -> Result<Plan> {
         if matches!(self.device, Device::Gpu(_)) && matches!(self.grouping, Grouping::Auto | Grouping::Heuristic) {
-            // No timing on the GPU (it would need a sync per candidate): on an H200
-            // (BENCHMARKS.md) output-stationary won up to 64 channels and grouped
-            // gather -> GEMM -> scatter at 128 on k3 submanifold layers.
-            return Ok(if w.cout >= 128 && map.kind == MapKind::Submanifold {
+            // No timing on the GPU (it would need a sync per candidate). On an H200
+            // (BENCHMARKS.md) output-stationary won up to 64 channels, and grouped gather ->
+            // GEMM -> scatter at 128 on the scan's k3 map (1.76 vs 2.2 ms at 91k voxels). The
+            // grouped plan needs the map's counts and pairs on the host, a wait for the
+            // device: worth it on large maps only.
+            return Ok(if w.cout >= 128 && map.kind == MapKind::Submanifold && map.n_out() >= 50_000 {
                 Plan::grouped(map, GroupingParams { tolerance: 0.5, max_rows: 1 << 20 })
             } else {
-                Plan::output_tiled(map)
+                Self::device_output_tiled()
             });
         }
         Ok(match self.grouping {
             Grouping::Off => Plan::ungrouped(map),
             Grouping::Fixed(p) => Plan::grouped(map, p),
+            Grouping::OutputTiled if matches!(self.device, Device::Gpu(_)) => Self::device_output_tiled(),
             Grouping::OutputTiled => Plan::output_tiled(map),
             Grouping::Heuristic if w.cout <= 64 => Plan::output_tiled(map),
             Grouping::Heuristic => Plan::ungrouped(map),
@@ -426,6 +429,12 @@ impl Engine {
         Ok(out)
     }
 
+    /// The output-stationary plan as the GPU runs it: from its device tables, so without the
+    /// per-offset groups (which would need the map's counts on the host).
+    fn device_output_tiled() -> Plan {
+        Plan { groups: Vec::new(), params: None, output_tiled: true }
+    }
+
     fn table_key(map: &KernelMap, plan: &Plan, cin: usize, cout: usize) -> TableKey {
         TableKey {
             map: MapKey { input: map.in_coords.id(), target: map.out_coords.id(), kind: map.kind, spec: map.spec },
@@ -467,7 +476,7 @@ impl Engine {
             None => {
                 let t = if map.n_out() == 0 || cout == 0 {
                     GpuTables::Split
-                } else if plan.output_tiled || map.total_pairs() == 0 {
+                } else if plan.output_tiled {
                     let sorted = SortedNeighbours::new(map)?;
                     GpuTables::OutputStationary(
                         ctx.to_device("neighbours", &sorted.nbr)?,

@@ -107,36 +107,59 @@ impl std::str::FromStr for MapBuilder {
     }
 }
 
-/// Fetches a map's pairs `(in_idx, out_idx)` from where a backend left them (a GPU buffer):
-/// called once, on first use. A backend that needs only the per-offset counts never calls it.
-pub type PairLoader = Arc<dyn Fn() -> Result<(Vec<u32>, Vec<u32>)> + Send + Sync>;
+/// Where a map's per-offset counts and pairs wait when a backend built them (a GPU buffer):
+/// each is fetched once, on first use. A backend that needs neither (the output-stationary GPU
+/// conv works from its own device tables) never waits for them.
+pub trait MapSource: Send + Sync {
+    /// `starts` (K + 1 values; offset `k` owns pairs `starts[k]..starts[k + 1]`).
+    fn starts(&self) -> Result<Vec<usize>>;
+    /// `(in_idx, out_idx)` of all `total` pairs in the canonical layout.
+    fn pairs(&self, total: usize) -> Result<(Vec<u32>, Vec<u32>)>;
+}
 
 #[derive(Clone)]
 struct PairStore {
-    cell: std::sync::OnceLock<(Vec<u32>, Vec<u32>)>,
-    load: Option<PairLoader>,
+    starts: std::sync::OnceLock<Vec<usize>>,
+    pairs: std::sync::OnceLock<(Vec<u32>, Vec<u32>)>,
+    source: Option<Arc<dyn MapSource>>,
 }
 
 impl std::fmt::Debug for PairStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.cell.get() {
+        match self.pairs.get() {
             Some(p) => write!(f, "{} pairs", p.0.len()),
             None => write!(f, "pairs not fetched yet"),
         }
     }
 }
 
+// A failed fetch means the device was lost: nothing sensible can continue.
+fn fetched<T>(r: Result<T>) -> T {
+    r.unwrap_or_else(|e| panic!("fetching a kernel map from the device: {e}"))
+}
+
 impl PairStore {
-    fn ready(in_idx: Vec<u32>, out_idx: Vec<u32>) -> Self {
-        let cell = std::sync::OnceLock::new();
-        let _ = cell.set((in_idx, out_idx));
-        Self { cell, load: None }
+    fn ready(starts: Vec<usize>, in_idx: Vec<u32>, out_idx: Vec<u32>) -> Self {
+        let (s, p) = (std::sync::OnceLock::new(), std::sync::OnceLock::new());
+        let _ = s.set(starts);
+        let _ = p.set((in_idx, out_idx));
+        Self { starts: s, pairs: p, source: None }
     }
 
-    fn get(&self) -> &(Vec<u32>, Vec<u32>) {
-        self.cell.get_or_init(|| match &self.load {
-            // A failed fetch means the device was lost: nothing sensible can continue.
-            Some(load) => load().unwrap_or_else(|e| panic!("fetching kernel-map pairs from the device: {e}")),
+    fn lazy(source: Arc<dyn MapSource>) -> Self {
+        Self { starts: std::sync::OnceLock::new(), pairs: std::sync::OnceLock::new(), source: Some(source) }
+    }
+
+    fn starts(&self) -> &[usize] {
+        self.starts.get_or_init(|| match &self.source {
+            Some(s) => fetched(s.starts()),
+            None => vec![0],
+        })
+    }
+
+    fn pairs(&self) -> &(Vec<u32>, Vec<u32>) {
+        self.pairs.get_or_init(|| match &self.source {
+            Some(s) => fetched(s.pairs(self.starts().last().copied().unwrap_or(0))),
             None => (Vec::new(), Vec::new()),
         })
     }
@@ -159,9 +182,7 @@ pub struct KernelMap {
     pub in_coords: Arc<CoordSet>,
     /// Output coordinates (shared with the input for submanifold maps).
     pub out_coords: Arc<CoordSet>,
-    /// Pairs of offset `k` are `starts[k]..starts[k + 1]`.
-    pub starts: Vec<usize>,
-    /// Input and output row of each pair, possibly still on a device (see [`PairLoader`]).
+    /// Per-offset counts and the pairs, possibly still on a device (see [`MapSource`]).
     pairs: PairStore,
     /// Offset whose map is the identity on all rows (the centre of a submanifold conv).
     pub identity: Option<usize>,
@@ -184,25 +205,31 @@ impl KernelMap {
     }
     /// Pairs of offset `k`: `(in_idx, out_idx)` slices.
     pub fn pairs(&self, k: usize) -> (&[u32], &[u32]) {
-        let r = self.starts[k]..self.starts[k + 1];
-        let (i, o) = self.pairs.get();
+        let st = self.pairs.starts();
+        let r = st[k]..st[k + 1];
+        let (i, o) = self.pairs.pairs();
         (&i[r.clone()], &o[r])
     }
     /// Input row of every pair, offset by offset.
     pub fn in_idx(&self) -> &[u32] {
-        &self.pairs.get().0
+        &self.pairs.pairs().0
     }
     /// Output row of every pair, offset by offset.
     pub fn out_idx(&self) -> &[u32] {
-        &self.pairs.get().1
+        &self.pairs.pairs().1
+    }
+    /// Offset `k` owns pairs `starts()[k]..starts()[k + 1]`.
+    pub fn starts(&self) -> &[usize] {
+        self.pairs.starts()
     }
     /// Number of pairs of offset `k`.
     pub fn size(&self, k: usize) -> usize {
-        self.starts[k + 1] - self.starts[k]
+        let st = self.pairs.starts();
+        st[k + 1] - st[k]
     }
     /// Total pairs over all offsets.
     pub fn total_pairs(&self) -> usize {
-        self.starts.last().copied().unwrap_or(0)
+        self.pairs.starts().last().copied().unwrap_or(0)
     }
 
     /// The fixed order in which offsets are accumulated into each output row:
@@ -294,31 +321,29 @@ impl KernelMap {
             }
             _ => vec![None; kv],
         };
-        let pairs = PairStore::ready(in_idx, out_idx);
-        KernelMap { kind, spec, offsets, in_coords, out_coords, starts, pairs, identity, mirror }
+        let pairs = PairStore::ready(starts, in_idx, out_idx);
+        KernelMap { kind, spec, offsets, in_coords, out_coords, pairs, identity, mirror }
     }
 
-    /// A map whose pairs stay where a backend built them until first needed: `starts` (the
-    /// per-offset counts) is known now, `load` fetches `(in_idx, out_idx)` in the canonical
-    /// layout on first use.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn with_pair_loader(
+    /// A map whose counts and pairs stay where a backend built them until first needed.
+    pub(crate) fn with_source(
         kind: MapKind,
         spec: KernelSpec,
         offsets: Vec<[i32; 3]>,
         in_coords: Arc<CoordSet>,
         out_coords: Arc<CoordSet>,
-        starts: Vec<usize>,
-        load: PairLoader,
+        source: Arc<dyn MapSource>,
     ) -> Self {
-        let mut m = Self::from_flat(kind, spec, offsets, in_coords, out_coords, starts, Vec::new(), Vec::new());
-        m.pairs = PairStore { cell: std::sync::OnceLock::new(), load: Some(load) };
+        let kv = offsets.len();
+        let mut m =
+            Self::from_flat(kind, spec, offsets, in_coords, out_coords, vec![0; kv + 1], Vec::new(), Vec::new());
+        m.pairs = PairStore::lazy(source);
         m
     }
 
     /// Whether the pairs are in host memory (not waiting on a device).
     pub fn pairs_fetched(&self) -> bool {
-        self.pairs.cell.get().is_some()
+        self.pairs.pairs.get().is_some()
     }
 
     /// The transposed map: inputs and outputs swapped, each offset re-sorted by its new output row.
@@ -327,7 +352,7 @@ impl KernelMap {
     /// backward pass of any conv runs the transposed map of its forward map.
     pub fn transposed(&self) -> KernelMap {
         let (in_idx, out_idx) = self.transposed_pairs();
-        self.transposed_shell(PairStore::ready(in_idx, out_idx))
+        self.transposed_shell(PairStore::ready(self.starts().to_vec(), in_idx, out_idx))
     }
 
     /// [`KernelMap::transposed`] computed only when its pairs are first needed (a GPU conv on
@@ -336,9 +361,7 @@ impl KernelMap {
         if self.pairs_fetched() {
             return self.transposed();
         }
-        let me = self.clone();
-        let load: PairLoader = Arc::new(move || Ok(me.transposed_pairs()));
-        self.transposed_shell(PairStore { cell: std::sync::OnceLock::new(), load: Some(load) })
+        self.transposed_shell(PairStore::lazy(Arc::new(Transposed(self.clone()))))
     }
 
     fn transposed_pairs(&self) -> (Vec<u32>, Vec<u32>) {
@@ -374,11 +397,23 @@ impl KernelMap {
             offsets: self.offsets.clone(),
             in_coords: self.out_coords.clone(),
             out_coords: self.in_coords.clone(),
-            starts: self.starts.clone(),
             pairs,
             identity: self.identity,
             mirror: self.mirror.clone(),
         }
+    }
+}
+
+/// The pairs of a map's transpose, computed from the map on first use.
+struct Transposed(Arc<KernelMap>);
+
+impl MapSource for Transposed {
+    fn starts(&self) -> Result<Vec<usize>> {
+        Ok(self.0.starts().to_vec())
+    }
+
+    fn pairs(&self, _total: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+        Ok(self.0.transposed_pairs())
     }
 }
 

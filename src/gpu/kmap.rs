@@ -342,6 +342,41 @@ const COLUMN_STARTS: PipelineKey = PipelineKey::new(Shader::NbrTable, "column_st
 const FILL_EMPTY: PipelineKey = PipelineKey::new(Shader::NbrTable, "fill_empty");
 const TRANSPOSE_SCATTER: PipelineKey = PipelineKey::new(Shader::NbrTable, "transpose_scatter");
 
+/// A map's counts and pairs as `finish_on_device` leaves them on the device.
+struct DevicePairs {
+    starts: GpuBuffer<u32>,
+    ins: GpuBuffer<u32>,
+    outs: GpuBuffer<u32>,
+}
+
+impl DevicePairs {
+    fn starts(&self, ctx: &GpuContext) -> Result<Vec<usize>> {
+        Ok(ctx.read(&self.starts)?.into_iter().map(|s| s as usize).collect())
+    }
+
+    fn pairs(&self, ctx: &GpuContext, total: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+        let (ins, outs) = (self.ins.clone_ref().cast::<u32>(total), self.outs.clone_ref().cast::<u32>(total));
+        let mut both = ctx.read_all(&[&ins, &outs])?.into_iter();
+        Ok((both.next().unwrap_or_default(), both.next().unwrap_or_default()))
+    }
+}
+
+/// [`DevicePairs`] with the context that reads them, for a lazily fetched [`KernelMap`].
+struct ContextPairs {
+    ctx: Arc<GpuContext>,
+    pairs: DevicePairs,
+}
+
+impl crate::kmap::MapSource for ContextPairs {
+    fn starts(&self) -> Result<Vec<usize>> {
+        self.pairs.starts(&self.ctx)
+    }
+
+    fn pairs(&self, total: usize) -> Result<(Vec<u32>, Vec<u32>)> {
+        self.pairs.pairs(&self.ctx, total)
+    }
+}
+
 /// From a neighbour table on the device: the map's pairs (compacted on the device, only they
 /// come back) and the bitmask-sorted table for the conv, which stays.
 fn finish_on_device(
@@ -371,22 +406,16 @@ fn finish_on_device(
     ctx.dispatch(&mut enc, COLUMN_STARTS, &binds, ((kv as u32 + 1).div_ceil(64), 1, 1));
     let sorted = sort_rows(ctx, &mut enc, nbr, n, kv)?;
     ctx.submit(enc);
-    let starts: Vec<usize> = ctx.read(&starts)?.into_iter().map(|s| s as usize).collect();
-    let pairs = starts[kv];
-    let (ins, outs) = (ins.cast::<u32>(pairs), outs.cast::<u32>(pairs));
-    let fetch = move |c: &GpuContext| -> Result<(Vec<u32>, Vec<u32>)> {
-        let mut both = c.read_all(&[&ins, &outs])?.into_iter();
-        Ok((both.next().unwrap_or_default(), both.next().unwrap_or_default()))
-    };
+    let source = DevicePairs { starts, ins, outs };
     let map = match lazy {
-        // The pairs stay on the device until something on the host asks for them.
+        // Counts and pairs stay on the device until something on the host asks for them.
         Some(c) => {
-            let c = c.clone();
-            let load: crate::kmap::PairLoader = Arc::new(move || fetch(&c));
-            KernelMap::with_pair_loader(kind, spec, offsets, input, out, starts, load)
+            let source = Arc::new(ContextPairs { ctx: c.clone(), pairs: source });
+            KernelMap::with_source(kind, spec, offsets, input, out, source)
         }
         None => {
-            let (in_idx, out_idx) = fetch(ctx)?;
+            let starts = source.starts(ctx)?;
+            let (in_idx, out_idx) = source.pairs(ctx, starts[kv])?;
             KernelMap::from_flat(kind, spec, offsets, input, out, starts, in_idx, out_idx)
         }
     };
