@@ -341,3 +341,16 @@ fn gpu_concat_and_half_packing_match_cpu() {
     }
     assert_eq!(packed[777] >> 16, 0, "padding half");
 }
+
+#[test]
+fn buffers_of_another_context_are_an_error_not_a_panic() {
+    use sparseconv::gpu::elementwise::concat;
+    let Some(ctx) = gpu() else { return };
+    let other = GpuContext::new().unwrap();
+    let a = other.to_device("a", &[1.0f32, 2.0]).unwrap();
+    let b = ctx.to_device("b", &[3.0f32, 4.0]).unwrap();
+    let err = concat(ctx, &a, 1, &b, 1).unwrap_err().to_string();
+    assert!(err.contains("another GPU context"), "{err}");
+    assert!(ctx.read(&a).unwrap_err().to_string().contains("another GPU context"));
+    assert_eq!(other.read(&a).unwrap(), vec![1.0, 2.0]);
+}

@@ -67,6 +67,22 @@ pub fn neighbour_table(map: &KernelMap) -> Result<Vec<i32>> {
     Ok(nbr)
 }
 
+/// An error unless every operand belongs to `ctx` (another device's buffer would make wgpu
+/// panic).
+fn check_context(
+    ctx: &GpuContext,
+    values: &[&DeviceValues],
+    tables: &[&GpuBuffer<i32>],
+    bias: Option<&GpuBuffer<f32>>,
+    residual: Option<&GpuBuffer<f32>>,
+) -> Result<()> {
+    if values.iter().any(|v| v.ctx != ctx.context_id()) {
+        return Err(Error::invalid("gpu conv", "features or weights of another GPU context were passed"));
+    }
+    ctx.check_owns("gpu conv", tables)?;
+    ctx.check_owns("gpu conv", &bias.into_iter().chain(residual).collect::<Vec<_>>())
+}
+
 /// The CPU conv's shape checks, and the residual's.
 fn check_operands(
     map: &KernelMap,
@@ -216,6 +232,8 @@ pub fn conv_forward(
 #[derive(Debug)]
 pub struct DeviceValues {
     raw: wgpu::Buffer,
+    // The context that made it.
+    ctx: u64,
     // The pooled buffer this owns, if any (returned to the pool on drop).
     _owned: Option<GpuBuffer<u32>>,
     precision: Precision,
@@ -236,23 +254,27 @@ impl DeviceValues {
                 })
                 .collect(),
         };
-        Ok(Self { raw: ctx.to_device(label, &words)?.raw().clone(), _owned: None, precision })
+        let b = ctx.to_device(label, &words)?;
+        Ok(Self { raw: b.raw().clone(), ctx: b.context_id(), _owned: None, precision })
     }
 
     /// f32 features already on the device (a previous layer's output), used as they are.
     pub fn from_f32(buf: GpuBuffer<f32>) -> Self {
         let len = buf.len();
-        Self { raw: buf.raw().clone(), _owned: Some(buf.cast(len)), precision: Precision::F32 }
+        Self { raw: buf.raw().clone(), ctx: buf.context_id(), _owned: Some(buf.cast(len)), precision: Precision::F32 }
     }
 
     /// Features on the device in `precision`: f32 features used in place (the caller keeps
     /// `buf` alive while this is in use), or converted to packed f16 on the device.
     pub fn from_features(ctx: &GpuContext, buf: &GpuBuffer<f32>, precision: Precision) -> Result<Self> {
         Ok(match precision {
-            Precision::F32 => Self { raw: buf.raw().clone(), _owned: None, precision },
+            Precision::F32 => {
+                ctx.check_owns("conv features", &[buf])?;
+                Self { raw: buf.raw().clone(), ctx: buf.context_id(), _owned: None, precision }
+            }
             Precision::F16 => {
                 let packed = super::elementwise::pack_half(ctx, buf)?;
-                Self { raw: packed.raw().clone(), _owned: Some(packed), precision }
+                Self { raw: packed.raw().clone(), ctx: packed.context_id(), _owned: Some(packed), precision }
             }
         })
     }
@@ -276,6 +298,8 @@ pub fn conv_on_device(
         return Err(Error::invalid("gpu conv", "features and weights are stored in different precisions"));
     }
     let n_out = nbr.len() / kv.max(1);
+    check_context(ctx, &[x, w], &[nbr], bias, residual)?;
+    ctx.check_owns("gpu conv", &[out_rows])?;
     if out_rows.len() != n_out {
         return Err(Error::invalid("gpu conv", "neighbour table and output rows differ in length"));
     }
@@ -441,6 +465,8 @@ impl WeightStationary {
             Precision::F32 => k,
             Precision::F16 => PipelineKey { variant: F16, ..k },
         };
+        let tables: Vec<&GpuBuffer<i32>> = self.chunks.iter().map(|c| &c.pidx).collect();
+        check_context(ctx, &[x, w], &tables, bias, residual)?;
         let y = ctx.scratch::<f32>("y", self.n_out * cout)?;
         let empty = ctx.zeroed("unused", 16)?;
         let col_tiles = cout.div_ceil(TILE_COLS).max(1);

@@ -25,6 +25,7 @@ pub fn concat(
     b: &GpuBuffer<f32>,
     cb: usize,
 ) -> Result<GpuBuffer<f32>> {
+    ctx.check_owns("gpu concat", &[a, b])?;
     let n = a.len().checked_div(ca).unwrap_or_else(|| b.len() / cb.max(1));
     if a.len() != n * ca || b.len() != n * cb {
         return Err(Error::invalid("gpu concat", "the two tensors hold different row counts"));
@@ -43,6 +44,7 @@ pub fn concat(
 /// reads them. Rounding is the adapter's `pack2x16float`: within one f16 step of
 /// [`half::f16::from_f32`] (`tests/gpu.rs`).
 pub fn pack_half(ctx: &GpuContext, a: &GpuBuffer<f32>) -> Result<GpuBuffer<u32>> {
+    ctx.check_owns("gpu f16 packing", &[a])?;
     let n = a.len();
     let words = n.div_ceil(2);
     let out = ctx.scratch::<u32>("packed halves", words)?;

@@ -42,6 +42,7 @@ pub struct DeviceHashTable {
 impl DeviceHashTable {
     /// Insert every row of `inputs` (submitted, not waited for).
     pub fn build(ctx: &GpuContext, inputs: &GpuBuffer<[i32; 4]>) -> Result<Self> {
+        ctx.check_owns("gpu hash table", &[inputs])?;
         let n_in = inputs.len();
         check_sizes(n_in, 0, 0)?;
         let cap = (2 * n_in).next_power_of_two().max(64);
@@ -73,6 +74,8 @@ impl DeviceHashTable {
         deltas: &GpuBuffer<[i32; 4]>,
     ) -> Result<GpuBuffer<i32>> {
         let (n, kv) = (outputs.len(), deltas.len());
+        ctx.check_owns("gpu kernel-map query", &[inputs, outputs, deltas])?;
+        ctx.check_owns("gpu kernel-map query", &[&self.table])?;
         check_sizes(self.n_in, n, kv)?;
         if inputs.len() != self.n_in {
             return Err(Error::invalid("gpu kernel map", "queried with other inputs than the table holds"));
@@ -257,7 +260,7 @@ fn sorted_map(
         let binds = [(0, &p), (2, uh), (3, ul), (5, sh), (6, sl), (10, flags), (11, &count)];
         ctx.dispatch(&mut enc, COMPACT, &binds, (g.0, g.1, 1));
         ctx.submit(enc);
-        let n_out = ctx.read(&GpuBuffer::<u32>::wrap(count, 1))?[0] as usize;
+        let n_out = ctx.read(&GpuBuffer::<u32>::wrap(ctx, count, 1))?[0] as usize;
         let queries =
             sort::KeyValues { hi: pkeys.hi.cast(n_out), lo: pkeys.lo.cast(n_out), val: pkeys.val.cast(n_out) };
         let (hi, lo) = (ctx.read(&queries.hi)?, ctx.read(&queries.lo)?);
@@ -450,6 +453,8 @@ impl DeviceNeighbours {
     /// The sorted table of the transposed map (`n_t` rows: the original map's inputs), built on
     /// the device from this one. Submitted, not waited for.
     pub fn transposed(&self, ctx: &GpuContext, kv: usize, n_t: usize) -> Result<DeviceNeighbours> {
+        ctx.check_owns("gpu transposed table", &[&self.nbr])?;
+        ctx.check_owns("gpu transposed table", &[&self.out_rows])?;
         let n = self.out_rows.len();
         let table = ctx.scratch::<i32>("transposed neighbours", n_t * kv)?;
         let mut enc = ctx.encoder();

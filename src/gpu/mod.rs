@@ -33,7 +33,11 @@ pub struct GpuContext {
     binding_limit: u64,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     pool: Arc<Pool>,
+    // Distinguishes contexts: a buffer works only with the context that made it.
+    id: u64,
 }
+
+static NEXT_CONTEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Free device buffers by size: scratch buffers return here when their [`GpuBuffer`] drops,
 /// so a chain of layers reuses memory instead of allocating (and wgpu zero-filling) each time.
@@ -114,6 +118,7 @@ impl GpuContext {
             binding_limit,
             pipelines: Mutex::new(HashMap::new()),
             pool: Arc::new(Mutex::new(HashMap::new())),
+            id: NEXT_CONTEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -125,6 +130,11 @@ impl GpuContext {
     /// The adapter's limits (the device was opened with all of them).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// This context's identity (see [`GpuBuffer::context_id`]).
+    pub fn context_id(&self) -> u64 {
+        self.id
     }
 
     /// Largest storage binding in bytes; work that needs more is split.
@@ -277,6 +287,8 @@ impl GpuContext {
 pub struct GpuBuffer<T> {
     buf: wgpu::Buffer,
     len: usize,
+    // The context (device) the buffer belongs to.
+    ctx: u64,
     // Where the buffer goes back on drop (scratch buffers only).
     pool: Option<Weak<Pool>>,
     _t: PhantomData<T>,
@@ -311,32 +323,37 @@ impl<T: bytemuck::Pod> GpuBuffer<T> {
         self.len == 0
     }
 
+    /// Identity of the context that made the buffer.
+    pub fn context_id(&self) -> u64 {
+        self.ctx
+    }
+
     /// The wgpu buffer, to bind or copy.
     pub fn raw(&self) -> &wgpu::Buffer {
         &self.buf
     }
 
-    pub(crate) fn wrap(buf: wgpu::Buffer, len: usize) -> Self {
-        Self { buf, len, pool: None, _t: PhantomData }
+    pub(crate) fn wrap(ctx: &GpuContext, buf: wgpu::Buffer, len: usize) -> Self {
+        Self { buf, len, ctx: ctx.id, pool: None, _t: PhantomData }
     }
 
     /// Another handle on the same storage that never returns it to the pool (the original
     /// keeps that role); valid while the original lives.
     pub fn clone_ref(&self) -> Self {
-        Self { buf: self.buf.clone(), len: self.len, pool: None, _t: PhantomData }
+        Self { buf: self.buf.clone(), len: self.len, ctx: self.ctx, pool: None, _t: PhantomData }
     }
 
     /// The same storage seen as `len` values of `U` (the buffer moves, pool membership too).
     pub fn cast<U: bytemuck::Pod>(mut self, len: usize) -> GpuBuffer<U> {
         debug_assert!((len * std::mem::size_of::<U>()) as u64 <= self.buf.size());
-        GpuBuffer { buf: self.buf.clone(), len, pool: self.pool.take(), _t: PhantomData }
+        GpuBuffer { buf: self.buf.clone(), len, ctx: self.ctx, pool: self.pool.take(), _t: PhantomData }
     }
 }
 
 impl GpuContext {
     /// Copy `data` to the device.
     pub fn to_device<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<GpuBuffer<T>> {
-        Ok(GpuBuffer::wrap(self.upload(label, data)?, data.len()))
+        Ok(GpuBuffer::wrap(self, self.upload(label, data)?, data.len()))
     }
 
     /// A device buffer for `len` values whose contents are unspecified, from the pool when one
@@ -356,16 +373,27 @@ impl GpuContext {
                 mapped_at_creation: false,
             }),
         };
-        Ok(GpuBuffer { buf, len, pool: Some(Arc::downgrade(&self.pool)), _t: PhantomData })
+        Ok(GpuBuffer { buf, len, ctx: self.id, pool: Some(Arc::downgrade(&self.pool)), _t: PhantomData })
+    }
+
+    /// An error unless every buffer was made by this context (wgpu would panic on a buffer of
+    /// another device).
+    pub fn check_owns<T>(&self, what: &str, bufs: &[&GpuBuffer<T>]) -> Result<()> {
+        if bufs.iter().any(|b| b.ctx != self.id) {
+            return Err(Error::invalid("gpu", format!("{what}: a buffer of another GPU context was passed")));
+        }
+        Ok(())
     }
 
     /// Copy a device buffer back (waits for every submitted kernel).
     pub fn read<T: bytemuck::Pod>(&self, b: &GpuBuffer<T>) -> Result<Vec<T>> {
+        self.check_owns("read", &[b])?;
         self.finish_and_read(self.encoder(), b.raw(), b.len())
     }
 
     /// Copy several device buffers back with one wait.
     pub fn read_all<T: bytemuck::Pod>(&self, bufs: &[&GpuBuffer<T>]) -> Result<Vec<Vec<T>>> {
+        self.check_owns("read", bufs)?;
         let size = std::mem::size_of::<T>() as u64;
         // Copies start at multiples of 4 bytes.
         let lens: Vec<u64> = bufs.iter().map(|b| (b.len() as u64 * size).next_multiple_of(4)).collect();

@@ -87,6 +87,7 @@ pub fn sort_pairs(
     input: &KeyValues,
     varying: u64,
 ) -> Result<KeyValues> {
+    ctx.check_owns("gpu radix sort", &[&input.hi, &input.lo, &input.val])?;
     let n = input.len();
     let blocks = n.div_ceil(BLOCK).max(1);
     let g = grid(blocks as u32);
