@@ -242,8 +242,7 @@ impl Engine {
                 };
                 // The conv's sorted neighbour table was made on the device with the map: keep it.
                 if let Some(t) = tables {
-                    let key =
-                        Self::table_key(&map, &Plan { groups: Vec::new(), params: None, output_tiled: true }, 0, 0);
+                    let key = Self::table_key(&map, &Self::device_output_tiled(), 0, 0);
                     let t = Arc::new(GpuTables::OutputStationary(t.nbr, t.out_rows));
                     self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t);
                 }
@@ -510,26 +509,11 @@ impl Engine {
             return SparseTensor::new(map.out_coords.clone(), y, cout);
         }
         use crate::gpu::DeviceFeats;
-        // A tensor's device buffer, or an upload of its host features.
-        let on_device = |t: &SparseTensor, label: &str| -> Result<Option<crate::gpu::GpuBuffer<f32>>> {
-            match DeviceFeats::of(t, ctx) {
-                Some(_) => Ok(None),
-                None => ctx.to_device(label, t.feats()).map(Some),
-            }
-        };
-        let x_up = on_device(x, "x")?;
-        let xb = match (&x_up, DeviceFeats::of(x, ctx)) {
-            (Some(b), _) => b,
-            (None, Some(d)) => d.buffer(),
-            (None, None) => return Err(Error::invalid("gpu conv", "input features are nowhere")),
-        };
-        let r_up = residual.map(|r| on_device(r, "residual")).transpose()?.flatten();
-        let rb = match (&r_up, residual.and_then(|r| DeviceFeats::of(r, ctx))) {
-            (Some(b), _) => Some(b),
-            (None, Some(d)) => Some(d.buffer()),
-            (None, None) => None,
-        };
-        let xv = DeviceValues::from_features(ctx, xb, self.precision)?;
+        // Inputs a GPU op produced are used in place; host features are uploaded.
+        let xb = DeviceFeats::buffer_of(x, ctx, "x")?;
+        let rb = residual.map(|r| DeviceFeats::buffer_of(r, ctx, "residual")).transpose()?;
+        let rb = rb.as_ref();
+        let xv = DeviceValues::from_features(ctx, &xb, self.precision)?;
         let wv = DeviceValues::upload(ctx, "weights", &w.kernel, self.precision)?;
         let bias = w.bias.as_deref().map(|b| ctx.to_device("bias", b)).transpose()?;
         let y = match &*tables {
@@ -588,13 +572,9 @@ impl Engine {
         if let Device::Gpu(g) = &self.device {
             // On the device when either part is there already.
             if a.device_feats().is_some() || b.device_feats().is_some() {
-                let up = |t: &SparseTensor| -> Result<crate::gpu::GpuBuffer<f32>> {
-                    match crate::gpu::DeviceFeats::of(t, g) {
-                        Some(d) => Ok(d.buffer().clone_ref()),
-                        None => g.to_device("concat part", t.feats()),
-                    }
-                };
-                let (ba, bb) = (up(a)?, up(b)?);
+                use crate::gpu::DeviceFeats;
+                let (ba, bb) =
+                    (DeviceFeats::buffer_of(a, g, "concat part")?, DeviceFeats::buffer_of(b, g, "concat part")?);
                 let y = crate::gpu::elementwise::concat(g, &ba, a.channels(), &bb, b.channels())?;
                 let dev = Box::new(crate::gpu::DeviceFeats::new(y, g.clone()));
                 return SparseTensor::from_device(a.coord_set().clone(), dev, c);

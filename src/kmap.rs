@@ -309,20 +309,8 @@ impl KernelMap {
         in_idx: Vec<u32>,
         out_idx: Vec<u32>,
     ) -> Self {
-        let kv = offsets.len();
-        debug_assert_eq!(starts.len(), kv + 1);
-        let identity = match kind {
-            MapKind::Submanifold => offsets.iter().position(|d| *d == [0, 0, 0]),
-            _ => None,
-        };
-        let mirror = match kind {
-            MapKind::Submanifold => {
-                offsets.iter().map(|d| offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]])).collect()
-            }
-            _ => vec![None; kv],
-        };
-        let pairs = PairStore::ready(starts, in_idx, out_idx);
-        KernelMap { kind, spec, offsets, in_coords, out_coords, pairs, identity, mirror }
+        debug_assert_eq!(starts.len(), offsets.len() + 1);
+        Self::with_store(kind, spec, offsets, in_coords, out_coords, PairStore::ready(starts, in_idx, out_idx))
     }
 
     /// A map whose counts and pairs stay where a backend built them until first needed.
@@ -334,11 +322,28 @@ impl KernelMap {
         out_coords: Arc<CoordSet>,
         source: Arc<dyn MapSource>,
     ) -> Self {
-        let kv = offsets.len();
-        let mut m =
-            Self::from_flat(kind, spec, offsets, in_coords, out_coords, vec![0; kv + 1], Vec::new(), Vec::new());
-        m.pairs = PairStore::lazy(source);
-        m
+        Self::with_store(kind, spec, offsets, in_coords, out_coords, PairStore::lazy(source))
+    }
+
+    fn with_store(
+        kind: MapKind,
+        spec: KernelSpec,
+        offsets: Vec<[i32; 3]>,
+        in_coords: Arc<CoordSet>,
+        out_coords: Arc<CoordSet>,
+        pairs: PairStore,
+    ) -> Self {
+        let identity = match kind {
+            MapKind::Submanifold => offsets.iter().position(|d| *d == [0, 0, 0]),
+            _ => None,
+        };
+        let mirror = match kind {
+            MapKind::Submanifold => {
+                offsets.iter().map(|d| offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]])).collect()
+            }
+            _ => vec![None; offsets.len()],
+        };
+        KernelMap { kind, spec, offsets, in_coords, out_coords, pairs, identity, mirror }
     }
 
     /// Whether the pairs are in host memory (not waiting on a device).

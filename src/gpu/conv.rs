@@ -258,12 +258,6 @@ impl DeviceValues {
         Ok(Self { raw: b.raw().clone(), ctx: b.context_id(), _owned: None, precision })
     }
 
-    /// f32 features already on the device (a previous layer's output), used as they are.
-    pub fn from_f32(buf: GpuBuffer<f32>) -> Self {
-        let len = buf.len();
-        Self { raw: buf.raw().clone(), ctx: buf.context_id(), _owned: Some(buf.cast(len)), precision: Precision::F32 }
-    }
-
     /// Features on the device in `precision`: f32 features used in place (the caller keeps
     /// `buf` alive while this is in use), or converted to packed f16 on the device.
     pub fn from_features(ctx: &GpuContext, buf: &GpuBuffer<f32>, precision: Precision) -> Result<Self> {

@@ -467,16 +467,24 @@ impl DeviceFeats {
         &self.buf
     }
 
-    /// The context the buffer belongs to.
-    pub fn context(&self) -> &std::sync::Arc<GpuContext> {
-        &self.ctx
-    }
-
     /// The GPU storage of `t`'s features on `ctx`, if that is where they are.
     pub fn of<'a>(t: &'a crate::tensor::SparseTensor, ctx: &std::sync::Arc<GpuContext>) -> Option<&'a DeviceFeats> {
         t.device_feats()
             .and_then(|d| d.as_any().downcast_ref::<DeviceFeats>())
             .filter(|d| std::sync::Arc::ptr_eq(&d.ctx, ctx))
+    }
+
+    /// `t`'s features on `ctx`'s device: a handle on its buffer when they are there already
+    /// (valid while `t` lives), else an upload of its host features.
+    pub fn buffer_of(
+        t: &crate::tensor::SparseTensor,
+        ctx: &std::sync::Arc<GpuContext>,
+        label: &str,
+    ) -> Result<GpuBuffer<f32>> {
+        match Self::of(t, ctx) {
+            Some(d) => Ok(d.buf.clone_ref()),
+            None => ctx.to_device(label, t.feats()),
+        }
     }
 }
 
