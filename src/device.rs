@@ -586,7 +586,7 @@ impl Engine {
 
     /// Point-wise linear layer `x · Wᵀ + b`, PyTorch layout `W: [out, in]`. Returns `[N, out]`.
     pub fn linear(&self, x: &[f32], cin: usize, w: &[f32], b: &[f32], cout: usize) -> Result<Vec<f32>> {
-        if w.len() != cin * cout || b.len() != cout || (cin > 0 && x.len() % cin != 0) {
+        if w.len() != cin * cout || b.len() != cout || (cin > 0 && !x.len().is_multiple_of(cin)) {
             return Err(Error::invalid(
                 "linear",
                 format!("weight {} values, bias {} for {cin} -> {cout}", w.len(), b.len()),

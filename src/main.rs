@@ -814,6 +814,7 @@ fn cmd_bench(
     layers: bool,
 ) -> Result<()> {
     let device = check_device(device)?;
+    let on_cpu = matches!(device, Device::Cpu);
     if scans.is_empty() {
         return Err(Error::invalid("bench", "give at least one scan"));
     }
@@ -918,28 +919,51 @@ fn cmd_bench(
         println!("{:.2} scans/s, {:.0} points/s (end to end: points in, labels out)", n / sum, points as f64 / sum);
         if layers && !layer_times.is_empty() {
             println!(
-                "{:<4} {:<28} {:>15} {:>8} {:>9} {:>8} {:>14}",
-                "#", "conv", "rows in->out", "pairs", "ms", "GFLOP/s", "plan"
+                "{:<4} {:<28} {:>15} {:>8} {:>9} {:>8} {:>14} {:>9}",
+                "#", "conv", "rows in->out", "pairs", "ms", "GFLOP/s", "plan", "dense ms"
             );
-            let mut sum_ms = 0.0;
+            let (mut sum_ms, mut sum_dense) = (0.0, 0.0);
             for (i, (l, ts)) in layer_times.into_iter().enumerate() {
                 let st = Stats::from_samples(ts);
                 sum_ms += st.median * 1e3;
+                // The floor: one dense GEMM [pairs, Cin] x [Cin, Cout] (same FLOPs, no gather,
+                // no scatter) on the same threads, timed here in the same run.
+                let dense = if on_cpu { dense_floor_ms(l.pairs, l.cin, l.cout) } else { f64::NAN };
+                sum_dense += dense;
                 println!(
-                    "{:<4} {:<28} {:>15} {:>8} {:>9.2} {:>8.1} {:>14}",
+                    "{:<4} {:<28} {:>15} {:>8} {:>9.2} {:>8.1} {:>14} {:>9.2}",
                     i + 1,
                     format!("{:?} k{} s{} {}->{}", l.kind, l.spec.size, l.spec.stride, l.cin, l.cout),
                     format!("{}->{}", l.n_in, l.n_out),
                     l.pairs,
                     st.median * 1e3,
                     st.gflops(conv_flops(l.pairs, l.cin, l.cout)),
-                    l.plan
+                    l.plan,
+                    dense
                 );
             }
-            println!("sum of conv medians: {sum_ms:.1} ms");
+            println!("sum of conv medians: {sum_ms:.1} ms; the same FLOPs as dense GEMMs: {sum_dense:.1} ms");
         }
     }
     Ok(())
+}
+
+/// Median of three timings of a dense `[m, k] x [k, n]` GEMM on the current rayon threads.
+fn dense_floor_ms(m: usize, k: usize, n: usize) -> f64 {
+    use sparseconv::cpu::gemm::gemm_parallel;
+    let a = sparseconv::bench::pseudo_random(m * k, 1, 1.0);
+    let b = sparseconv::bench::pseudo_random(k * n, 2, 1.0);
+    let mut c = vec![0f32; m * n];
+    let threads = rayon::current_num_threads();
+    let mut t: Vec<f64> = (0..3)
+        .map(|_| {
+            let s = std::time::Instant::now();
+            gemm_parallel(m, k, n, &a, &b, &mut c, threads);
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[1]
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -21,7 +21,7 @@ impl PointCloud {
         if dims < 3 {
             return Err(Error::tensor("points", format!("need at least x, y, z per point, got {dims} values")));
         }
-        if data.len() % dims != 0 {
+        if !data.len().is_multiple_of(dims) {
             return Err(Error::tensor(
                 "points",
                 format!("{} values is not a whole number of {dims}-value points", data.len()),

@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::fused::{self, gather_gemm_scatter_add, gather_gemm_scatter_add_raw};
 use super::gemm::{gemm_at_b_acc, gemm_tile, gemm_tile_raw};
 use super::SharedMut;
 use crate::error::{Error, Result};
@@ -236,10 +237,17 @@ fn identity_init(x: &[f32], cin: usize, wk: &[f32], cout: usize, n: usize, t: us
 #[allow(clippy::too_many_arguments)]
 fn fused(map: &KernelMap, k: usize, x: &[f32], cin: usize, wk: &[f32], cout: usize, out: &mut [f32], t: usize) {
     let (ins, outs) = map.pairs(k);
+    let rows = out.len() / cout;
     let op = SharedMut(out.as_mut_ptr());
     ins.par_chunks(t).zip(outs.par_chunks(t)).for_each_init(
-        || (vec![0f32; t * cin], vec![0f32; t * cout]),
-        |(a, c), (ic, oc)| {
+        || (Vec::new(), Vec::new()),
+        |(a, c): &mut (Vec<f32>, Vec<f32>), (ic, oc)| {
+            // SAFETY: output rows of one offset are distinct, so tasks write disjoint rows.
+            if unsafe { gather_gemm_scatter_add_raw(x, cin, wk, cout, ic, oc, 0, op.get(), rows) } {
+                return;
+            }
+            a.resize(t * cin, 0.0);
+            c.resize(t * cout, 0.0);
             gather(x, cin, ic, a);
             gemm_tile(t, cin, cout, a, wk, c);
             for (r, &q) in oc.iter().enumerate() {
@@ -319,9 +327,10 @@ fn output_tiled(
     out: &mut [f32],
     t: usize,
 ) {
+    let fused_kernel = fused::available(cout);
     out.par_chunks_mut(t * cout).enumerate().for_each_init(
-        || (vec![0f32; t * cin], vec![0f32; t * cout]),
-        |(a, c), (ci, oc)| {
+        || (Vec::new(), Vec::new()),
+        |(a, c): &mut (Vec<f32>, Vec<f32>), (ci, oc)| {
             let lo = (ci * t) as u32;
             let hi = lo + (oc.len() / cout) as u32;
             for &k in offsets {
@@ -332,11 +341,17 @@ fn output_tiled(
                 if m == 0 {
                     continue;
                 }
+                let wk = &w[k * cin * cout..(k + 1) * cin * cout];
+                if fused_kernel && gather_gemm_scatter_add(x, cin, wk, cout, &ins[s..e], &outs[s..e], lo, oc) {
+                    continue;
+                }
                 // Rows padded to a multiple of 16 (never 1: the GEMM crate's m = 1 path sums
                 // in another order, and every path must give the same bits per row).
                 let mp = m.div_ceil(16) * 16;
+                a.resize(t * cin, 0.0);
+                c.resize(t * cout, 0.0);
                 gather(x, cin, &ins[s..e], &mut a[..mp * cin]);
-                gemm_tile(mp, cin, cout, &a[..mp * cin], &w[k * cin * cout..(k + 1) * cin * cout], &mut c[..mp * cout]);
+                gemm_tile(mp, cin, cout, &a[..mp * cin], wk, &mut c[..mp * cout]);
                 for (r, &q) in outs[s..e].iter().enumerate() {
                     let q = (q - lo) as usize;
                     add_row(&mut oc[q * cout..(q + 1) * cout], &c[r * cout..(r + 1) * cout]);

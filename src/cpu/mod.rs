@@ -2,6 +2,7 @@
 
 pub mod conv;
 pub mod elementwise;
+pub mod fused;
 pub mod gemm;
 pub mod kmap_hash;
 pub mod kmap_sort;
