@@ -49,18 +49,45 @@ struct MapKey {
 }
 
 /// Convolution weights `[K, Cin, Cout]` in TorchSparse offset order, plus an optional bias `[Cout]`.
-#[derive(Debug, Clone)]
+///
+/// The values are reached through accessors so that a GPU engine may keep a device copy with
+/// them: the copy is made on first GPU use and dropped by every mutable access
+/// ([`ConvWeight::kernel_mut`], [`ConvWeight::bias_mut`]), so an edit (pruning, fine-tuning)
+/// is never hidden by a stale copy.
+#[derive(Debug)]
 pub struct ConvWeight {
-    /// Row-major `[K, Cin, Cout]`.
-    pub kernel: Vec<f32>,
+    kernel: Vec<f32>,
     /// Kernel volume K.
     pub volume: usize,
     /// Input channels.
     pub cin: usize,
     /// Output channels.
     pub cout: usize,
-    /// Optional bias `[Cout]`.
-    pub bias: Option<Vec<f32>>,
+    bias: Option<Vec<f32>>,
+    on_device: Mutex<Option<Arc<DeviceWeight>>>,
+}
+
+/// A [`ConvWeight`]'s values on one GPU context, in one storage precision.
+#[derive(Debug)]
+struct DeviceWeight {
+    ctx: u64,
+    precision: crate::gpu::conv::Precision,
+    kernel: crate::gpu::conv::DeviceValues,
+    bias: Option<crate::gpu::GpuBuffer<f32>>,
+}
+
+impl Clone for ConvWeight {
+    fn clone(&self) -> Self {
+        let on_device = self.on_device.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Self {
+            kernel: self.kernel.clone(),
+            volume: self.volume,
+            cin: self.cin,
+            cout: self.cout,
+            bias: self.bias.clone(),
+            on_device: Mutex::new(on_device),
+        }
+    }
 }
 
 impl ConvWeight {
@@ -77,7 +104,46 @@ impl ConvWeight {
                 return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
             }
         }
-        Ok(Self { kernel, volume, cin, cout, bias })
+        Ok(Self { kernel, volume, cin, cout, bias, on_device: Mutex::new(None) })
+    }
+
+    /// The kernel, row-major `[K, Cin, Cout]`.
+    pub fn kernel(&self) -> &[f32] {
+        &self.kernel
+    }
+
+    /// The bias `[Cout]`, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// The kernel for editing in place (its length must stay `K·Cin·Cout`); drops any device copy.
+    pub fn kernel_mut(&mut self) -> &mut [f32] {
+        *self.on_device.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        &mut self.kernel
+    }
+
+    /// The bias for editing in place; drops any device copy.
+    pub fn bias_mut(&mut self) -> Option<&mut [f32]> {
+        *self.on_device.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        self.bias.as_deref_mut()
+    }
+
+    /// The kernel and bias on `ctx` in `precision`: uploaded on first use, then reused.
+    fn device_copy(
+        &self,
+        ctx: &crate::gpu::GpuContext,
+        precision: crate::gpu::conv::Precision,
+    ) -> Result<Arc<DeviceWeight>> {
+        let mut slot = self.on_device.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = slot.as_ref().filter(|d| d.ctx == ctx.context_id() && d.precision == precision) {
+            return Ok(d.clone());
+        }
+        let kernel = crate::gpu::conv::DeviceValues::upload(ctx, "weights", &self.kernel, precision)?;
+        let bias = self.bias.as_deref().map(|b| ctx.to_device("bias", b)).transpose()?;
+        let d = Arc::new(DeviceWeight { ctx: ctx.context_id(), precision, kernel, bias });
+        *slot = Some(d.clone());
+        Ok(d)
     }
 }
 
@@ -333,7 +399,7 @@ impl Engine {
                     Some(Tuned::Ungrouped) => Plan::ungrouped(map),
                     Some(Tuned::OutputTiled) => Plan::output_tiled(map),
                     None => {
-                        let (plan, _) = cpu::tune::tune(map, x, w.cin, &w.kernel, w.cout, 2)?;
+                        let (plan, _) = cpu::tune::tune(map, x, w.cin, w.kernel(), w.cout, 2)?;
                         self.tuned.lock().unwrap_or_else(|e| e.into_inner()).insert(
                             key,
                             match (plan.output_tiled, plan.params) {
@@ -398,8 +464,8 @@ impl Engine {
         let (out, plan) = match &self.device {
             Device::Cpu => {
                 let plan = self.plan_for(map, x.feats(), w)?;
-                let epi = cpu::conv::Epilogue { bias: w.bias.as_deref(), residual: residual.map(|r| r.feats()), relu };
-                let y = cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, &w.kernel, w.cout, epi)?;
+                let epi = cpu::conv::Epilogue { bias: w.bias(), residual: residual.map(|r| r.feats()), relu };
+                let y = cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, w.kernel(), w.cout, epi)?;
                 (SparseTensor::new(map.out_coords.clone(), y, w.cout)?, plan)
             }
             Device::Gpu(g) => {
@@ -499,9 +565,9 @@ impl Engine {
                 plan,
                 x.feats(),
                 cin,
-                &w.kernel,
+                w.kernel(),
                 cout,
-                w.bias.as_deref(),
+                w.bias(),
                 residual.map(|r| r.feats()),
                 relu,
                 self.precision,
@@ -514,13 +580,13 @@ impl Engine {
         let rb = residual.map(|r| DeviceFeats::buffer_of(r, ctx, "residual")).transpose()?;
         let rb = rb.as_ref();
         let xv = DeviceValues::from_features(ctx, &xb, self.precision)?;
-        let wv = DeviceValues::upload(ctx, "weights", &w.kernel, self.precision)?;
-        let bias = w.bias.as_deref().map(|b| ctx.to_device("bias", b)).transpose()?;
+        let dw = w.device_copy(ctx, self.precision)?;
+        let (wv, bias) = (&dw.kernel, dw.bias.as_ref());
         let y = match &*tables {
             GpuTables::OutputStationary(nbr, rows) => {
-                conv_on_device(ctx, (nbr, rows), (&xv, cin), (&wv, kv, cout), bias.as_ref(), rb, relu)?
+                conv_on_device(ctx, (nbr, rows), (&xv, cin), (wv, kv, cout), bias, rb, relu)?
             }
-            GpuTables::WeightStationary(ws) => ws.run(ctx, (&xv, cin), (&wv, cout), bias.as_ref(), rb, relu)?,
+            GpuTables::WeightStationary(ws) => ws.run(ctx, (&xv, cin), (wv, cout), bias, rb, relu)?,
             GpuTables::Split => unreachable!("handled above"),
         };
         SparseTensor::from_device(map.out_coords.clone(), Box::new(DeviceFeats::new(y, ctx.clone())), cout)
@@ -560,7 +626,7 @@ impl Engine {
                 Err(Error::invalid("conv backward", "training runs on the CPU only (the GPU backward is not built)"))
             }
             Device::Cpu => {
-                cpu::conv::conv_backward(map, &tmap, &dx_plan, x.feats(), w.cin, &w.kernel, w.cout, dy, need_dx)
+                cpu::conv::conv_backward(map, &tmap, &dx_plan, x.feats(), w.cin, w.kernel(), w.cout, dy, need_dx)
             }
         }
     }

@@ -845,18 +845,23 @@ fn cmd_bench(
     let (mut vox, mut maps, mut conv, mut other, mut total) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut points, mut voxels) = (0usize, 0usize);
     let mut layer_times: Vec<(sparseconv::device::LayerTrace, Vec<f64>)> = Vec::new();
+    // GPU dispatches and submits over the measured runs.
+    let mut gpu_work = (0u64, 0u64);
     for scan in scans {
         for r in 0..warmup + runs {
             let mut t = pipeline::Timings::default();
             if layers && r >= warmup {
                 engine.start_trace();
             }
+            let c0 = gpu_counters(&engine);
             let t0 = Instant::now();
             let p = pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?;
             t.voxelize = t0.elapsed().as_secs_f64();
             let seg = pipeline::segment(&engine, &model, &p, &mut t)?;
             std::hint::black_box(&seg.point_labels);
             if r >= warmup {
+                let c1 = gpu_counters(&engine);
+                gpu_work = (gpu_work.0 + c1.0 - c0.0, gpu_work.1 + c1.1 - c0.1);
                 vox.push(t.voxelize);
                 maps.push(t.kernel_maps);
                 conv.push(t.conv);
@@ -880,9 +885,14 @@ fn cmd_bench(
     let st = |v: Vec<f64>| Stats::from_samples(v);
     let (v, m, c, o, t) = (st(vox), st(maps), st(conv), st(other), st(total));
     let threads = rayon::current_num_threads();
+    let device_name = match engine.device() {
+        Device::Cpu => "cpu".to_string(),
+        Device::Gpu(c) => format!("gpu {} ({:?})", c.describe(), engine.precision()),
+    };
     if json {
         println!(
-            "{{\"arch\":\"{arch}\",\"cr\":{cr},\"device\":\"cpu\",\"threads\":{threads},\"scans\":{},\"runs\":{},\"scans_per_s\":{:.4},\"points_per_s\":{:.1},\"median_s\":{{\"voxelize\":{:.6},\"kernel_maps\":{:.6},\"conv\":{:.6},\"other\":{:.6},\"total\":{:.6}}},\"mad_s\":{{\"total\":{:.6}}}}}",
+            "{{\"arch\":\"{arch}\",\"cr\":{cr},\"device\":\"{}\",\"threads\":{threads},\"scans\":{},\"runs\":{},\"scans_per_s\":{:.4},\"points_per_s\":{:.1},\"median_s\":{{\"voxelize\":{:.6},\"kernel_maps\":{:.6},\"conv\":{:.6},\"other\":{:.6},\"total\":{:.6}}},\"mad_s\":{{\"total\":{:.6}}}}}",
+            device_name.replace('"', "'"),
             scans.len(),
             t.runs,
             n / sum,
@@ -896,11 +906,7 @@ fn cmd_bench(
         );
     } else {
         println!(
-            "{arch} cr={cr} ({source}) on {}, {threads} CPU threads: {} scans x {runs} runs, {:.0} points and {:.0} voxels per scan",
-            match engine.device() {
-                Device::Cpu => "cpu".to_string(),
-                Device::Gpu(c) => format!("gpu {} ({:?})", c.describe(), engine.precision()),
-            },
+            "{arch} cr={cr} ({source}) on {device_name}, {threads} CPU threads: {} scans x {runs} runs, {:.0} points and {:.0} voxels per scan",
             scans.len(),
             points as f64 / n,
             voxels as f64 / n
@@ -917,6 +923,13 @@ fn cmd_bench(
             );
         }
         println!("{:.2} scans/s, {:.0} points/s (end to end: points in, labels out)", n / sum, points as f64 / sum);
+        if gpu_work.0 > 0 {
+            println!(
+                "GPU work per scan: {:.0} dispatches in {:.0} submits",
+                gpu_work.0 as f64 / n,
+                gpu_work.1 as f64 / n
+            );
+        }
         if layers && !layer_times.is_empty() {
             println!(
                 "{:<4} {:<28} {:>15} {:>8} {:>9} {:>8} {:>14} {:>9}",
@@ -946,6 +959,14 @@ fn cmd_bench(
         }
     }
     Ok(())
+}
+
+/// Dispatches and submits of the engine's GPU context so far (zeros on the CPU).
+fn gpu_counters(engine: &Engine) -> (u64, u64) {
+    match engine.device() {
+        Device::Cpu => (0, 0),
+        Device::Gpu(c) => c.counters(),
+    }
 }
 
 /// Median of three timings of a dense `[m, k] x [k, n]` GEMM on the current rayon threads.

@@ -43,7 +43,7 @@ fn forward_conv_matches_dense_grid() {
         let spec = KernelSpec::new(k, s, d).expect("spec");
         let w = weight(spec.volume(), cin, cout, seed, ci % 2 == 0);
         let outs = if s == 1 { x.coords().to_vec() } else { downsampled_coords(x.coords(), ts * s as i32) };
-        let want = dense_conv(x.coords(), x.feats(), cin, &outs, &w.kernel, cout, spec, ts, 1, w.bias.as_deref());
+        let want = dense_conv(x.coords(), x.feats(), cin, &outs, w.kernel(), cout, spec, ts, 1, w.bias());
         for st in strategies() {
             let y = st.engine.conv(&x, &w, spec).unwrap_or_else(|e| panic!("{}: case {ci}: {e}", st.label));
             assert_eq!(coord_set(y.coords()), coord_set(&outs), "{}: case {ci}: output coords", st.label);
@@ -75,12 +75,12 @@ fn transposed_conv_matches_dense_grid() {
                 coarse.feats(),
                 cin,
                 fine.coords(),
-                &w.kernel,
+                w.kernel(),
                 cout,
                 spec,
                 ts,
                 -1,
-                w.bias.as_deref(),
+                w.bias(),
             );
             assert_eq!(y.coords(), fine.coords(), "{}: transposed output coords", st.label);
             let e = rel_err(y.feats(), &want);
@@ -114,10 +114,10 @@ fn single_isolated_voxels_see_only_the_centre() {
     let w = weight(27, 1, 2, 9, true);
     for st in strategies() {
         let y = st.engine.conv(&x, &w, KernelSpec::new(3, 1, 1).expect("spec")).expect("conv");
-        let b = w.bias.as_ref().expect("bias");
+        let b = w.bias().expect("bias");
         for (i, v) in [1.0f32, 2.0, -3.0].iter().enumerate() {
             for j in 0..2 {
-                assert_eq!(y.feats()[i * 2 + j], v * w.kernel[13 * 2 + j] + b[j], "{}", st.label);
+                assert_eq!(y.feats()[i * 2 + j], v * w.kernel()[13 * 2 + j] + b[j], "{}", st.label);
             }
         }
     }

@@ -354,3 +354,31 @@ fn buffers_of_another_context_are_an_error_not_a_panic() {
     assert!(ctx.read(&a).unwrap_err().to_string().contains("another GPU context"));
     assert_eq!(other.read(&a).unwrap(), vec![1.0, 2.0]);
 }
+
+/// The GPU engine keeps a weight's device copy between calls, and an edit through
+/// `kernel_mut`/`bias_mut` drops it: the next conv uses the new values.
+#[test]
+fn edited_weights_are_not_hidden_by_the_device_copy() {
+    use sparseconv::{ConvWeight, Device, Grouping};
+    let Some(_) = gpu() else { return };
+    let x = random_tensor(21, 2, 12, 1, 0.3, 8);
+    let spec = KernelSpec::new(3, 1, 1).unwrap();
+    let mut w =
+        ConvWeight::new(pseudo_random(27 * 8 * 16, 4, 0.3), 27, 8, 16, Some(pseudo_random(16, 5, 0.1))).unwrap();
+    let gpu_engine = Engine::new(Device::gpu().unwrap(), MapBuilder::Hash, Grouping::Auto);
+    let cpu_engine = Engine::default();
+    for edit in 0..3 {
+        let g = gpu_engine.conv(&x, &w, spec);
+        let g = g.unwrap().feats().to_vec();
+        let c = cpu_engine.conv(&x, &w, spec).unwrap().feats().to_vec();
+        let err = rel_err(&g, &c);
+        assert!(err < 1e-4, "after edit {edit}: GPU conv differs from the CPU by {err:e}");
+        // Twice: the second call runs on the cached copy.
+        let again = gpu_engine.conv(&x, &w, spec).unwrap().feats().to_vec();
+        assert_eq!(again, g, "after edit {edit}: the cached weights gave other values");
+        match edit {
+            0 => w.kernel_mut().iter_mut().for_each(|v| *v = -2.0 * *v),
+            _ => w.bias_mut().expect("bias").iter_mut().for_each(|v| *v += 1.0),
+        }
+    }
+}

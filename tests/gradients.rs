@@ -88,8 +88,8 @@ fn conv_gradients_match_finite_differences() {
         let grads = e.conv_backward(&map, &x, &w, &g, true).expect("backward");
         let dx = grads.dx.as_ref().expect("dx");
         let xs: Vec<f64> = x.feats().iter().map(|&v| v as f64).collect();
-        let ws: Vec<f64> = w.kernel.iter().map(|&v| v as f64).collect();
-        let bs: Vec<f64> = w.bias.as_ref().expect("bias").iter().map(|&v| v as f64).collect();
+        let ws: Vec<f64> = w.kernel().iter().map(|&v| v as f64).collect();
+        let bs: Vec<f64> = w.bias().expect("bias").iter().map(|&v| v as f64).collect();
         let l = |xs: &[f64], ws: &[f64], bs: &[f64]| {
             loss(x.coords(), xs, cin, &outs, ws, bs, cout, spec, stride, sign, &g_ref)
         };

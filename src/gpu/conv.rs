@@ -243,7 +243,10 @@ impl DeviceValues {
     /// Upload `v` in `precision`'s storage format.
     pub fn upload(ctx: &GpuContext, label: &str, v: &[f32], precision: Precision) -> Result<Self> {
         let words: Vec<u32> = match precision {
-            Precision::F32 => bytemuck::cast_slice(v).to_vec(),
+            Precision::F32 => {
+                let b = ctx.to_device(label, v)?;
+                return Ok(Self { raw: b.raw().clone(), ctx: b.context_id(), _owned: None, precision });
+            }
             // f16 pairs packed little-end first into u32 words, as `unpack2x16float` reads them.
             Precision::F16 => v
                 .chunks(2)
@@ -317,9 +320,9 @@ pub fn conv_on_device(
     // Every output value is written (out_rows is a permutation of the rows): no clearing.
     let by = ctx.scratch::<f32>("y", n_out * cout)?;
     // Absent operands still need a binding: a tiny placeholder the kernel never reads.
-    let empty = ctx.zeroed("unused", 16)?;
-    let bb = bias.map_or(&empty, |b| b.raw());
-    let br = residual.map_or(&empty, |b| b.raw());
+    let empty = ctx.placeholder();
+    let bb = bias.map_or(empty, |b| b.raw());
+    let br = residual.map_or(empty, |b| b.raw());
     let mut enc = ctx.encoder();
     let cols = cout.div_ceil(TILE_COLS) as u32;
     ctx.dispatch(
@@ -462,7 +465,7 @@ impl WeightStationary {
         let tables: Vec<&GpuBuffer<i32>> = self.chunks.iter().map(|c| &c.pidx).collect();
         check_context(ctx, &[x, w], &tables, bias, residual)?;
         let y = ctx.scratch::<f32>("y", self.n_out * cout)?;
-        let empty = ctx.zeroed("unused", 16)?;
+        let empty = ctx.placeholder();
         let col_tiles = cout.div_ceil(TILE_COLS).max(1);
         let mut enc = ctx.encoder();
         let n_chunks = self.chunks.len();
@@ -501,8 +504,8 @@ impl WeightStationary {
             let binds = [
                 (0, &p),
                 (3, chunk.pidx.raw()),
-                (4, bias.map_or(&empty, |b| b.raw())),
-                (5, residual.map_or(&empty, |b| b.raw())),
+                (4, bias.map_or(empty, |b| b.raw())),
+                (5, residual.map_or(empty, |b| b.raw())),
                 (6, y.raw()),
                 (9, temp.raw()),
             ];

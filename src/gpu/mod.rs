@@ -31,8 +31,16 @@ pub struct GpuContext {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     binding_limit: u64,
-    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<PipelineKey, (wgpu::ComputePipeline, wgpu::BindGroupLayout)>>,
     pool: Arc<Pool>,
+    uniforms: Mutex<UniformRing>,
+    // Bound where a kernel's optional operand is absent (never read).
+    placeholder: wgpu::Buffer,
+    // Finished command buffers not yet handed to the queue (see [`SUBMIT_BATCH`]).
+    pending: Mutex<Vec<wgpu::CommandBuffer>>,
+    // Work recorded and submitted since the context was built (see [`GpuContext::counters`]).
+    dispatches: std::sync::atomic::AtomicU64,
+    submits: std::sync::atomic::AtomicU64,
     // Distinguishes contexts: a buffer works only with the context that made it.
     id: u64,
 }
@@ -45,6 +53,28 @@ type Pool = Mutex<HashMap<u64, Vec<wgpu::Buffer>>>;
 
 /// Buffers kept per size class.
 const POOL_DEPTH: usize = 8;
+
+/// Kernel parameters live in a ring of small uniform buffers written with
+/// `Queue::write_buffer` (applied at the next submit, ordered after earlier submissions), not
+/// in a new buffer per dispatch: creating a mapped buffer per dispatch was most of the host
+/// cost of a kernel-map build (~60 dispatches). A slot is rewritten only after `UNIFORM_SLOTS`
+/// further parameter blocks, far more than one encoder ever records before its submit.
+const UNIFORM_SLOTS: usize = 4096;
+
+/// Bytes per uniform slot (every parameter struct is smaller).
+const UNIFORM_BYTES: u64 = 256;
+
+/// Command buffers handed to the queue in one submit: each `Queue::submit` costs host time
+/// (validation, fences, resource triage), and a forward pass finishes about a hundred
+/// encoders. Reads and [`GpuContext::sync`] flush what is pending first, so results are
+/// never stale; the device only starts later by the few encoders still held back.
+const SUBMIT_BATCH: usize = 8;
+
+#[derive(Default)]
+struct UniformRing {
+    slots: Vec<wgpu::Buffer>,
+    next: usize,
+}
 
 impl std::fmt::Debug for GpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,6 +140,12 @@ impl GpuContext {
         }))
         .map_err(|e| no_adapter(&format!("adapter `{}` refused a device: {e}", info.name)))?;
         let binding_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("unused"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
         Ok(Self {
             device,
             queue,
@@ -118,6 +154,11 @@ impl GpuContext {
             binding_limit,
             pipelines: Mutex::new(HashMap::new()),
             pool: Arc::new(Mutex::new(HashMap::new())),
+            uniforms: Mutex::new(UniformRing::default()),
+            placeholder,
+            pending: Mutex::new(Vec::new()),
+            dispatches: 0.into(),
+            submits: 0.into(),
             id: NEXT_CONTEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
@@ -150,7 +191,7 @@ impl GpuContext {
     }
 
     /// The pipeline of `key`, compiled on first use.
-    fn pipeline(&self, key: PipelineKey) -> wgpu::ComputePipeline {
+    fn pipeline(&self, key: PipelineKey) -> (wgpu::ComputePipeline, wgpu::BindGroupLayout) {
         let mut cache = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .entry(key)
@@ -159,16 +200,24 @@ impl GpuContext {
                     label: Some(key.shader.name()),
                     source: wgpu::ShaderSource::Wgsl(key.shader.source_variant(key.variant)),
                 });
-                self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(key.entry),
                     layout: None,
                     module: &module,
                     entry_point: Some(key.entry),
                     compilation_options: Default::default(),
                     cache: None,
-                })
+                });
+                let layout = pipeline.get_bind_group_layout(0);
+                (pipeline, layout)
             })
             .clone()
+    }
+
+    /// Dispatches recorded and command buffers submitted so far (host-side work per scan).
+    pub fn counters(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.dispatches.load(Relaxed), self.submits.load(Relaxed))
     }
 
     /// A storage buffer holding `data`.
@@ -176,12 +225,17 @@ impl GpuContext {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         self.check_binding(label, bytes.len() as u64)?;
         // Zero-sized bindings are invalid: keep at least one element.
-        let contents: Vec<u8> = if bytes.is_empty() { vec![0u8; 16] } else { bytes.to_vec() };
+        let contents: &[u8] = if bytes.is_empty() { &[0u8; 16] } else { bytes };
         Ok(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
-            contents: &contents,
+            contents,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         }))
+    }
+
+    /// A tiny storage buffer to bind where a kernel's optional operand is absent.
+    fn placeholder(&self) -> &wgpu::Buffer {
+        &self.placeholder
     }
 
     /// A zeroed storage buffer of `bytes` bytes.
@@ -195,12 +249,27 @@ impl GpuContext {
         }))
     }
 
+    /// A uniform buffer holding `value`, from the ring (see [`UNIFORM_SLOTS`]).
     fn uniform<T: bytemuck::Pod>(&self, value: &T) -> wgpu::Buffer {
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: bytemuck::bytes_of(value),
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
+        let bytes = bytemuck::bytes_of(value);
+        assert!(bytes.len() as u64 <= UNIFORM_BYTES, "kernel parameters exceed a uniform slot");
+        let slot = {
+            let mut ring = self.uniforms.lock().unwrap_or_else(|e| e.into_inner());
+            let i = ring.next;
+            ring.next = (i + 1) % UNIFORM_SLOTS;
+            if i == ring.slots.len() {
+                let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("params"),
+                    size: UNIFORM_BYTES,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                ring.slots.push(b);
+            }
+            ring.slots[i].clone()
+        };
+        self.queue.write_buffer(&slot, 0, bytes);
+        slot
     }
 
     fn check_binding(&self, label: &str, bytes: u64) -> Result<()> {
@@ -223,8 +292,8 @@ impl GpuContext {
         bindings: &[(u32, &wgpu::Buffer)],
         groups: (u32, u32, u32),
     ) {
-        let pipeline = self.pipeline(key);
-        let layout = pipeline.get_bind_group_layout(0);
+        let (pipeline, layout) = self.pipeline(key);
+        self.dispatches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entries: Vec<wgpu::BindGroupEntry> = bindings
             .iter()
             .map(|&(b, buf)| wgpu::BindGroupEntry { binding: b, resource: buf.as_entire_binding() })
@@ -262,7 +331,8 @@ impl GpuContext {
             mapped_at_creation: false,
         });
         enc.copy_buffer_to_buffer(src, 0, &staging, 0, size.min(src.size()));
-        self.queue.submit(Some(enc.finish()));
+        self.submit(enc);
+        self.flush();
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -412,7 +482,8 @@ impl GpuContext {
             }
             at += len;
         }
-        self.queue.submit(Some(enc.finish()));
+        self.submit(enc);
+        self.flush();
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
@@ -437,15 +508,34 @@ impl GpuContext {
 
     /// Wait until the device has finished all submitted work.
     pub fn sync(&self) -> Result<()> {
+        self.flush();
         self.device
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| Error::invalid("gpu", format!("waiting for the device failed: {e}")))
     }
 
-    /// Submit recorded work without waiting.
+    /// Queue recorded work without waiting (handed to the device in batches of
+    /// [`SUBMIT_BATCH`] encoders, and at every read or sync).
     pub fn submit(&self, enc: wgpu::CommandEncoder) {
-        self.queue.submit(Some(enc.finish()));
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.push(enc.finish());
+        if pending.len() >= SUBMIT_BATCH {
+            self.submit_all(&mut pending);
+        }
+    }
+
+    /// Hand every pending encoder to the device now.
+    pub fn flush(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if !pending.is_empty() {
+            self.submit_all(&mut pending);
+        }
+    }
+
+    fn submit_all(&self, pending: &mut Vec<wgpu::CommandBuffer>) {
+        self.submits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.queue.submit(pending.drain(..));
     }
 }
 

@@ -37,8 +37,8 @@ pub fn exclusive_scan(ctx: &GpuContext, enc: &mut wgpu::CommandEncoder, data: &w
     let g = grid(blocks as u32);
     let params = |with_offsets| ctx.uniform(&ScanParams { n: n as u32, row_groups: g.0, with_offsets, pad: 0 });
     if blocks == 1 {
-        let unused = ctx.zeroed("scan sums", 16)?;
-        ctx.dispatch(enc, SCAN, &[(0, &params(0)), (1, data), (2, &unused)], (1, 1, 1));
+        let unused = ctx.placeholder();
+        ctx.dispatch(enc, SCAN, &[(0, &params(0)), (1, data), (2, unused)], (1, 1, 1));
         return Ok(());
     }
     let sums = ctx.scratch::<u32>("scan sums", blocks)?;
