@@ -377,7 +377,7 @@ fn edited_weights_are_not_hidden_by_the_device_copy() {
         let again = gpu_engine.conv(&x, &w, spec).unwrap().feats().to_vec();
         assert_eq!(again, g, "after edit {edit}: the cached weights gave other values");
         match edit {
-            0 => w.kernel_mut().iter_mut().for_each(|v| *v = -2.0 * *v),
+            0 => w.kernel_mut().iter_mut().for_each(|v| *v *= -2.0),
             _ => w.bias_mut().expect("bias").iter_mut().for_each(|v| *v += 1.0),
         }
     }
