@@ -1,7 +1,7 @@
-//! Training-mode MinkUNet: BatchNorm kept as a layer (batch statistics, running averages
-//! updated), every activation kept on a tape for one whole-network backward pass. Parameters
-//! live in one [`Params`] store under their TorchSparse names, so a checkpoint written from it
-//! loads straight into the inference model (which folds BatchNorm).
+//! Training-mode MinkUNet and SPVCNN: BatchNorm kept as a layer (batch statistics, running
+//! averages updated), every activation kept on a tape for one whole-network backward pass.
+//! Parameters live in one [`Params`] store under their TorchSparse / SPVNAS names, so a
+//! checkpoint written from it loads straight into the inference model (which folds BatchNorm).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,6 +14,9 @@ use crate::kmap::{KernelMap, KernelSpec};
 use crate::nn::checkpoint::Checkpoint;
 use crate::nn::layers::kernel_shape;
 use crate::nn::minkunet::{channels, IN_CHANNELS};
+use crate::nn::points::{
+    average_backward, point_to_voxel, point_voxels, voxel_to_point, voxel_to_point_backward, PointTensor,
+};
 use crate::tensor::{CoordSet, SparseTensor};
 
 /// What a parameter tensor is, for optimizer options and penalties.
@@ -315,15 +318,110 @@ struct StageTape {
     up_channels: usize,
 }
 
+/// One point MLP of SPVCNN (`point_transforms.i`): Linear, BatchNorm1d (training mode), ReLU.
+#[derive(Debug, Clone)]
+struct PointMlp {
+    w: usize,
+    b: usize,
+    gamma: usize,
+    beta: usize,
+    mean: usize,
+    var: usize,
+    cin: usize,
+    cout: usize,
+}
+
+struct PointMlpTape {
+    x: Vec<f32>,
+    bn: BnCache,
+    y: Vec<f32>,
+}
+
+impl PointMlp {
+    fn load(p: &mut Params, ck: &Checkpoint, i: usize, cin: usize, cout: usize) -> Result<Self> {
+        let (l, n) = (format!("point_transforms.{i}.0"), format!("point_transforms.{i}.1"));
+        Ok(Self {
+            w: p.take(ck, &format!("{l}.weight"), &[cout, cin], Role::LinearWeight)?,
+            b: p.take(ck, &format!("{l}.bias"), &[cout], Role::LinearBias)?,
+            gamma: p.take(ck, &format!("{n}.weight"), &[cout], Role::BnScale)?,
+            beta: p.take(ck, &format!("{n}.bias"), &[cout], Role::BnShift)?,
+            mean: p.take(ck, &format!("{n}.running_mean"), &[cout], Role::RunningStat)?,
+            var: p.take(ck, &format!("{n}.running_var"), &[cout], Role::RunningStat)?,
+            cin,
+            cout,
+        })
+    }
+
+    fn forward(&self, p: &mut Params, e: &Engine, x: &[f32]) -> Result<(Vec<f32>, PointMlpTape)> {
+        let z = e.linear(x, self.cin, &p.values[self.w], &p.values[self.b], self.cout)?;
+        let (gamma, beta) = (p.values[self.gamma].clone(), p.values[self.beta].clone());
+        let mut mean = std::mem::take(&mut p.values[self.mean]);
+        let mut var = std::mem::take(&mut p.values[self.var]);
+        let r = batchnorm_train_fused(z, self.cout, &gamma, &beta, &mut mean, &mut var, None, true);
+        p.values[self.mean] = mean;
+        p.values[self.var] = var;
+        let (y, bn) = r?;
+        Ok((y.clone(), PointMlpTape { x: x.to_vec(), bn, y }))
+    }
+
+    /// Adds the parameter gradients into `g`; returns the gradient at the input.
+    fn backward(&self, p: &Params, g: &mut [Vec<f32>], t: &PointMlpTape, dy: &[f32]) -> Vec<f32> {
+        let (dz, dgamma, dbeta) = batchnorm_backward(dy, self.cout, &p.values[self.gamma], &t.bn, Some(&t.y));
+        add_into(&mut g[self.gamma], &dgamma);
+        add_into(&mut g[self.beta], &dbeta);
+        let (dx, dw, db) = linear_backward(&t.x, self.cin, &p.values[self.w], self.cout, &dz);
+        add_into(&mut g[self.w], &dw);
+        add_into(&mut g[self.b], &db);
+        dx
+    }
+}
+
+/// Input of the classifier: voxel features (MinkUNet) or point features (SPVCNN).
+enum HeadIn {
+    Voxels(Arc<SparseTensor>),
+    Points(Vec<f32>),
+}
+
+impl HeadIn {
+    fn feats(&self) -> &[f32] {
+        match self {
+            HeadIn::Voxels(t) => t.feats(),
+            HeadIn::Points(f) => f,
+        }
+    }
+}
+
+/// One meeting of SPVCNN's branches: points take the voxels `src` interpolated at them plus
+/// their MLP of the previous point features; then (except the last) they are averaged into
+/// `src`'s voxels for the next up stage.
+struct PointUpdateTape {
+    src: Arc<SparseTensor>,
+    mlp: PointMlpTape,
+    /// Voxel of `src` each point averages into (the first two updates).
+    to_voxels: Option<Vec<Option<u32>>>,
+}
+
+/// What SPVCNN's point branch keeps for the backward pass.
+struct PointTape {
+    /// Point coordinates (features unused).
+    z: PointTensor,
+    /// The stem output the points first read, and the voxel each point averages into.
+    stem_out: Arc<SparseTensor>,
+    first_voxels: Vec<Option<u32>>,
+    updates: Vec<PointUpdateTape>,
+}
+
 /// Everything the backward pass needs from one forward pass.
 pub struct Tape {
     stem: Vec<ConvBnTape>,
     stages: Vec<StageTape>,
     ups: Vec<StageTape>,
-    head_in: Arc<SparseTensor>,
+    head_in: HeadIn,
+    points: Option<PointTape>,
 }
 
-/// MinkUNet (the SPVNAS SemanticKITTI architecture) with BatchNorm as layers, for training.
+/// MinkUNet or SPVCNN (the SPVNAS SemanticKITTI architectures) with BatchNorm as layers, for
+/// training.
 #[derive(Debug, Clone)]
 pub struct TrainNet {
     /// Parameters and BatchNorm statistics under TorchSparse names.
@@ -338,12 +436,29 @@ pub struct TrainNet {
     head_w: usize,
     head_b: usize,
     head_in: usize,
+    /// SPVCNN's `point_transforms.{0,1,2}`; `None` for MinkUNet.
+    points: Option<Vec<PointMlp>>,
 }
 
 impl TrainNet {
-    /// Build from a checkpoint (a saved model, or [`Checkpoint::fresh`] for a new one),
+    /// MinkUNet from a checkpoint (a saved model, or [`Checkpoint::fresh`] for a new one),
     /// rejecting tensors the architecture does not have.
     pub fn load(ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
+        Self::load_arch("minkunet", ck, cr, num_classes)
+    }
+
+    /// `minkunet` or `spvcnn` from a checkpoint, rejecting tensors the architecture does not have.
+    pub fn load_arch(arch: &str, ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
+        let spvcnn = match arch {
+            "minkunet" => false,
+            "spvcnn" => true,
+            other => {
+                return Err(Error::invalid(
+                    "arch",
+                    format!("unknown architecture `{other}` (expected minkunet or spvcnn)"),
+                ))
+            }
+        };
         let cs = channels(cr)?;
         let (k3, k2s2) = (KernelSpec::new(3, 1, 1)?, KernelSpec::new(2, 2, 1)?);
         let mut p = Params::default();
@@ -377,54 +492,200 @@ impl TrainNet {
         }
         let head_w = p.take(ck, "classifier.0.weight", &[num_classes, cs[8]], Role::LinearWeight)?;
         let head_b = p.take(ck, "classifier.0.bias", &[num_classes], Role::LinearBias)?;
+        let points = if spvcnn {
+            let dims = [(cs[0], cs[4]), (cs[4], cs[6]), (cs[6], cs[8])];
+            Some(
+                dims.iter()
+                    .enumerate()
+                    .map(|(i, &(cin, cout))| PointMlp::load(&mut p, ck, i, cin, cout))
+                    .collect::<Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
         ck.finish()?;
-        Ok(Self { params: p, cr, num_classes, stem, stages, ups, head_w, head_b, head_in: cs[8] })
+        Ok(Self { params: p, cr, num_classes, stem, stages, ups, head_w, head_b, head_in: cs[8], points })
+    }
+
+    /// `minkunet` or `spvcnn`.
+    pub fn arch(&self) -> &'static str {
+        if self.points.is_some() {
+            "spvcnn"
+        } else {
+            "minkunet"
+        }
+    }
+
+    /// Down stage `i`: strided conv, two residual blocks.
+    fn stage_forward(
+        &self,
+        i: usize,
+        p: &mut Params,
+        e: &Engine,
+        h: &Arc<SparseTensor>,
+    ) -> Result<(Arc<SparseTensor>, StageTape)> {
+        let st = &self.stages[i];
+        let (mut y, rt) = st.resample.forward(p, e, h, None, None)?;
+        let mut blocks = Vec::new();
+        for b in &st.blocks {
+            let (z, bt) = b.forward(p, e, &y)?;
+            y = z;
+            blocks.push(bt);
+        }
+        Ok((y, StageTape { resample: rt, blocks, up_channels: 0 }))
+    }
+
+    /// Gradient at the input of down stage `i`.
+    fn stage_backward(
+        &self,
+        i: usize,
+        p: &Params,
+        g: &mut [Vec<f32>],
+        e: &Engine,
+        t: &StageTape,
+        mut dh: Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let st = &self.stages[i];
+        for (b, bt) in st.blocks.iter().zip(&t.blocks).rev() {
+            dh = b.backward(p, g, e, bt, dh)?;
+        }
+        let (d, _) = st.resample.backward(p, g, e, &t.resample, dh, true)?;
+        d.ok_or_else(|| Error::invalid("backward", "missing input gradient"))
+    }
+
+    /// Up stage `i`: transposed conv onto the skip's coordinates, concat, two residual blocks.
+    fn up_forward(
+        &self,
+        i: usize,
+        p: &mut Params,
+        e: &Engine,
+        h: &Arc<SparseTensor>,
+        skip: &Arc<SparseTensor>,
+    ) -> Result<(Arc<SparseTensor>, StageTape)> {
+        let st = &self.ups[i];
+        let (u, rt) = st.resample.forward(p, e, h, Some(skip.coord_set()), None)?;
+        let mut y = Arc::new(e.concat(&u, skip)?);
+        let mut blocks = Vec::new();
+        for b in &st.blocks {
+            let (z, bt) = b.forward(p, e, &y)?;
+            y = z;
+            blocks.push(bt);
+        }
+        Ok((y, StageTape { resample: rt, blocks, up_channels: u.channels() }))
+    }
+
+    /// Gradients at the input and at the skip of up stage `i`.
+    fn up_backward(
+        &self,
+        i: usize,
+        p: &Params,
+        g: &mut [Vec<f32>],
+        e: &Engine,
+        t: &StageTape,
+        mut dh: Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let st = &self.ups[i];
+        for (b, bt) in st.blocks.iter().zip(&t.blocks).rev() {
+            dh = b.backward(p, g, e, bt, dh)?;
+        }
+        let c = dh.len() / t.resample.map.n_out().max(1);
+        let (mut du, mut ds) = (Vec::new(), Vec::new());
+        for row in dh.chunks_exact(c.max(1)) {
+            du.extend_from_slice(&row[..t.up_channels]);
+            ds.extend_from_slice(&row[t.up_channels..]);
+        }
+        let (d, _) = st.resample.backward(p, g, e, &t.resample, du, true)?;
+        Ok((d.ok_or_else(|| Error::invalid("backward", "missing input gradient"))?, ds))
     }
 
     /// Training forward: logits `[N, classes]` in `x`'s row order, and the tape for
-    /// [`TrainNet::backward`]. Updates the BatchNorm running statistics.
+    /// [`TrainNet::backward`]. Updates the BatchNorm running statistics. SPVCNN's points are
+    /// the voxels of `x` (as the inference pipeline feeds it).
     pub fn forward(&mut self, e: &Engine, x: SparseTensor) -> Result<(Vec<f32>, Tape)> {
         if x.channels() != IN_CHANNELS {
             return Err(Error::tensor(
                 "feats",
-                format!("MinkUNet takes {IN_CHANNELS} input features, got {}", x.channels()),
+                format!("{} takes {IN_CHANNELS} input features, got {}", self.arch(), x.channels()),
             ));
         }
-        let p = &mut self.params;
+        // The parameters are borrowed mutably by the layers (running statistics) while the
+        // layer definitions are read: take them out for the pass.
+        let mut p = std::mem::take(&mut self.params);
+        let r = self.forward_with(&mut p, e, x);
+        self.params = p;
+        r
+    }
+
+    fn forward_with(&self, p: &mut Params, e: &Engine, x: SparseTensor) -> Result<(Vec<f32>, Tape)> {
+        let z = match &self.points {
+            Some(_) => {
+                let coords = x.coords().iter().map(|c| [c[1] as f32, c[2] as f32, c[3] as f32]).collect();
+                let batch = x.coords().iter().map(|c| c[0]).collect();
+                Some(PointTensor::new(coords, batch, Vec::new(), 0)?)
+            }
+            None => None,
+        };
         let x = Arc::new(x);
         let (h, t0) = self.stem[0].forward(p, e, &x, None, None)?;
-        let (mut h, t1) = self.stem[1].forward(p, e, &h, None, None)?;
-        let mut skips = Vec::new();
+        let (stem_out, t1) = self.stem[1].forward(p, e, &h, None, None)?;
+        // SPVCNN: the points read the stem output, and their average starts the encoder.
+        let mut zf = Vec::new();
+        let (mut h, first_voxels) = match &z {
+            Some(z) => {
+                zf = voxel_to_point(&stem_out, z)?;
+                let zc = z.with_feats(zf.clone(), stem_out.channels())?;
+                (Arc::new(point_to_voxel(&stem_out, &zc)?), Some(point_voxels(&stem_out, &zc)?))
+            }
+            None => (stem_out.clone(), None),
+        };
+        let mut skips = vec![stem_out.clone()];
         let mut stage_tapes = Vec::new();
-        for st in &self.stages {
-            skips.push(h.clone());
-            let (mut y, rt) = st.resample.forward(p, e, &h, None, None)?;
-            let mut blocks = Vec::new();
-            for b in &st.blocks {
-                let (z, bt) = b.forward(p, e, &y)?;
-                y = z;
-                blocks.push(bt);
+        for i in 0..self.stages.len() {
+            let (y, t) = self.stage_forward(i, p, e, &h)?;
+            stage_tapes.push(t);
+            if i + 1 < self.stages.len() {
+                skips.push(y.clone());
             }
-            stage_tapes.push(StageTape { resample: rt, blocks, up_channels: 0 });
             h = y;
         }
+        let mut updates = Vec::new();
+        let mut update =
+            |p: &mut Params, h: &Arc<SparseTensor>, zf: &mut Vec<f32>, last: bool| -> Result<Arc<SparseTensor>> {
+                let (Some(z), Some(mlps)) = (&z, &self.points) else { return Ok(h.clone()) };
+                let (m, mt) = mlps[updates.len()].forward(p, e, zf)?;
+                let mut f = voxel_to_point(h, z)?;
+                add_into(&mut f, &m);
+                *zf = f;
+                let (out, to_voxels) = if last {
+                    (h.clone(), None)
+                } else {
+                    let zc = z.with_feats(zf.clone(), h.channels())?;
+                    (Arc::new(point_to_voxel(h, &zc)?), Some(point_voxels(h, &zc)?))
+                };
+                updates.push(PointUpdateTape { src: h.clone(), mlp: mt, to_voxels });
+                Ok(out)
+            };
         let mut up_tapes = Vec::new();
-        for st in &self.ups {
-            let skip = skips.pop().ok_or_else(|| Error::invalid("MinkUNet", "unbalanced skips"))?;
-            let (u, rt) = st.resample.forward(p, e, &h, Some(skip.coord_set()), None)?;
-            let mut y = Arc::new(e.concat(&u, &skip)?);
-            let mut blocks = Vec::new();
-            for b in &st.blocks {
-                let (z, bt) = b.forward(p, e, &y)?;
-                y = z;
-                blocks.push(bt);
+        for i in 0..self.ups.len() {
+            // SPVCNN's branches meet after the encoder and after up2 (and after up4, below).
+            if i == 0 || i == 2 {
+                h = update(p, &h, &mut zf, false)?;
             }
-            up_tapes.push(StageTape { resample: rt, blocks, up_channels: u.channels() });
+            let skip = skips.pop().ok_or_else(|| Error::invalid("MinkUNet", "unbalanced skips"))?;
+            let (y, t) = self.up_forward(i, p, e, &h, &skip)?;
+            up_tapes.push(t);
             h = y;
         }
+        update(p, &h, &mut zf, true)?;
+        let (head_in, points) = match (z, first_voxels) {
+            (Some(z), Some(first_voxels)) => {
+                (HeadIn::Points(zf), Some(PointTape { z, stem_out, first_voxels, updates }))
+            }
+            _ => (HeadIn::Voxels(h), None),
+        };
         let logits =
-            e.linear(h.feats(), self.head_in, &p.values[self.head_w], &p.values[self.head_b], self.num_classes)?;
-        Ok((logits, Tape { stem: vec![t0, t1], stages: stage_tapes, ups: up_tapes, head_in: h }))
+            e.linear(head_in.feats(), self.head_in, &p.values[self.head_w], &p.values[self.head_b], self.num_classes)?;
+        Ok((logits, Tape { stem: vec![t0, t1], stages: stage_tapes, ups: up_tapes, head_in, points }))
     }
 
     /// Gradients of every trainable tensor (parallel to [`Params::values`]; empty for running
@@ -436,32 +697,52 @@ impl TrainNet {
         let (dx, dw, db) = linear_backward(x, self.head_in, &p.values[self.head_w], self.num_classes, dlogits);
         g[self.head_w] = dw;
         g[self.head_b] = db;
-        let mut dh = dx;
-        // Gradients arriving at the skips from the up stages, in up order (deepest skip first).
+        let missing = || Error::invalid("backward", "tape and network differ");
+        // SPVCNN: the gradient at the current point features, walked back update by update.
+        let mut dz = Vec::new();
+        let point_step = |g: &mut [Vec<f32>], dz: &mut Vec<f32>, k: usize| -> Result<Vec<f32>> {
+            let (Some(pt), Some(mlps)) = (&tape.points, &self.points) else { return Err(missing()) };
+            let u = &pt.updates[k];
+            let dsrc = voxel_to_point_backward(&u.src, &pt.z, dz)?;
+            *dz = mlps[k].backward(p, g, &u.mlp, dz);
+            Ok(dsrc)
+        };
+        let mut dh = match &tape.points {
+            Some(_) => {
+                dz = dx;
+                point_step(&mut g, &mut dz, 2)?
+            }
+            None => dx,
+        };
+        // Gradients arriving at the skips from the up stages, deepest skip first.
         let mut dskips = Vec::new();
-        for (st, t) in self.ups.iter().zip(&tape.ups).rev() {
-            for (b, bt) in st.blocks.iter().zip(&t.blocks).rev() {
-                dh = b.backward(p, &mut g, e, bt, dh)?;
-            }
-            let c = dh.len() / t.resample.map.n_out().max(1);
-            let (mut du, mut ds) = (Vec::new(), Vec::new());
-            for row in dh.chunks_exact(c.max(1)) {
-                du.extend_from_slice(&row[..t.up_channels]);
-                ds.extend_from_slice(&row[t.up_channels..]);
-            }
+        for (i, t) in tape.ups.iter().enumerate().rev() {
+            let (d, ds) = self.up_backward(i, p, &mut g, e, t, dh)?;
             dskips.push(ds);
-            let (d, _) = st.resample.backward(p, &mut g, e, &t.resample, du, true)?;
-            dh = d.ok_or_else(|| Error::invalid("backward", "missing input gradient"))?;
-        }
-        for (st, t) in self.stages.iter().zip(&tape.stages).rev() {
-            for (b, bt) in st.blocks.iter().zip(&t.blocks).rev() {
-                dh = b.backward(p, &mut g, e, bt, dh)?;
+            dh = d;
+            if let (Some(pt), true) = (&tape.points, i == 0 || i == 2) {
+                // The up stage's input was the points averaged into `src`'s voxels.
+                let k = if i == 0 { 0 } else { 1 };
+                let u = &pt.updates[k];
+                let c = pt.updates[k].src.channels();
+                add_into(&mut dz, &average_backward(u.to_voxels.as_ref().ok_or_else(missing)?, &dh, c));
+                dh = point_step(&mut g, &mut dz, k)?;
             }
-            let (d, _) = st.resample.backward(p, &mut g, e, &t.resample, dh, true)?;
-            dh = d.ok_or_else(|| Error::invalid("backward", "missing input gradient"))?;
-            // This stage's input was also the skip of the up stage that mirrors it.
+        }
+        for (i, t) in tape.stages.iter().enumerate().rev() {
+            dh = self.stage_backward(i, p, &mut g, e, t, dh)?;
             let ds = dskips.pop().ok_or_else(|| Error::invalid("backward", "unbalanced skips"))?;
-            add_into(&mut dh, &ds);
+            match (&tape.points, i) {
+                // SPVCNN's first stage read the points' average; the skip was the stem output.
+                (Some(pt), 0) => {
+                    let c = pt.stem_out.channels();
+                    add_into(&mut dz, &average_backward(&pt.first_voxels, &dh, c));
+                    dh = voxel_to_point_backward(&pt.stem_out, &pt.z, &dz)?;
+                    add_into(&mut dh, &ds);
+                }
+                // This stage's input was also the skip of the up stage that mirrors it.
+                _ => add_into(&mut dh, &ds),
+            }
         }
         let (d, _) = self.stem[1].backward(p, &mut g, e, &tape.stem[1], dh, true)?;
         let dh = d.ok_or_else(|| Error::invalid("backward", "missing input gradient"))?;

@@ -206,8 +206,8 @@ impl TrainConfig {
     /// Reject settings no run can use.
     pub fn validate(&self) -> Result<()> {
         let bad = |k: &'static str, m: &str| Err(Error::invalid(k, m.to_string()));
-        if self.arch != "minkunet" {
-            return bad("arch", "training supports `minkunet`");
+        if self.arch != "minkunet" && self.arch != "spvcnn" {
+            return bad("arch", "expected `minkunet` or `spvcnn`");
         }
         crate::nn::minkunet::channels(self.cr)?;
         if self.data.is_empty() {
@@ -370,7 +370,7 @@ impl Trainer {
             Some(p) => Checkpoint::load(p)?,
             None => Checkpoint::fresh(config.seed),
         };
-        let net = TrainNet::load(&ck, config.cr, NUM_CLASSES).map_err(|e| e.in_file(ck.path()))?;
+        let net = TrainNet::load_arch(&config.arch, &ck, config.cr, NUM_CLASSES).map_err(|e| e.in_file(ck.path()))?;
         let mut t = Self::with_net(config, net)?;
         t.read_state(&ck, false)?;
         Ok(t)
@@ -387,7 +387,7 @@ impl Trainer {
             Some(c) => c,
             None => TrainConfig::from_yaml(stored, checkpoint)?,
         };
-        let net = TrainNet::load(&ck, config.cr, NUM_CLASSES)?;
+        let net = TrainNet::load_arch(&config.arch, &ck, config.cr, NUM_CLASSES)?;
         let mut t = Self::with_net(config, net)?;
         t.step = meta
             .get("step")
@@ -402,7 +402,7 @@ impl Trainer {
         if train.is_empty() {
             return Err(Error::invalid("training", "no training scans"));
         }
-        let net = TrainNet::load(&Checkpoint::fresh(config.seed), config.cr, NUM_CLASSES)?;
+        let net = TrainNet::load_arch(&config.arch, &Checkpoint::fresh(config.seed), config.cr, NUM_CLASSES)?;
         Self::assemble(config, net, train, eval)
     }
 
