@@ -75,37 +75,61 @@ impl PointTensor {
 }
 
 fn row_index(x: &CoordSet) -> HashMap<u64, u32> {
-    x.coords().iter().enumerate().map(|(i, &c)| (coords::pack(c), i as u32)).collect()
+    let keys: Vec<u64> = x.coords().par_iter().map(|&c| coords::pack(c)).collect();
+    let mut index = HashMap::with_capacity(keys.len());
+    index.extend(keys.into_iter().enumerate().map(|(i, k)| (k, i as u32)));
+    index
 }
 
 /// Voxelize points at stride 1 (`floor`), averaging features: SPVCNN's `initial_voxelize` with
 /// equal point and voxel resolution. Returns the voxels (packed-key order) and each point's row.
 pub fn initial_voxelize(z: &PointTensor) -> Result<(SparseTensor, Vec<u32>)> {
-    let mut keyed: Vec<(u64, u32)> = (0..z.len()).map(|i| Ok((z.voxel_key(i, 1)?, i as u32))).collect::<Result<_>>()?;
+    let mut keyed: Vec<(u64, u32)> =
+        (0..z.len()).into_par_iter().map(|i| Ok((z.voxel_key(i, 1)?, i as u32))).collect::<Result<_>>()?;
+    // Stable: a voxel's points stay in point order, so its mean is summed in that order.
     radsort::sort_by_key(&mut keyed, |e| e.0);
-    let c = z.channels;
-    let (mut vc, mut vf) = (Vec::new(), Vec::new());
+    let starts: Vec<usize> = (0..keyed.len())
+        .into_par_iter()
+        .filter(|&j| j == 0 || keyed[j].0 != keyed[j - 1].0)
+        .chain(rayon::iter::once(keyed.len()))
+        .collect();
+    let members: Vec<u32> = keyed.iter().map(|e| e.1).collect();
+    let vf = mean_rows(&z.feats, z.channels, &members, &starts);
+    let vc: Vec<[i32; 4]> = starts[..starts.len() - 1].iter().map(|&j| coords::unpack(keyed[j].0)).collect();
     let mut idx = vec![0u32; z.len()];
-    let mut acc = vec![0f64; c];
-    let mut i = 0;
-    while i < keyed.len() {
-        let key = keyed[i].0;
-        acc.fill(0.0);
-        let start = i;
-        while i < keyed.len() && keyed[i].0 == key {
-            let p = keyed[i].1 as usize;
-            idx[p] = vc.len() as u32;
-            for (a, &v) in acc.iter_mut().zip(&z.feats[p * c..(p + 1) * c]) {
+    for (v, w) in starts.windows(2).enumerate() {
+        for &p in &members[w[0]..w[1]] {
+            idx[p as usize] = v as u32;
+        }
+    }
+    // Unpacked from distinct packed keys: unique and in range by construction.
+    let set = Arc::new(CoordSet::new_unchecked(vc, 1));
+    Ok((SparseTensor::new(set, vf, z.channels)?, idx))
+}
+
+/// Per group `g`: the mean of feature rows `members[starts[g]..starts[g + 1]]` (`[G, c]`),
+/// summed in f64 in member order (empty groups give zeros). Parallel over groups, so the same
+/// bits for any thread count.
+fn mean_rows(f: &[f32], c: usize, members: &[u32], starts: &[usize]) -> Vec<f32> {
+    let groups = starts.len().saturating_sub(1);
+    let mut out = vec![0f32; groups * c];
+    out.par_chunks_mut(c.max(1)).enumerate().for_each(|(g, row)| {
+        let rows = &members[starts[g]..starts[g + 1]];
+        if rows.is_empty() {
+            return;
+        }
+        let mut acc = vec![0f64; c];
+        for &p in rows {
+            for (a, &v) in acc.iter_mut().zip(&f[p as usize * c..(p as usize + 1) * c]) {
                 *a += v as f64;
             }
-            i += 1;
         }
-        let n = (i - start) as f64;
-        vf.extend(acc.iter().map(|a| (a / n) as f32));
-        vc.push(coords::unpack(key));
-    }
-    let set = Arc::new(CoordSet::new(vc, 1)?);
-    Ok((SparseTensor::new(set, vf, c)?, idx))
+        let n = rows.len() as f64;
+        for (o, a) in row.iter_mut().zip(&acc) {
+            *o = (a / n) as f32;
+        }
+    });
+    out
 }
 
 /// Trilinear interpolation of voxel features at the points (TorchSparse `voxel_to_point`):
@@ -133,7 +157,7 @@ fn trilinear_taps(x: &SparseTensor, z: &PointTensor) -> Result<Vec<([u32; 8], [f
     let s = x.stride();
     let sf = s as f32;
     let index = row_index(x.coord_set());
-    let keys: Vec<u64> = (0..z.len()).map(|i| z.voxel_key(i, s)).collect::<Result<_>>()?;
+    let keys: Vec<u64> = (0..z.len()).into_par_iter().map(|i| z.voxel_key(i, s)).collect::<Result<_>>()?;
     Ok((0..z.len())
         .into_par_iter()
         .map(|i| {
@@ -143,11 +167,17 @@ fn trilinear_taps(x: &SparseTensor, z: &PointTensor) -> Result<Vec<([u32; 8], [f
             let lo: [f32; 3] = std::array::from_fn(|a| (p[a] / sf).floor() * sf);
             for (j, slot) in rows.iter_mut().enumerate() {
                 let d = [(j >> 2) as i32 & 1, (j >> 1) as i32 & 1, j as i32 & 1];
+                let f = |a: usize| if d[a] == 1 { p[a] - lo[a] } else { lo[a] + sf - p[a] };
+                let wj = f(0) * f(1) * f(2) / (sf * sf * sf);
+                // A tap of weight 0 adds nothing and changes no normalization: skip its lookup
+                // (points on voxel corners, e.g. voxel centres at stride 1, have one tap, not 8).
+                if wj == 0.0 {
+                    continue;
+                }
                 let key = (keys[i] as i64 + coords::delta_key([d[0] * s, d[1] * s, d[2] * s])) as u64;
                 if let Some(&r) = index.get(&key) {
                     *slot = r;
-                    let f = |a: usize| if d[a] == 1 { p[a] - lo[a] } else { lo[a] + sf - p[a] };
-                    w[j] = f(0) * f(1) * f(2) / (sf * sf * sf);
+                    w[j] = wj;
                 }
             }
             let sum: f32 = w.iter().sum::<f32>() + 1e-8;
@@ -219,33 +249,31 @@ pub fn average_backward(voxel_of: &[Option<u32>], dv: &[f32], c: usize) -> Vec<f
 /// The voxel row of `x` each point of `z` averages into (as [`point_to_voxel`] assigns them).
 pub fn point_voxels(x: &SparseTensor, z: &PointTensor) -> Result<Vec<Option<u32>>> {
     let index = row_index(x.coord_set());
-    (0..z.len()).map(|i| Ok(index.get(&z.voxel_key(i, x.stride())?).copied())).collect()
+    (0..z.len()).into_par_iter().map(|i| Ok(index.get(&z.voxel_key(i, x.stride())?).copied())).collect()
 }
 
 /// Average point features into the voxels of `x` (TorchSparse `point_to_voxel`): each point
 /// goes to `s·floor(p/s)`; voxels without points get zeros. Output lives on `x`'s coordinates.
 pub fn point_to_voxel(x: &SparseTensor, z: &PointTensor) -> Result<SparseTensor> {
-    let s = x.stride();
-    let index = row_index(x.coord_set());
-    let c = z.channels;
-    let n = x.len();
-    let mut sums = vec![0f64; n * c];
-    let mut counts = vec![0u32; n];
-    for i in 0..z.len() {
-        if let Some(&r) = index.get(&z.voxel_key(i, s)?) {
-            let r = r as usize;
-            counts[r] += 1;
-            for (a, &v) in sums[r * c..(r + 1) * c].iter_mut().zip(&z.feats[i * c..(i + 1) * c]) {
-                *a += v as f64;
-            }
+    let voxel_of = point_voxels(x, z)?;
+    // Points grouped by voxel, in point order within a voxel (a counting sort).
+    let mut starts = vec![0usize; x.len() + 1];
+    for &r in voxel_of.iter().flatten() {
+        starts[r as usize + 1] += 1;
+    }
+    for v in 0..x.len() {
+        starts[v + 1] += starts[v];
+    }
+    let mut next = starts.clone();
+    let mut members = vec![0u32; starts[x.len()]];
+    for (i, r) in voxel_of.iter().enumerate() {
+        if let Some(r) = *r {
+            members[next[r as usize]] = i as u32;
+            next[r as usize] += 1;
         }
     }
-    let feats: Vec<f32> = sums
-        .chunks(c.max(1))
-        .zip(&counts)
-        .flat_map(|(row, &k)| row.iter().map(move |v| if k == 0 { 0.0 } else { (v / k as f64) as f32 }))
-        .collect();
-    SparseTensor::new(x.coord_set().clone(), feats, c)
+    let feats = mean_rows(&z.feats, z.channels, &members, &starts);
+    SparseTensor::new(x.coord_set().clone(), feats, z.channels)
 }
 
 #[cfg(test)]
