@@ -318,6 +318,39 @@ struct StageTape {
     up_channels: usize,
 }
 
+impl Stage {
+    /// The two residual blocks after the resampling conv.
+    fn blocks_forward(
+        &self,
+        p: &mut Params,
+        e: &Engine,
+        mut y: Arc<SparseTensor>,
+    ) -> Result<(Arc<SparseTensor>, Vec<BlockTape>)> {
+        let mut tapes = Vec::new();
+        for b in &self.blocks {
+            let (z, bt) = b.forward(p, e, &y)?;
+            y = z;
+            tapes.push(bt);
+        }
+        Ok((y, tapes))
+    }
+
+    /// Gradient at the blocks' input.
+    fn blocks_backward(
+        &self,
+        p: &Params,
+        g: &mut [Vec<f32>],
+        e: &Engine,
+        tapes: &[BlockTape],
+        mut dh: Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        for (b, bt) in self.blocks.iter().zip(tapes).rev() {
+            dh = b.backward(p, g, e, bt, dh)?;
+        }
+        Ok(dh)
+    }
+}
+
 /// One point MLP of SPVCNN (`point_transforms.i`): Linear, BatchNorm1d (training mode), ReLU.
 #[derive(Debug, Clone)]
 struct PointMlp {
@@ -525,13 +558,8 @@ impl TrainNet {
         h: &Arc<SparseTensor>,
     ) -> Result<(Arc<SparseTensor>, StageTape)> {
         let st = &self.stages[i];
-        let (mut y, rt) = st.resample.forward(p, e, h, None, None)?;
-        let mut blocks = Vec::new();
-        for b in &st.blocks {
-            let (z, bt) = b.forward(p, e, &y)?;
-            y = z;
-            blocks.push(bt);
-        }
+        let (y, rt) = st.resample.forward(p, e, h, None, None)?;
+        let (y, blocks) = st.blocks_forward(p, e, y)?;
         Ok((y, StageTape { resample: rt, blocks, up_channels: 0 }))
     }
 
@@ -543,12 +571,10 @@ impl TrainNet {
         g: &mut [Vec<f32>],
         e: &Engine,
         t: &StageTape,
-        mut dh: Vec<f32>,
+        dh: Vec<f32>,
     ) -> Result<Vec<f32>> {
         let st = &self.stages[i];
-        for (b, bt) in st.blocks.iter().zip(&t.blocks).rev() {
-            dh = b.backward(p, g, e, bt, dh)?;
-        }
+        let dh = st.blocks_backward(p, g, e, &t.blocks, dh)?;
         let (d, _) = st.resample.backward(p, g, e, &t.resample, dh, true)?;
         d.ok_or_else(|| Error::invalid("backward", "missing input gradient"))
     }
@@ -564,13 +590,7 @@ impl TrainNet {
     ) -> Result<(Arc<SparseTensor>, StageTape)> {
         let st = &self.ups[i];
         let (u, rt) = st.resample.forward(p, e, h, Some(skip.coord_set()), None)?;
-        let mut y = Arc::new(e.concat(&u, skip)?);
-        let mut blocks = Vec::new();
-        for b in &st.blocks {
-            let (z, bt) = b.forward(p, e, &y)?;
-            y = z;
-            blocks.push(bt);
-        }
+        let (y, blocks) = st.blocks_forward(p, e, Arc::new(e.concat(&u, skip)?))?;
         Ok((y, StageTape { resample: rt, blocks, up_channels: u.channels() }))
     }
 
@@ -582,12 +602,10 @@ impl TrainNet {
         g: &mut [Vec<f32>],
         e: &Engine,
         t: &StageTape,
-        mut dh: Vec<f32>,
+        dh: Vec<f32>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let st = &self.ups[i];
-        for (b, bt) in st.blocks.iter().zip(&t.blocks).rev() {
-            dh = b.backward(p, g, e, bt, dh)?;
-        }
+        let dh = st.blocks_backward(p, g, e, &t.blocks, dh)?;
         let c = dh.len() / t.resample.map.n_out().max(1);
         let (mut du, mut ds) = (Vec::new(), Vec::new());
         for row in dh.chunks_exact(c.max(1)) {
