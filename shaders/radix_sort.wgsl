@@ -1,5 +1,5 @@
 // One pass of a stable LSD radix sort of 64-bit keys held as u32 pairs (core WGSL has no
-// 64-bit integers) with a u32 value each, on the 4-bit digit at `shift`. `count` writes, per
+// 64-bit integers) with a u32 value each, on the 8-bit digit at `shift`. `count` writes, per
 // block of 1024 elements, how many of each digit it holds into `hist[digit * blocks + block]`
 // (digit-major, so one exclusive scan of `hist` gives every block's output start for every
 // digit); `scatter` moves each element to its start plus its rank among the block's earlier
@@ -15,7 +15,8 @@ struct Params {
 
 const WG: u32 = 256u;
 const BLOCK: u32 = 1024u;
-const NONE: u32 = 16u; // digit of a slot past the end
+const RADIX: u32 = 256u; // digit values (one per thread of a workgroup)
+const NONE: u32 = 256u; // digit of a slot past the end
 
 @group(0) @binding(0) var<uniform> params: Params;
 @group(0) @binding(1) var<storage, read> hi_in: array<u32>;
@@ -26,9 +27,9 @@ const NONE: u32 = 16u; // digit of a slot past the end
 @group(0) @binding(6) var<storage, read_write> lo_out: array<u32>;
 @group(0) @binding(7) var<storage, read_write> val_out: array<u32>;
 
-var<workgroup> counts: array<atomic<u32>, 16>;
+var<workgroup> counts: array<atomic<u32>, 256>;
 var<workgroup> digits: array<u32, 256>;
-var<workgroup> run: array<u32, 16>;
+var<workgroup> run: array<u32, 256>;
 
 fn digit(i: u32) -> u32 {
     if (i >= params.n) {
@@ -38,13 +39,13 @@ fn digit(i: u32) -> u32 {
     if (params.shift >= 32u) {
         k = hi_in[i];
     }
-    return (k >> (params.shift & 31u)) & 15u;
+    return (k >> (params.shift & 31u)) & (RADIX - 1u);
 }
 
 @compute @workgroup_size(256)
 fn count(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let b = wg.x + wg.y * params.row_groups;
-    if (li < 16u) {
+    if (li < RADIX) {
         atomicStore(&counts[li], 0u);
     }
     workgroupBarrier();
@@ -55,7 +56,7 @@ fn count(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
         }
     }
     workgroupBarrier();
-    if (li < 16u) {
+    if (li < RADIX) {
         hist[li * params.blocks + b] = atomicLoad(&counts[li]);
     }
 }
@@ -63,7 +64,7 @@ fn count(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
 @compute @workgroup_size(256)
 fn scatter(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let b = wg.x + wg.y * params.row_groups;
-    if (li < 16u) {
+    if (li < RADIX) {
         run[li] = 0u;
     }
     // Rounds of 256 elements in order; a thread's rank counts the same digits before it in
@@ -84,7 +85,7 @@ fn scatter(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             val_out[dst] = val_in[i];
         }
         workgroupBarrier();
-        if (li < 16u) {
+        if (li < RADIX) {
             var c = 0u;
             for (var j = 0u; j < WG; j++) {
                 c += u32(digits[j] == li);

@@ -8,6 +8,8 @@ use super::{grid, GpuBuffer, GpuContext};
 use crate::error::Result;
 
 const BLOCK: usize = 1024;
+/// Values of one radix digit (8 bits; `RADIX` in `shaders/radix_sort.wgsl`).
+const RADIX: usize = 256;
 const REDUCE: PipelineKey = PipelineKey::new(Shader::Scan, "reduce");
 const SCAN: PipelineKey = PipelineKey::new(Shader::Scan, "scan");
 const COUNT: PipelineKey = PipelineKey::new(Shader::RadixSort, "count");
@@ -79,8 +81,10 @@ impl KeyValues {
 }
 
 /// Record a stable sort of `input` by key into new buffers (`input` is left as it was).
-/// `varying` has a bit set wherever two keys may differ (OR of `key ^ first_key`); 4-bit
-/// digits with no such bit are skipped, so a scan's coordinates take about 10 passes, not 16.
+/// `varying` has a bit set wherever two keys may differ (OR of `key ^ first_key`); 8-bit
+/// digits with no such bit are skipped, so a scan's coordinates take about 5 passes, not 8, and
+/// a 27-offset neighbour bitmask 4. (4-bit digits took 7 passes for the bitmask, each a count,
+/// a scan and a scatter dispatch: most of a kernel-map build's dispatches.)
 pub fn sort_pairs(
     ctx: &GpuContext,
     enc: &mut wgpu::CommandEncoder,
@@ -91,9 +95,9 @@ pub fn sort_pairs(
     let n = input.len();
     let blocks = n.div_ceil(BLOCK).max(1);
     let g = grid(blocks as u32);
-    let hist = ctx.scratch::<u32>("radix histogram", 16 * blocks)?;
+    let hist = ctx.scratch::<u32>("radix histogram", RADIX * blocks)?;
     let hist = hist.raw();
-    let shifts: Vec<u32> = (0..16u32).map(|d| d * 4).filter(|&s| (varying >> s) & 15 != 0).collect();
+    let shifts: Vec<u32> = (0..8u32).map(|d| d * 8).filter(|&s| (varying >> s) & 0xff != 0).collect();
     let bufs = [KeyValues::alloc(ctx, n)?, KeyValues::alloc(ctx, n)?];
     if shifts.is_empty() {
         let bytes = (n as u64 * 4).max(4);
@@ -110,7 +114,7 @@ pub fn sort_pairs(
         };
         // Auto-derived layouts hold only the bindings an entry point uses.
         ctx.dispatch(enc, COUNT, &[(0, &p), (1, src.hi.raw()), (2, src.lo.raw()), (4, hist)], (g.0, g.1, 1));
-        exclusive_scan(ctx, enc, hist, 16 * blocks)?;
+        exclusive_scan(ctx, enc, hist, RADIX * blocks)?;
         let all = [
             (0, &p),
             (1, src.hi.raw()),
