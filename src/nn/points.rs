@@ -81,6 +81,20 @@ fn row_index(x: &CoordSet) -> HashMap<u64, u32> {
     index
 }
 
+/// Whether point `i` of `z` sits exactly on voxel `i` of `x` at stride 1, for every `i` (SPVCNN
+/// fed with voxel centres, as the pipeline does, meets its stride-1 tensors this way). Then
+/// interpolation and averaging are the identity: one trilinear tap of weight exactly 1, one
+/// point per voxel. The shortcuts below give the same bits as the general paths.
+fn on_voxels(x: &SparseTensor, z: &PointTensor) -> bool {
+    x.stride() == 1
+        && x.len() == z.len()
+        && x.coords()
+            .par_iter()
+            .zip(&z.coords)
+            .zip(&z.batch)
+            .all(|((c, p), &b)| c[0] == b && (0..3).all(|a| c[a + 1] as f32 == p[a] && p[a].fract() == 0.0))
+}
+
 /// Voxelize points at stride 1 (`floor`), averaging features: SPVCNN's `initial_voxelize` with
 /// equal point and voxel resolution. Returns the voxels (packed-key order) and each point's row.
 pub fn initial_voxelize(z: &PointTensor) -> Result<(SparseTensor, Vec<u32>)> {
@@ -137,6 +151,9 @@ fn mean_rows(f: &[f32], c: usize, members: &[u32], starts: &[usize]) -> Vec<f32>
 /// voxels get weight 0 and the rest are renormalized.
 pub fn voxel_to_point(x: &SparseTensor, z: &PointTensor) -> Result<Vec<f32>> {
     let c = x.channels();
+    if on_voxels(x, z) {
+        return Ok(x.feats().to_vec());
+    }
     let taps = trilinear_taps(x, z)?;
     let mut out = vec![0f32; z.len() * c];
     out.par_chunks_mut(c.max(1)).zip(&taps).for_each(|(row, (rows, w))| {
@@ -193,6 +210,9 @@ pub fn voxel_to_point_backward(x: &SparseTensor, z: &PointTensor, dout: &[f32]) 
     if dout.len() != z.len() * c {
         return Err(Error::tensor("grad", format!("expected [{}, {c}], got {} values", z.len(), dout.len())));
     }
+    if on_voxels(x, z) {
+        return Ok(dout.to_vec());
+    }
     let taps = trilinear_taps(x, z)?;
     // (voxel, point, weight), grouped by voxel with points in order.
     let mut t: Vec<(u32, u32, f32)> = Vec::with_capacity(z.len() * 8);
@@ -248,6 +268,9 @@ pub fn average_backward(voxel_of: &[Option<u32>], dv: &[f32], c: usize) -> Vec<f
 
 /// The voxel row of `x` each point of `z` averages into (as [`point_to_voxel`] assigns them).
 pub fn point_voxels(x: &SparseTensor, z: &PointTensor) -> Result<Vec<Option<u32>>> {
+    if on_voxels(x, z) {
+        return Ok((0..z.len() as u32).map(Some).collect());
+    }
     let index = row_index(x.coord_set());
     (0..z.len()).into_par_iter().map(|i| Ok(index.get(&z.voxel_key(i, x.stride())?).copied())).collect()
 }
@@ -255,6 +278,9 @@ pub fn point_voxels(x: &SparseTensor, z: &PointTensor) -> Result<Vec<Option<u32>
 /// Average point features into the voxels of `x` (TorchSparse `point_to_voxel`): each point
 /// goes to `s·floor(p/s)`; voxels without points get zeros. Output lives on `x`'s coordinates.
 pub fn point_to_voxel(x: &SparseTensor, z: &PointTensor) -> Result<SparseTensor> {
+    if on_voxels(x, z) {
+        return SparseTensor::new(x.coord_set().clone(), z.feats.clone(), z.channels);
+    }
     let voxel_of = point_voxels(x, z)?;
     // Points grouped by voxel, in point order within a voxel (a counting sort).
     let mut starts = vec![0usize; x.len() + 1];
@@ -321,5 +347,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(back, vec![2.0, 3.0, 5.0, 6.0]);
+    }
+
+    /// Points on the voxels in row order take the shortcuts; the same points in another order
+    /// take the general paths. Both give the same bits.
+    #[test]
+    fn points_on_voxels_shortcut_matches_the_general_path() {
+        let coords: Vec<[i32; 4]> = (0..40).map(|i| [i % 2, (i * 7) % 11 - 5, (i * 3) % 5 - 2, i / 2 - 9]).collect();
+        let feats: Vec<f32> = (0..80).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x = tensor(coords.clone(), 1, feats, 2);
+        let pts: Vec<[f32; 3]> = coords.iter().map(|c| [c[1] as f32, c[2] as f32, c[3] as f32]).collect();
+        let batch: Vec<i32> = coords.iter().map(|c| c[0]).collect();
+        let pf: Vec<f32> = (0..80).map(|i| (i as f32 * 0.11).cos()).collect();
+        let z = PointTensor::new(pts.clone(), batch.clone(), pf.clone(), 2).unwrap();
+        assert!(on_voxels(&x, &z));
+        // Reversed order: same points, general paths.
+        let rev = |v: &[f32]| -> Vec<f32> { v.chunks(2).rev().flatten().copied().collect() };
+        let zr =
+            PointTensor::new(pts.iter().rev().copied().collect(), batch.iter().rev().copied().collect(), rev(&pf), 2)
+                .unwrap();
+        assert!(!on_voxels(&x, &zr));
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&voxel_to_point(&x, &z).unwrap()), bits(&rev(&voxel_to_point(&x, &zr).unwrap())));
+        assert_eq!(bits(point_to_voxel(&x, &z).unwrap().feats()), bits(point_to_voxel(&x, &zr).unwrap().feats()));
+        let g: Vec<f32> = (0..80).map(|i| (i as f32 * 0.07).sin()).collect();
+        assert_eq!(
+            bits(&voxel_to_point_backward(&x, &z, &g).unwrap()),
+            bits(&voxel_to_point_backward(&x, &zr, &rev(&g)).unwrap())
+        );
+        let pv: Vec<Option<u32>> = point_voxels(&x, &zr).unwrap().into_iter().rev().collect();
+        assert_eq!(point_voxels(&x, &z).unwrap(), pv);
     }
 }
