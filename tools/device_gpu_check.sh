@@ -5,6 +5,7 @@
 #   cargo build --release && cargo bench --bench gpu --no-run && cargo test --test gpu --no-run
 #   strip -o .devbin/sparseconv target/release/sparseconv; strip -o .devbin/gpu-bench <bench exe>
 #   strip -o .devbin/gpu-test <test exe>
+#   (optional) strip -o .devbin/sparseconv-base <an earlier build> for an A/B of the CLI bench
 # Binaries find the bundled data through the build path (CARGO_MANIFEST_DIR), linked below.
 set -u
 for f in .gl/*.deb; do dpkg -x "$f" /; done
@@ -27,6 +28,15 @@ for p in f32 f16; do
     > "$out/cli_$p.log" 2>&1; echo "cli $p rc=$?"
 done
 timeout 60 .devbin/sparseconv bench "$scan" --model "$model" --device cpu --runs 10 > "$out/cli_cpu.log" 2>&1
+# A/B: with a previous build carried as .devbin/sparseconv-base, alternate the two.
+if [ -x .devbin/sparseconv-base ]; then
+  echo "== a/b against .devbin/sparseconv-base"
+  for round in 1 2; do for b in sparseconv-base sparseconv; do
+    echo "-- $b round $round"
+    timeout 60 .devbin/$b bench "$scan" --model "$model" --device gpu --runs 20 2>&1 \
+      | grep -E "^(voxelize|kernel|conv|other|total|GPU work)"
+  done; done
+fi
 echo "== labels: gpu against cpu on the bundled scan"
 labels=data/semantickitti/sequences/00/labels/000000.label
 for d in cpu gpu; do
