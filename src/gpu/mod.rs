@@ -314,42 +314,6 @@ impl GpuContext {
     pub fn encoder(&self) -> wgpu::CommandEncoder {
         self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None })
     }
-
-    /// Submit `enc` after copying `src` into a readback buffer, wait, and return its contents.
-    fn finish_and_read<T: bytemuck::Pod>(
-        &self,
-        mut enc: wgpu::CommandEncoder,
-        src: &wgpu::Buffer,
-        len: usize,
-    ) -> Result<Vec<T>> {
-        let bytes = (len * std::mem::size_of::<T>()) as u64;
-        let size = bytes.max(16).next_multiple_of(4);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        enc.copy_buffer_to_buffer(src, 0, &staging, 0, size.min(src.size()));
-        self.submit(enc);
-        self.flush();
-        let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::invalid("gpu", format!("waiting for the device failed: {e}")))?;
-        rx.recv()
-            .map_err(|_| Error::invalid("gpu", "readback never completed"))?
-            .map_err(|e| Error::invalid("gpu", format!("readback failed: {e}")))?;
-        let data = slice.get_mapped_range().map_err(|e| Error::invalid("gpu", format!("readback failed: {e}")))?;
-        let out = bytemuck::cast_slice::<u8, T>(&data[..bytes as usize]).to_vec();
-        drop(data);
-        staging.unmap();
-        Ok(out)
-    }
 }
 
 /// A typed storage buffer resident on the device: the input and output of the `*_on_device`
@@ -457,8 +421,7 @@ impl GpuContext {
 
     /// Copy a device buffer back (waits for every submitted kernel).
     pub fn read<T: bytemuck::Pod>(&self, b: &GpuBuffer<T>) -> Result<Vec<T>> {
-        self.check_owns("read", &[b])?;
-        self.finish_and_read(self.encoder(), b.raw(), b.len())
+        Ok(self.read_all(&[b])?.pop().unwrap_or_default())
     }
 
     /// Copy several device buffers back with one wait.
