@@ -115,12 +115,7 @@ pub fn voxelize_batch(clouds: &[PointCloud], voxel_size: f32) -> Result<Voxelize
         .collect::<Result<_>>()?;
     // Stable: points of one voxel stay in input order, so the mean is summed deterministically.
     radsort::sort_by_key(&mut keyed, |e| e.0);
-    // First sorted position of each voxel.
-    let starts: Vec<usize> = (0..keyed.len())
-        .into_par_iter()
-        .filter(|&j| j == 0 || keyed[j].0 != keyed[j - 1].0)
-        .chain(rayon::iter::once(keyed.len()))
-        .collect();
+    let starts = run_starts(&keyed);
     let n_vox = starts.len() - 1;
     // One task per run of voxels; each voxel is summed by one task in point order (same bits
     // whatever the thread count); each point's inverse slot is written exactly once.
@@ -159,6 +154,16 @@ pub fn devoxelize(voxel_feats: &[f32], channels: usize, inverse: &[u32]) -> Resu
         out.extend_from_slice(&voxel_feats[r as usize * channels..(r as usize + 1) * channels]);
     }
     Ok(out)
+}
+
+/// First position of every run of equal keys in `sorted` (sorted by key), then `sorted.len()`.
+pub(crate) fn run_starts(sorted: &[(u64, u32)]) -> Vec<usize> {
+    use rayon::prelude::*;
+    (0..sorted.len())
+        .into_par_iter()
+        .filter(|&j| j == 0 || sorted[j].0 != sorted[j - 1].0)
+        .chain(rayon::iter::once(sorted.len()))
+        .collect()
 }
 
 #[cfg(test)]

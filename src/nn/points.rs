@@ -102,11 +102,7 @@ pub fn initial_voxelize(z: &PointTensor) -> Result<(SparseTensor, Vec<u32>)> {
         (0..z.len()).into_par_iter().map(|i| Ok((z.voxel_key(i, 1)?, i as u32))).collect::<Result<_>>()?;
     // Stable: a voxel's points stay in point order, so its mean is summed in that order.
     radsort::sort_by_key(&mut keyed, |e| e.0);
-    let starts: Vec<usize> = (0..keyed.len())
-        .into_par_iter()
-        .filter(|&j| j == 0 || keyed[j].0 != keyed[j - 1].0)
-        .chain(rayon::iter::once(keyed.len()))
-        .collect();
+    let starts = crate::voxel::run_starts(&keyed);
     let members: Vec<u32> = keyed.iter().map(|e| e.1).collect();
     let vf = mean_rows(&z.feats, z.channels, &members, &starts);
     let vc: Vec<[i32; 4]> = starts[..starts.len() - 1].iter().map(|&j| coords::unpack(keyed[j].0)).collect();
@@ -119,6 +115,19 @@ pub fn initial_voxelize(z: &PointTensor) -> Result<(SparseTensor, Vec<u32>)> {
     // Unpacked from distinct packed keys: unique and in range by construction.
     let set = Arc::new(CoordSet::new_unchecked(vc, 1));
     Ok((SparseTensor::new(set, vf, z.channels)?, idx))
+}
+
+/// Where each of `n` rows starts in a list grouped by row, given every entry's row (a counting
+/// sort's offsets): `n + 1` values, the last the number of entries.
+fn row_starts(rows: impl Iterator<Item = u32>, n: usize) -> Vec<usize> {
+    let mut starts = vec![0usize; n + 1];
+    for r in rows {
+        starts[r as usize + 1] += 1;
+    }
+    for v in 0..n {
+        starts[v + 1] += starts[v];
+    }
+    starts
 }
 
 /// Per group `g`: the mean of feature rows `members[starts[g]..starts[g + 1]]` (`[G, c]`),
@@ -224,13 +233,7 @@ pub fn voxel_to_point_backward(x: &SparseTensor, z: &PointTensor, dout: &[f32]) 
         }
     }
     radsort::sort_by_key(&mut t, |e| e.0);
-    let mut starts = vec![0usize; x.len() + 1];
-    for e in &t {
-        starts[e.0 as usize + 1] += 1;
-    }
-    for v in 0..x.len() {
-        starts[v + 1] += starts[v];
-    }
+    let starts = row_starts(t.iter().map(|e| e.0), x.len());
     let mut dx = vec![0f32; x.len() * c];
     dx.par_chunks_mut(c.max(1)).enumerate().for_each(|(v, row)| {
         let mut acc = vec![0f64; c];
@@ -283,13 +286,7 @@ pub fn point_to_voxel(x: &SparseTensor, z: &PointTensor) -> Result<SparseTensor>
     }
     let voxel_of = point_voxels(x, z)?;
     // Points grouped by voxel, in point order within a voxel (a counting sort).
-    let mut starts = vec![0usize; x.len() + 1];
-    for &r in voxel_of.iter().flatten() {
-        starts[r as usize + 1] += 1;
-    }
-    for v in 0..x.len() {
-        starts[v + 1] += starts[v];
-    }
+    let starts = row_starts(voxel_of.iter().flatten().copied(), x.len());
     let mut next = starts.clone();
     let mut members = vec![0u32; starts[x.len()]];
     for (i, r) in voxel_of.iter().enumerate() {
