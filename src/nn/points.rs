@@ -284,7 +284,18 @@ pub fn point_to_voxel(x: &SparseTensor, z: &PointTensor) -> Result<SparseTensor>
     if on_voxels(x, z) {
         return SparseTensor::new(x.coord_set().clone(), z.feats.clone(), z.channels);
     }
-    let voxel_of = point_voxels(x, z)?;
+    point_to_voxel_at(x, z, &point_voxels(x, z)?)
+}
+
+/// [`point_to_voxel`] with each point's voxel already found ([`point_voxels`]), for callers
+/// that keep it (the training tape).
+pub fn point_to_voxel_at(x: &SparseTensor, z: &PointTensor, voxel_of: &[Option<u32>]) -> Result<SparseTensor> {
+    if voxel_of.len() != z.len() || voxel_of.iter().flatten().any(|&r| r as usize >= x.len()) {
+        return Err(Error::tensor(
+            "points",
+            format!("{} voxel indices for {} points and {} voxels", voxel_of.len(), z.len(), x.len()),
+        ));
+    }
     // Points grouped by voxel, in point order within a voxel (a counting sort).
     let starts = row_starts(voxel_of.iter().flatten().copied(), x.len());
     let mut next = starts.clone();

@@ -15,7 +15,7 @@ use crate::nn::checkpoint::Checkpoint;
 use crate::nn::layers::kernel_shape;
 use crate::nn::minkunet::{channels, IN_CHANNELS};
 use crate::nn::points::{
-    average_backward, point_to_voxel, point_voxels, voxel_to_point, voxel_to_point_backward, PointTensor,
+    average_backward, point_to_voxel_at, point_voxels, voxel_to_point, voxel_to_point_backward, PointTensor,
 };
 use crate::tensor::{CoordSet, SparseTensor};
 
@@ -652,7 +652,8 @@ impl TrainNet {
             Some(z) => {
                 zf = voxel_to_point(&stem_out, z)?;
                 let zc = z.with_feats(zf.clone(), stem_out.channels())?;
-                (Arc::new(point_to_voxel(&stem_out, &zc)?), Some(point_voxels(&stem_out, &zc)?))
+                let v = point_voxels(&stem_out, &zc)?;
+                (Arc::new(point_to_voxel_at(&stem_out, &zc, &v)?), Some(v))
             }
             None => (stem_out.clone(), None),
         };
@@ -678,7 +679,8 @@ impl TrainNet {
                     (h.clone(), None)
                 } else {
                     let zc = z.with_feats(zf.clone(), h.channels())?;
-                    (Arc::new(point_to_voxel(h, &zc)?), Some(point_voxels(h, &zc)?))
+                    let v = point_voxels(h, &zc)?;
+                    (Arc::new(point_to_voxel_at(h, &zc, &v)?), Some(v))
                 };
                 updates.push(PointUpdateTape { src: h.clone(), mlp: mt, to_voxels });
                 Ok(out)
