@@ -941,10 +941,10 @@ fn cmd_bench(
                 sum_ms += st.median * 1e3;
                 // The floor: one dense GEMM [pairs, Cin] x [Cin, Cout] (same FLOPs, no gather,
                 // no scatter) on the same threads, timed here in the same run.
-                let dense = if on_cpu { dense_floor_ms(l.pairs, l.cin, l.cout) } else { f64::NAN };
-                sum_dense += dense;
+                let dense = on_cpu.then(|| dense_floor_ms(l.pairs, l.cin, l.cout));
+                sum_dense += dense.unwrap_or(0.0);
                 println!(
-                    "{:<4} {:<28} {:>15} {:>8} {:>9.2} {:>8.1} {:>14} {:>9.2}",
+                    "{:<4} {:<28} {:>15} {:>8} {:>9.2} {:>8.1} {:>14} {:>9}",
                     i + 1,
                     format!("{:?} k{} s{} {}->{}", l.kind, l.spec.size, l.spec.stride, l.cin, l.cout),
                     format!("{}->{}", l.n_in, l.n_out),
@@ -952,10 +952,14 @@ fn cmd_bench(
                     st.median * 1e3,
                     st.gflops(conv_flops(l.pairs, l.cin, l.cout)),
                     l.plan,
-                    dense
+                    dense.map_or("-".to_string(), |d| format!("{d:.2}"))
                 );
             }
-            println!("sum of conv medians: {sum_ms:.1} ms; the same FLOPs as dense GEMMs: {sum_dense:.1} ms");
+            if on_cpu {
+                println!("sum of conv medians: {sum_ms:.1} ms; the same FLOPs as dense GEMMs: {sum_dense:.1} ms");
+            } else {
+                println!("sum of conv medians: {sum_ms:.1} ms");
+            }
         }
     }
     Ok(())
