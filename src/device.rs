@@ -17,9 +17,10 @@ pub enum Device {
     /// Rayon-parallel CPU kernels on the global thread pool.
     #[default]
     Cpu,
-    /// WGSL kernels through wgpu. Kernel maps (hash queries) and convolutions run on the GPU;
-    /// features stay in host memory between ops (each conv uploads its input and reads back its
-    /// output), and concat / linear / backward run on the CPU.
+    /// WGSL kernels through wgpu. Kernel maps, convolutions (with their fused bias, residual and
+    /// ReLU) and concat run on the GPU, and features stay there between layers until the host
+    /// asks for them ([`SparseTensor::feats`]); the classifier's linear layer, SPVCNN's point
+    /// branch and every backward run on the CPU.
     Gpu(Arc<GpuContext>),
 }
 

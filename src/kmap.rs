@@ -191,6 +191,29 @@ pub struct KernelMap {
 }
 
 impl KernelMap {
+    /// Check conv operand shapes against the map (every backend runs this first).
+    pub fn check_operands(&self, x: &[f32], cin: usize, w: &[f32], cout: usize, bias: Option<&[f32]>) -> Result<()> {
+        let kv = self.volume();
+        if x.len() != self.n_in() * cin {
+            return Err(Error::tensor(
+                "feats",
+                format!("expected [{}, {cin}] for the kernel map's inputs, got {} values", self.n_in(), x.len()),
+            ));
+        }
+        if w.len() != kv * cin * cout {
+            return Err(Error::tensor(
+                "kernel",
+                format!("expected [{kv}, {cin}, {cout}] ({} values), got {} values", kv * cin * cout, w.len()),
+            ));
+        }
+        if let Some(b) = bias {
+            if b.len() != cout {
+                return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
+            }
+        }
+        Ok(())
+    }
+
     /// Number of kernel offsets `K`.
     pub fn volume(&self) -> usize {
         self.offsets.len()

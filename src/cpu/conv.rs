@@ -29,36 +29,6 @@ pub const OUTPUT_TILE_ROWS: usize = 1024;
 /// Output rows per task of the ordered scatter of a batched group.
 const SCATTER_CHUNK: usize = 512;
 
-/// Check operand shapes against the map.
-pub fn check_shapes(
-    map: &KernelMap,
-    x: &[f32],
-    cin: usize,
-    w: &[f32],
-    cout: usize,
-    bias: Option<&[f32]>,
-) -> Result<()> {
-    let kv = map.volume();
-    if x.len() != map.n_in() * cin {
-        return Err(Error::tensor(
-            "feats",
-            format!("expected [{}, {cin}] for the kernel map's inputs, got {} values", map.n_in(), x.len()),
-        ));
-    }
-    if w.len() != kv * cin * cout {
-        return Err(Error::tensor(
-            "kernel",
-            format!("expected [{kv}, {cin}, {cout}] ({} values), got {} values", kv * cin * cout, w.len()),
-        ));
-    }
-    if let Some(b) = bias {
-        if b.len() != cout {
-            return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
-        }
-    }
-    Ok(())
-}
-
 /// What follows the convolution, fused into one pass over the output:
 /// `out = relu?(out + bias + residual)`, in that order.
 #[derive(Debug, Default, Clone, Copy)]
@@ -95,7 +65,7 @@ pub fn conv_forward_ex(
     epi: Epilogue<'_>,
 ) -> Result<Vec<f32>> {
     let bias = epi.bias;
-    check_shapes(map, x, cin, w, cout, bias)?;
+    map.check_operands(x, cin, w, cout, bias)?;
     if let Some(r) = epi.residual {
         if r.len() != map.n_out() * cout {
             return Err(Error::tensor(
@@ -390,7 +360,7 @@ pub fn conv_backward(
     dy: &[f32],
     need_dx: bool,
 ) -> Result<ConvGrads> {
-    check_shapes(map, x, cin, w, cout, None)?;
+    map.check_operands(x, cin, w, cout, None)?;
     if dy.len() != map.n_out() * cout {
         return Err(Error::tensor("grad", format!("expected [{}, {cout}], got {} values", map.n_out(), dy.len())));
     }

@@ -93,7 +93,7 @@ fn check_operands(
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
 ) -> Result<()> {
-    crate::cpu::conv::check_shapes(map, x, cin, w, cout, bias)?;
+    map.check_operands(x, cin, w, cout, bias)?;
     let n_out = map.n_out();
     if residual.is_some_and(|r| r.len() != n_out * cout) {
         return Err(Error::tensor("residual", format!("expected [{n_out}, {cout}] values")));

@@ -120,7 +120,7 @@ impl Conv {
         let map = match (self.transposed, target) {
             (true, Some(t)) => e.transposed_map(x.coord_set(), t, self.spec)?,
             (true, None) => {
-                return Err(crate::Error::invalid("transposed conv", "no target coordinates given"));
+                return Err(crate::error::Error::invalid("transposed conv", "no target coordinates given"));
             }
             (false, _) => e.kernel_map(x.coord_set(), self.spec)?,
         };
