@@ -79,6 +79,9 @@ pub fn conv_forward_ex(
         return Ok(vec![0f32; n_out * cout]);
     }
     let t = tile_rows(cin, cout);
+    if plan.output_tiled {
+        return Ok(output_tiled_layer(map, plan, x, cin, w, cout, epi, t));
+    }
     let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
     // A submanifold conv starts with its identity offset, which writes every output row:
     // build the output from it directly instead of zeroing memory first.
@@ -94,8 +97,6 @@ pub fn conv_forward_ex(
     for (gi, g) in plan.groups.iter().enumerate().skip(skip) {
         if g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity {
             identity(x, cin, wk(g.offsets[0]), cout, &mut out, t, gi == 0);
-        } else if plan.output_tiled {
-            output_tiled(map, &g.offsets, x, cin, w, cout, &mut out, OUTPUT_TILE_ROWS);
         } else if g.offsets.len() == 1 {
             fused(map, g.offsets[0], x, cin, wk(g.offsets[0]), cout, &mut out, t);
         } else {
@@ -103,34 +104,53 @@ pub fn conv_forward_ex(
         }
     }
     if bias.is_some() || epi.residual.is_some() || epi.relu {
-        out.par_chunks_mut(SCATTER_CHUNK * cout).enumerate().for_each(|(ci, oc)| {
-            for (r, row) in oc.chunks_exact_mut(cout).enumerate() {
-                if let Some(b) = bias {
-                    for (o, &bv) in row.iter_mut().zip(b) {
-                        *o += bv;
-                    }
-                }
-                if let Some(res) = epi.residual {
-                    let q = ci * SCATTER_CHUNK + r;
-                    for (o, &rv) in row.iter_mut().zip(&res[q * cout..(q + 1) * cout]) {
-                        *o += rv;
-                    }
-                }
-                if epi.relu {
-                    for o in row.iter_mut() {
-                        *o = o.max(0.0);
-                    }
-                }
-            }
-        });
+        out.par_chunks_mut(SCATTER_CHUNK * cout)
+            .enumerate()
+            .for_each(|(ci, oc)| epi.apply(oc, cout, ci * SCATTER_CHUNK));
     }
     Ok(out)
+}
+
+impl Epilogue<'_> {
+    /// Apply to the rows `oc` (`[rows, cout]`), the first of which is output row `first_row`.
+    /// Per element: `+ bias`, then `+ residual`, then the clamp (one order for every path).
+    fn apply(&self, oc: &mut [f32], cout: usize, first_row: usize) {
+        if self.bias.is_none() && self.residual.is_none() && !self.relu {
+            return;
+        }
+        for (r, row) in oc.chunks_exact_mut(cout).enumerate() {
+            if let Some(b) = self.bias {
+                for (o, &bv) in row.iter_mut().zip(b) {
+                    *o += bv;
+                }
+            }
+            if let Some(res) = self.residual {
+                let q = first_row + r;
+                for (o, &rv) in row.iter_mut().zip(&res[q * cout..(q + 1) * cout]) {
+                    *o += rv;
+                }
+            }
+            if self.relu {
+                for o in row.iter_mut() {
+                    *o = o.max(0.0);
+                }
+            }
+        }
+    }
 }
 
 #[inline(always)]
 fn add_row(dst: &mut [f32], src: &[f32]) {
     for (d, s) in dst.iter_mut().zip(src) {
         *d += *s;
+    }
+}
+
+/// Make a scratch buffer at least `n` long (never shrinks: tasks reuse it across calls).
+#[inline]
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
     }
 }
 
@@ -282,53 +302,148 @@ fn batched(
     });
 }
 
-/// Output-stationary execution of a run of offsets: each task owns `t` consecutive output rows
-/// and, offset by offset in order, gathers the inputs of its rows, multiplies, and adds into
-/// rows that stay in cache. The scatter never leaves the task's rows, and outputs in key order
-/// gather inputs from a narrow key window, so both sides hit cache far more than per-offset
-/// passes over the whole output.
-fn output_tiled(
+/// An output-tiled plan in one pass over the output. Each task owns a run of output rows and,
+/// while they stay in cache, writes the identity product (or zeros), then offset by offset in
+/// plan order gathers the inputs of its rows, multiplies and adds into them, then applies the
+/// epilogue. Per element these are the operations of the identity, offset and epilogue passes
+/// run one after another, in the same order (the same bits), without two more trips through
+/// memory for the whole output. Outputs in key order gather inputs from a narrow key window, so
+/// the gathers hit cache far more than per-offset passes over the whole output would.
+#[allow(clippy::too_many_arguments)]
+fn output_tiled_layer(
     map: &KernelMap,
-    offsets: &[usize],
+    plan: &Plan,
     x: &[f32],
     cin: usize,
     w: &[f32],
     cout: usize,
-    out: &mut [f32],
+    epi: Epilogue<'_>,
     t: usize,
-) {
+) -> Vec<f32> {
+    let n_out = map.n_out();
+    let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
+    // The dense identity path needs every output row to be its own input row.
+    let is_dense_identity = |g: &crate::plan::Group| {
+        g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity && map.size(g.offsets[0]) == n_out
+    };
+    // Whole `t`-row chunks per task, aligned as in `identity`, so its GEMM calls are the same.
+    let task_rows = (OUTPUT_TILE_ROWS / t).max(1) * t;
     let fused_kernel = fused::available(cout);
-    out.par_chunks_mut(t * cout).enumerate().for_each_init(
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n_out * cout);
+    // SAFETY: MaybeUninit needs no initialization; every task writes all its rows first.
+    unsafe { out.set_len(n_out * cout) };
+    out.par_chunks_mut(task_rows * cout).enumerate().for_each_init(
         || (Vec::new(), Vec::new()),
         |(a, c): &mut (Vec<f32>, Vec<f32>), (ci, oc)| {
-            let lo = (ci * t) as u32;
-            let hi = lo + (oc.len() / cout) as u32;
-            for &k in offsets {
-                let (ins, outs) = map.pairs(k);
-                let s = outs.partition_point(|&q| q < lo);
-                let e = outs.partition_point(|&q| q < hi);
-                let m = e - s;
-                if m == 0 {
-                    continue;
-                }
-                let wk = &w[k * cin * cout..(k + 1) * cin * cout];
-                if fused_kernel && gather_gemm_scatter_add(x, cin, wk, cout, &ins[s..e], &outs[s..e], lo, oc) {
-                    continue;
-                }
-                // Rows padded to a multiple of 16 (never 1: the GEMM crate's m = 1 path sums
-                // in another order, and every path must give the same bits per row).
-                let mp = m.div_ceil(16) * 16;
-                a.resize(t * cin, 0.0);
-                c.resize(t * cout, 0.0);
-                gather(x, cin, &ins[s..e], &mut a[..mp * cin]);
-                gemm_tile(mp, cin, cout, &a[..mp * cin], wk, &mut c[..mp * cout]);
-                for (r, &q) in outs[s..e].iter().enumerate() {
-                    let q = (q - lo) as usize;
-                    add_row(&mut oc[q * cout..(q + 1) * cout], &c[r * cout..(r + 1) * cout]);
+            let lo = ci * task_rows;
+            let rows = oc.len() / cout;
+            let first_dense = plan.groups.first().is_some_and(is_dense_identity);
+            if first_dense {
+                identity_rows(x, cin, wk(plan.groups[0].offsets[0]), cout, lo, rows, t, a, c, |r0, prod| {
+                    for (d, s) in oc[r0 * cout..r0 * cout + prod.len()].iter_mut().zip(prod) {
+                        d.write(*s);
+                    }
+                });
+            } else {
+                for d in oc.iter_mut() {
+                    d.write(0.0);
                 }
             }
+            // SAFETY: every element of `oc` was written just above; same layout.
+            let oc = unsafe { std::slice::from_raw_parts_mut(oc.as_mut_ptr().cast::<f32>(), oc.len()) };
+            for g in &plan.groups[usize::from(first_dense)..] {
+                if is_dense_identity(g) {
+                    identity_rows(x, cin, wk(g.offsets[0]), cout, lo, rows, t, a, c, |r0, prod| {
+                        for (r, p) in prod.chunks_exact(cout).enumerate() {
+                            add_row(&mut oc[(r0 + r) * cout..(r0 + r + 1) * cout], p);
+                        }
+                    });
+                    continue;
+                }
+                for &k in &g.offsets {
+                    add_offset_rows(map, k, x, cin, wk(k), cout, lo as u32, oc, fused_kernel, a, c);
+                }
+            }
+            epi.apply(oc, cout, lo);
         },
     );
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: all n_out * cout elements were initialized above; same allocation, layout-compatible type.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
+}
+
+/// The identity offset's products for output rows `lo..lo + rows`, in chunks of `t` rows
+/// (the tail padded with zero rows) exactly as [`identity`] computes them; `emit(r0, products)`
+/// receives each chunk's real rows, `r0` relative to `lo`.
+#[allow(clippy::too_many_arguments)]
+fn identity_rows(
+    x: &[f32],
+    cin: usize,
+    wk: &[f32],
+    cout: usize,
+    lo: usize,
+    rows: usize,
+    t: usize,
+    a: &mut Vec<f32>,
+    c: &mut Vec<f32>,
+    mut emit: impl FnMut(usize, &[f32]),
+) {
+    grow(a, t * cin);
+    grow(c, t * cout);
+    let (a, c) = (&mut a[..t * cin], &mut c[..t * cout]);
+    for r0 in (0..rows).step_by(t) {
+        let r = t.min(rows - r0);
+        let xs = &x[(lo + r0) * cin..(lo + r0 + r) * cin];
+        let lhs: &[f32] = if r == t {
+            xs
+        } else {
+            a[..r * cin].copy_from_slice(xs);
+            a[r * cin..].fill(0.0);
+            a
+        };
+        gemm_tile(t, cin, cout, lhs, wk, c);
+        emit(r0, &c[..r * cout]);
+    }
+}
+
+/// Add offset `k`'s products into the output rows `lo..` held in `oc`: the fused kernel where
+/// it applies, else gather, `gemm` and add.
+#[allow(clippy::too_many_arguments)]
+fn add_offset_rows(
+    map: &KernelMap,
+    k: usize,
+    x: &[f32],
+    cin: usize,
+    wk: &[f32],
+    cout: usize,
+    lo: u32,
+    oc: &mut [f32],
+    fused_kernel: bool,
+    a: &mut Vec<f32>,
+    c: &mut Vec<f32>,
+) {
+    let hi = lo + (oc.len() / cout) as u32;
+    let (ins, outs) = map.pairs(k);
+    let s = outs.partition_point(|&q| q < lo);
+    let e = outs.partition_point(|&q| q < hi);
+    let m = e - s;
+    if m == 0 {
+        return;
+    }
+    if fused_kernel && gather_gemm_scatter_add(x, cin, wk, cout, &ins[s..e], &outs[s..e], lo, oc) {
+        return;
+    }
+    // Rows padded to a multiple of 16 (never 1: the GEMM crate's m = 1 path sums in another
+    // order, and every path must give the same bits per row).
+    let mp = m.div_ceil(16) * 16;
+    grow(a, mp * cin);
+    grow(c, mp * cout);
+    gather(x, cin, &ins[s..e], &mut a[..mp * cin]);
+    gemm_tile(mp, cin, cout, &a[..mp * cin], wk, &mut c[..mp * cout]);
+    for (r, &q) in outs[s..e].iter().enumerate() {
+        let q = (q - lo) as usize;
+        add_row(&mut oc[q * cout..(q + 1) * cout], &c[r * cout..(r + 1) * cout]);
+    }
 }
 
 /// Gradients of `out = conv(x; W) + b` for an upstream gradient `dy = dL/d out` (`[N_out, Cout]`):
