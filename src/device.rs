@@ -384,8 +384,7 @@ impl Engine {
             Grouping::Fixed(p) => Plan::grouped(map, p),
             Grouping::OutputTiled if matches!(self.device, Device::Gpu(_)) => Self::device_output_tiled(),
             Grouping::OutputTiled => Plan::output_tiled(map),
-            Grouping::Heuristic if w.cout <= 64 => Plan::output_tiled(map),
-            Grouping::Heuristic => Plan::ungrouped(map),
+            Grouping::Heuristic => Plan::output_tiled(map),
             Grouping::Auto => {
                 let key = LayerKey {
                     kind: map.kind,

@@ -24,9 +24,10 @@ pub enum Grouping {
     Auto,
     /// Every non-identity offset in one output-stationary group (CPU).
     OutputTiled,
-    /// No timing: output-tiled for narrow layers (Cout <= 64), ungrouped otherwise — what the
-    /// tuner picks on most layers here (BENCHMARKS.md). For one-shot runs, where timing
-    /// candidates would cost more than it saves.
+    /// No timing: output-tiled on the CPU, which the tuner picks on every k = 2 and k = 3 layer
+    /// of MinkUNet at cr = 0.5 and 1.0 since it runs in one pass (BENCHMARKS.md; 1×1 layers
+    /// tie). For one-shot runs and training, where timing candidates would cost more than it
+    /// saves. The GPU has its own rule (`Engine::plan_for`).
     Heuristic,
 }
 
