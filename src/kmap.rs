@@ -89,10 +89,11 @@ pub enum MapKind {
 /// Which CPU algorithm builds the kernel map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum MapBuilder {
-    /// Coordinate hashing (hashbrown), parallel queries.
-    #[default]
+    /// Coordinate hashing (hashbrown), parallel queries. The faster builder on the GPU.
     Hash,
-    /// PointAcc-style merge-sort: one sort, then one linear merge per offset.
+    /// PointAcc-style merge-sort: one sort, then one linear merge per offset. The default: the
+    /// faster builder on the CPU (about 2x on the real scan's maps, BENCHMARKS.md).
+    #[default]
     Sort,
 }
 

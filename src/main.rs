@@ -226,15 +226,6 @@ fn engine(kmap: KmapArg, grouping: GroupingArg, device: &str) -> Result<Engine> 
 static PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
 
 /// An engine with the `--precision` chosen on the command line.
-/// The faster kernel-map builder per device (BENCHMARKS.md): merge-sort on the CPU, hashing on
-/// the GPU (H200: 3.1 ms against 6.2 ms for the scan's k3 map).
-fn default_builder(device: &Device) -> MapBuilder {
-    match device {
-        Device::Cpu => MapBuilder::Sort,
-        Device::Gpu(_) => MapBuilder::Hash,
-    }
-}
-
 fn new_engine(device: Device, builder: MapBuilder, grouping: Grouping) -> Result<Engine> {
     let p = PRECISION.get().copied().unwrap_or_default();
     if p == Precision::F16 && device == Device::Cpu {
@@ -643,7 +634,7 @@ fn cmd_segment(a: SegmentArgs) -> Result<()> {
     let (model, cr, mpath) = load_model(a.model, a.arch.as_deref(), a.cr)?;
     let lm = LearningMap::load(&a.yaml.unwrap_or_else(default_yaml))?;
     // One scan: timing plan candidates would cost more than it saves.
-    let builder = default_builder(&device);
+    let builder = device.map_builder();
     let engine = new_engine(device, builder, Grouping::Heuristic)?;
     if a.rerun.is_some() && !cfg!(feature = "rerun") {
         return Err(Error::invalid("--rerun", "this build has no rerun support (build with `--features rerun`)"));
@@ -832,7 +823,7 @@ fn cmd_bench(
             (m, cr, "synthetic weights (throughput only)".to_string())
         }
     };
-    let builder = default_builder(&device);
+    let builder = device.map_builder();
     let engine = new_engine(device, builder, Grouping::Auto)?;
     let bar = indicatif::ProgressBar::new((scans.len() * (warmup + runs)) as u64);
     bar.set_style(
