@@ -8,12 +8,15 @@ use rayon::prelude::*;
 use super::{assemble, query_plan};
 use crate::coords;
 use crate::error::Result;
-use crate::kmap::{downsample_keys, scaled_offsets, KernelMap, KernelSpec, MapKind};
+use crate::kmap::{downsample_keys, output_stride, parent_key, scaled_offsets, KernelMap, KernelSpec, MapKind};
 use crate::tensor::CoordSet;
 
 /// Build the submanifold (stride 1) or downsampling map of `spec` on `input` by merging sorted keys.
 pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
     let offsets = scaled_offsets(&spec, input.stride())?;
+    if spec.size == 2 && spec.stride == 2 && spec.dilation == 1 {
+        return build_down_k2(input, spec, offsets);
+    }
     let mut in_sorted: Vec<(u64, u32)> =
         input.coords().par_iter().enumerate().map(|(i, &c)| (coords::pack(c), i as u32)).collect();
     // Rows produced by this crate are already in key order; sort only when they are not.
@@ -69,4 +72,40 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
     });
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
     Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out_coords, per))
+}
+
+/// The k = 2, stride 2 downsampling map (every MinkUNet down stage) without merging: each input
+/// row has exactly one parent `S·floor(c/S)` and reaches it through the offset `c - parent`
+/// (each axis 0 or one tensor stride, which are exactly the k = 2 offsets). One stable sort of
+/// `(parent key, row)` gives the output rows in key order and, in the same pass, every
+/// offset's pairs in output-row order: the map the merge would build, pair for pair.
+fn build_down_k2(input: &Arc<CoordSet>, spec: KernelSpec, offsets: Vec<[i32; 3]>) -> Result<KernelMap> {
+    let s = output_stride(input, &spec)?;
+    let coords = input.coords();
+    let mut keyed: Vec<(u64, u32)> =
+        coords.par_iter().enumerate().map(|(i, &c)| Ok((parent_key(c, s)?, i as u32))).collect::<Result<_>>()?;
+    radsort::sort_by_key(&mut keyed, |e| e.0);
+    // Offset of a child by its axis steps (0 or 1 tensor stride each), as x·4 + y·2 + z.
+    let mut slot = [usize::MAX; 8];
+    for (k, d) in offsets.iter().enumerate() {
+        let bit = |v: i32| usize::from(v != 0);
+        slot[bit(d[0]) * 4 + bit(d[1]) * 2 + bit(d[2])] = k;
+    }
+    let mut per: Vec<(Vec<u32>, Vec<u32>)> =
+        vec![(Vec::with_capacity(keyed.len() / 4), Vec::with_capacity(keyed.len() / 4)); offsets.len()];
+    let mut out_keys: Vec<u64> = Vec::with_capacity(keyed.len() / 2);
+    for &(pk, i) in &keyed {
+        if out_keys.last() != Some(&pk) {
+            out_keys.push(pk);
+        }
+        let q = (out_keys.len() - 1) as u32;
+        let (c, p) = (coords[i as usize], coords::unpack(pk));
+        let step = |a: usize| usize::from(c[a] != p[a]);
+        let k = slot[step(1) * 4 + step(2) * 2 + step(3)];
+        debug_assert!(k < offsets.len() && (1..4).all(|a| c[a] - p[a] == offsets[k][a - 1]));
+        per[k].0.push(i);
+        per[k].1.push(q);
+    }
+    let out = CoordSet::new_unchecked(out_keys.into_iter().map(coords::unpack).collect(), s);
+    Ok(KernelMap::from_pairs(MapKind::Down, spec, offsets, input.clone(), Arc::new(out), per))
 }
