@@ -253,7 +253,9 @@ pub fn prepare_file(path: &Path, format: Option<PointFormat>, mode: VoxelizeMode
     if cloud.is_empty() {
         return Err(Error::format(path, "the scan holds no points"));
     }
-    prepare_points(&model_input(&cloud, format)?, mode).map_err(|e| e.in_file(path))
+    // x, y, z, remission as read (KITTI .bin, 4-column PLY / npy) is the model input already.
+    let input = if cloud.dims == 4 && format != PointFormat::NuScenes { cloud } else { model_input(&cloud, format)? };
+    prepare_points(&input, mode).map_err(|e| e.in_file(path))
 }
 
 /// The points of a scan file (x, y, z, ...), or `None` for voxelized safetensors input.

@@ -27,7 +27,8 @@ impl PointCloud {
                 format!("{} values is not a whole number of {dims}-value points", data.len()),
             ));
         }
-        if let Some(i) = data.chunks_exact(dims).position(|p| !p.iter().all(|v| v.is_finite())) {
+        if !all_finite(&data) {
+            let i = data.chunks_exact(dims).position(|p| !p.iter().all(|v| v.is_finite())).unwrap_or(0);
             return Err(Error::tensor("points", format!("point {i} has a NaN or infinite value")));
         }
         Ok(Self { data, dims })
@@ -44,6 +45,13 @@ impl PointCloud {
     pub fn point(&self, i: usize) -> &[f32] {
         &self.data[i * self.dims..(i + 1) * self.dims]
     }
+}
+
+/// Whether every value is finite. Checks whole blocks without an early exit, so the loop
+/// vectorizes (scans are validated on every read; the point-by-point search for the
+/// offending point runs only when this fails).
+pub fn all_finite(data: &[f32]) -> bool {
+    data.chunks(1024).all(|c| c.iter().fold(true, |ok, v| ok & v.is_finite()))
 }
 
 /// Voxels of one or more scans and the way back to their points.
@@ -103,16 +111,28 @@ pub fn voxelize_batch(clouds: &[PointCloud], voxel_size: f32) -> Result<Voxelize
     }
     use rayon::prelude::*;
     use std::sync::atomic::{AtomicU32, Ordering};
-    // Point rows of every scan, in input order (scan by scan).
-    let rows: Vec<&[f32]> = clouds.iter().flat_map(|c| (0..c.len()).map(move |i| c.point(i))).collect();
-    let batch_of: Vec<i32> =
-        clouds.iter().enumerate().flat_map(|(b, c)| std::iter::repeat_n(b as i32, c.len())).collect();
-    let mut keyed: Vec<(u64, u32)> = rows
-        .par_iter()
-        .zip(batch_of.par_iter())
-        .enumerate()
-        .map(|(i, (p, &b))| Ok((coords::pack(voxel_coord(p, voxel_size, b)?), i as u32)))
-        .collect::<Result<_>>()?;
+    // Points are numbered scan by scan in input order; `first[b]` is scan b's first number.
+    let first: Vec<usize> = std::iter::once(0)
+        .chain(clouds.iter().scan(0, |n, c| {
+            *n += c.len();
+            Some(*n)
+        }))
+        .collect();
+    let point = |i: usize| {
+        let b = first.partition_point(|&f| f <= i) - 1;
+        clouds[b].point(i - first[b])
+    };
+    let mut parts = clouds.iter().enumerate().map(|(b, c)| {
+        c.data
+            .par_chunks_exact(dims)
+            .enumerate()
+            .map(|(i, p)| Ok((coords::pack(voxel_coord(p, voxel_size, b as i32)?), (first[b] + i) as u32)))
+            .collect::<Result<Vec<(u64, u32)>>>()
+    });
+    let mut keyed = parts.next().transpose()?.unwrap_or_default();
+    for part in parts {
+        keyed.extend_from_slice(&part?);
+    }
     // Stable: points of one voxel stay in input order, so the mean is summed deterministically.
     radsort::sort_by_key(&mut keyed, |e| e.0);
     let starts = run_starts(&keyed);
@@ -127,7 +147,7 @@ pub fn voxelize_batch(clouds: &[PointCloud], voxel_size: f32) -> Result<Voxelize
         let acc: &mut [f64] = if dims <= 8 { &mut acc[..dims] } else { &mut accv };
         for &(_, pi) in &keyed[starts[v]..starts[v + 1]] {
             inverse_at[pi as usize].store(v as u32, Ordering::Relaxed);
-            for (a, &x) in acc.iter_mut().zip(rows[pi as usize]) {
+            for (a, &x) in acc.iter_mut().zip(point(pi as usize)) {
                 *a += x as f64;
             }
         }
@@ -193,6 +213,22 @@ mod tests {
         let a = PointCloud::new(vec![0.0, 0.0, 0.0], 3).unwrap();
         let v = voxelize_batch(&[a.clone(), a.clone()], 0.1).unwrap();
         assert_eq!(v.tensor.coords(), &[[0, 0, 0, 0], [1, 0, 0, 0]]);
+        // Two scans of different sizes: every point finds its own scan's voxel, means per scan.
+        let c1 = PointCloud::new(vec![0.01, 0.02, 0.0, 1.0, 0.5, 0.5, 0.5, 2.0, 0.03, 0.01, 0.0, 3.0], 4).unwrap();
+        let c2 = PointCloud::new(vec![-0.3, 0.1, 0.2, 4.0, 0.01, 0.02, 0.0, 5.0], 4).unwrap();
+        let v = voxelize_batch(&[c1.clone(), c2.clone()], 0.1).unwrap();
+        assert_eq!(v.tensor.len(), 4);
+        for (g, (b, c, i)) in [(0, &c1, 0), (0, &c1, 1), (0, &c1, 2), (1, &c2, 0), (1, &c2, 1)].into_iter().enumerate()
+        {
+            let row = v.inverse[g] as usize;
+            assert_eq!(v.tensor.coords()[row], voxel_coord(c.point(i), 0.1, b).unwrap(), "point {g}");
+        }
+        let row = v.inverse[0] as usize;
+        assert_eq!(v.inverse[2] as usize, row);
+        let mean = |a: f32, b: f32| ((a as f64 + b as f64) / 2.0) as f32;
+        assert_eq!(&v.tensor.feats()[row * 4..row * 4 + 4], &[mean(0.01, 0.03), mean(0.02, 0.01), 0.0, 2.0]);
+        assert_eq!(v.counts[row], 2);
+        assert_ne!(v.inverse[4], v.inverse[0], "the same place in another scan is another voxel");
         assert!(PointCloud::new(vec![f32::NAN, 0.0, 0.0], 3).is_err());
         assert!(PointCloud::new(vec![0.0; 7], 3).is_err());
         assert!(voxelize(&a, 0.0).is_err());

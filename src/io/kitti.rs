@@ -26,11 +26,13 @@ pub fn read_f32_rows(path: &Path, cols: usize, what: &str) -> Result<PointCloud>
         ));
     }
     let data = le_f32(&bytes);
-    if let Some(i) = data.chunks_exact(cols).position(|p| !p[..3].iter().all(|v| v.is_finite())) {
-        return Err(Error::format(path, format!("point {i} has a NaN or infinite coordinate")));
-    }
-    if let Some(i) = data.chunks_exact(cols).position(|p| !p[3..].iter().all(|v| v.is_finite())) {
-        return Err(Error::format(path, format!("point {i} has a NaN or infinite attribute")));
+    if !crate::voxel::all_finite(&data) {
+        if let Some(i) = data.chunks_exact(cols).position(|p| !p[..3].iter().all(|v| v.is_finite())) {
+            return Err(Error::format(path, format!("point {i} has a NaN or infinite coordinate")));
+        }
+        if let Some(i) = data.chunks_exact(cols).position(|p| !p[3..].iter().all(|v| v.is_finite())) {
+            return Err(Error::format(path, format!("point {i} has a NaN or infinite attribute")));
+        }
     }
     PointCloud::new(data, cols).map_err(|e| e.in_file(path))
 }
