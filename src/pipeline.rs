@@ -269,7 +269,8 @@ pub fn points_of(path: &Path, format: Option<PointFormat>) -> Result<Option<Poin
 /// Wall-clock seconds per stage of one scan.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
-    /// Reading is excluded; voxelization and feature preparation.
+    /// Reading the scan file, voxelization and feature preparation (what a scan costs before
+    /// the network; `segment` and `bench` time it from the file).
     pub voxelize: f64,
     /// Kernel-map builds inside the network.
     pub kernel_maps: f64,
