@@ -196,29 +196,44 @@ fn identity(x: &[f32], cin: usize, wk: &[f32], cout: usize, out: &mut [f32], t: 
 
 /// The identity offset as the first term: `out = x · W` into fresh memory, never zeroed.
 fn identity_init(x: &[f32], cin: usize, wk: &[f32], cout: usize, n: usize, t: usize) -> Vec<f32> {
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n * cout);
-    // SAFETY: MaybeUninit needs no initialization; every element is written below.
-    unsafe { out.set_len(n * cout) };
-    out.par_chunks_mut(t * cout).enumerate().for_each_init(
-        || (vec![0f32; t * cin], vec![0f32; t * cout]),
-        |(a, c), (ci, oc)| {
-            let rows = oc.len() / cout;
-            let xs = &x[ci * t * cin..(ci * t + rows) * cin];
-            if rows == t {
-                // SAFETY: `oc` holds t * cout elements; gemm writes all of them and reads none.
-                unsafe { gemm_tile_raw(t, cin, cout, xs, wk, oc.as_mut_ptr().cast::<f32>()) };
-            } else {
-                a[..rows * cin].copy_from_slice(xs);
-                a[rows * cin..].fill(0.0);
-                gemm_tile(t, cin, cout, a, wk, c);
-                for (d, s) in oc.iter_mut().zip(&c[..rows * cout]) {
-                    d.write(*s);
-                }
+    let scratch = || (vec![0f32; t * cin], vec![0f32; t * cout]);
+    let fill = |(a, c): &mut (Vec<f32>, Vec<f32>), ci: usize, oc: &mut [std::mem::MaybeUninit<f32>]| {
+        let rows = oc.len() / cout;
+        let xs = &x[ci * t * cin..(ci * t + rows) * cin];
+        if rows == t {
+            // SAFETY: `oc` holds t * cout elements; gemm writes all of them and reads none.
+            unsafe { gemm_tile_raw(t, cin, cout, xs, wk, oc.as_mut_ptr().cast::<f32>()) };
+        } else {
+            a[..rows * cin].copy_from_slice(xs);
+            a[rows * cin..].fill(0.0);
+            gemm_tile(t, cin, cout, a, wk, c);
+            for (d, s) in oc.iter_mut().zip(&c[..rows * cout]) {
+                d.write(*s);
             }
-        },
-    );
+        }
+    };
+    // SAFETY: both branches of `fill` write every element of the chunk.
+    unsafe { filled_in_parallel(n * cout, t * cout, scratch, fill) }
+}
+
+/// A `Vec<f32>` of `len` values written in parallel chunks of `chunk` values (chunk `ci`
+/// starts at value `ci * chunk`), never zeroed first: outputs that their first term writes
+/// in full skip a pass over memory.
+///
+/// # Safety
+/// `fill` must write every element of every chunk it is given.
+unsafe fn filled_in_parallel<S: Send>(
+    len: usize,
+    chunk: usize,
+    scratch: impl Fn() -> S + Sync + Send,
+    fill: impl Fn(&mut S, usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { out.set_len(len) };
+    out.par_chunks_mut(chunk.max(1)).enumerate().for_each_init(scratch, |sc, (ci, oc)| fill(sc, ci, oc));
     let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: all n * cout elements were initialized above; same allocation, layout-compatible type.
+    // SAFETY: the caller's `fill` initialized every element; same allocation, layout-compatible type.
     unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
 }
 
@@ -329,47 +344,40 @@ fn output_tiled_layer(
     // Whole `t`-row chunks per task, aligned as in `identity`, so its GEMM calls are the same.
     let task_rows = (OUTPUT_TILE_ROWS / t).max(1) * t;
     let fused_kernel = fused::available(cout);
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n_out * cout);
-    // SAFETY: MaybeUninit needs no initialization; every task writes all its rows first.
-    unsafe { out.set_len(n_out * cout) };
-    out.par_chunks_mut(task_rows * cout).enumerate().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(a, c): &mut (Vec<f32>, Vec<f32>), (ci, oc)| {
-            let lo = ci * task_rows;
-            let rows = oc.len() / cout;
-            let first_dense = plan.groups.first().is_some_and(is_dense_identity);
-            if first_dense {
-                identity_rows(x, cin, wk(plan.groups[0].offsets[0]), cout, lo, rows, t, a, c, |r0, prod| {
-                    for (d, s) in oc[r0 * cout..r0 * cout + prod.len()].iter_mut().zip(prod) {
-                        d.write(*s);
+    let fill = |(a, c): &mut (Vec<f32>, Vec<f32>), ci: usize, oc: &mut [std::mem::MaybeUninit<f32>]| {
+        let lo = ci * task_rows;
+        let rows = oc.len() / cout;
+        let first_dense = plan.groups.first().is_some_and(is_dense_identity);
+        if first_dense {
+            identity_rows(x, cin, wk(plan.groups[0].offsets[0]), cout, lo, rows, t, a, c, |r0, prod| {
+                for (d, s) in oc[r0 * cout..r0 * cout + prod.len()].iter_mut().zip(prod) {
+                    d.write(*s);
+                }
+            });
+        } else {
+            for d in oc.iter_mut() {
+                d.write(0.0);
+            }
+        }
+        // SAFETY: every element of `oc` was written just above; same layout.
+        let oc = unsafe { std::slice::from_raw_parts_mut(oc.as_mut_ptr().cast::<f32>(), oc.len()) };
+        for g in &plan.groups[usize::from(first_dense)..] {
+            if is_dense_identity(g) {
+                identity_rows(x, cin, wk(g.offsets[0]), cout, lo, rows, t, a, c, |r0, prod| {
+                    for (r, p) in prod.chunks_exact(cout).enumerate() {
+                        add_row(&mut oc[(r0 + r) * cout..(r0 + r + 1) * cout], p);
                     }
                 });
-            } else {
-                for d in oc.iter_mut() {
-                    d.write(0.0);
-                }
+                continue;
             }
-            // SAFETY: every element of `oc` was written just above; same layout.
-            let oc = unsafe { std::slice::from_raw_parts_mut(oc.as_mut_ptr().cast::<f32>(), oc.len()) };
-            for g in &plan.groups[usize::from(first_dense)..] {
-                if is_dense_identity(g) {
-                    identity_rows(x, cin, wk(g.offsets[0]), cout, lo, rows, t, a, c, |r0, prod| {
-                        for (r, p) in prod.chunks_exact(cout).enumerate() {
-                            add_row(&mut oc[(r0 + r) * cout..(r0 + r + 1) * cout], p);
-                        }
-                    });
-                    continue;
-                }
-                for &k in &g.offsets {
-                    add_offset_rows(map, k, x, cin, wk(k), cout, lo as u32, oc, fused_kernel, a, c);
-                }
+            for &k in &g.offsets {
+                add_offset_rows(map, k, x, cin, wk(k), cout, lo as u32, oc, fused_kernel, a, c);
             }
-            epi.apply(oc, cout, lo);
-        },
-    );
-    let mut out = std::mem::ManuallyDrop::new(out);
-    // SAFETY: all n_out * cout elements were initialized above; same allocation, layout-compatible type.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
+        }
+        epi.apply(oc, cout, lo);
+    };
+    // SAFETY: `fill` writes each chunk in full first (identity products or zeros).
+    unsafe { filled_in_parallel(n_out * cout, task_rows * cout, || (Vec::new(), Vec::new()), fill) }
 }
 
 /// The identity offset's products for output rows `lo..lo + rows`, in chunks of `t` rows
