@@ -150,8 +150,12 @@ fn infer_cr(ck: &Checkpoint) -> Result<f32> {
 }
 
 /// Per-point model input `[N, 4]`: x, y, z, remission (nuScenes intensity / 255; 0 where the
-/// format has none).
-pub fn model_input(cloud: &PointCloud, format: PointFormat) -> Result<PointCloud> {
+/// format has none). A 4-column scan of any other format already is the input and comes back
+/// as it is, without a copy.
+pub fn model_input(cloud: PointCloud, format: PointFormat) -> Result<PointCloud> {
+    if cloud.dims == 4 && format != PointFormat::NuScenes {
+        return Ok(cloud);
+    }
     let mut out = Vec::with_capacity(cloud.len() * 4);
     for i in 0..cloud.len() {
         let p = cloud.point(i);
@@ -253,9 +257,7 @@ pub fn prepare_file(path: &Path, format: Option<PointFormat>, mode: VoxelizeMode
     if cloud.is_empty() {
         return Err(Error::format(path, "the scan holds no points"));
     }
-    // x, y, z, remission as read (KITTI .bin, 4-column PLY / npy) is the model input already.
-    let input = if cloud.dims == 4 && format != PointFormat::NuScenes { cloud } else { model_input(&cloud, format)? };
-    prepare_points(&input, mode).map_err(|e| e.in_file(path))
+    prepare_points(&model_input(cloud, format)?, mode).map_err(|e| e.in_file(path))
 }
 
 /// The points of a scan file (x, y, z, ...), or `None` for voxelized safetensors input.
