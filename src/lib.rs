@@ -57,6 +57,7 @@ pub mod metrics;
 pub mod nn;
 pub mod pipeline;
 pub mod plan;
+pub mod prune;
 pub mod reference;
 pub mod tensor;
 pub mod train;

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::kitti::NUM_CLASSES;
 use crate::io::tensors::{is_safetensors, read_voxels};
 use crate::io::{read_points, PointFormat};
+use crate::nn::arch::{ArchKind, NetDesc, BASE_CHANNELS};
 use crate::nn::checkpoint::Checkpoint;
 use crate::nn::minkunet::MinkUNet;
 use crate::nn::points::PointTensor;
@@ -73,21 +74,18 @@ impl Model {
             (None, Some(m)) => m.to_string(),
             (None, None) => "minkunet".to_string(),
         };
+        let kind = ArchKind::parse(&arch)?;
         let meta_cr = match meta.get("cr") {
             Some(v) => Some(
                 v.parse::<f32>().map_err(|_| Error::format(path, format!("metadata `cr` is not a number: `{v}`")))?,
             ),
             None => None,
         };
-        let cr = match (cr, meta_cr) {
-            (Some(a), Some(m)) if (a - m).abs() > 1e-6 => {
+        if let (Some(a), Some(m)) = (cr, meta_cr) {
+            if (a - m).abs() > 1e-6 {
                 return Err(Error::format(path, format!("holds a cr = {m} model but --cr {a} was given")));
             }
-            (Some(a), _) => a,
-            (None, Some(m)) => m,
-            // TorchSparse checkpoints carry no metadata: the stem width is 32·cr.
-            (None, None) => infer_cr(ck)?,
-        };
+        }
         let classes = match meta.get("classes") {
             Some(v) => v
                 .parse::<usize>()
@@ -105,17 +103,49 @@ impl Model {
                 return Err(Error::format(path, format!("model was trained at voxel size {v}, expected {VOXEL_SIZE}")));
             }
         }
-        Ok((Model::load_arch(&arch, ck, cr, classes)?, cr))
+        if ck.is_synthetic() {
+            let cr = cr.unwrap_or(0.5);
+            return Ok((Model::from_desc(ck, &NetDesc::uniform(kind, cr, classes)?)?, cr));
+        }
+        // Widths come from the tensors; a pruned network is any set of widths that chains.
+        let desc = NetDesc::from_checkpoint(kind, ck, classes)?;
+        let uniform = desc.uniform_cr();
+        if let (Some(a), None) = (cr, meta_cr) {
+            if uniform.is_none_or(|u| (u - a).abs() > 1e-6) {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "holds a network with widths {} (`stem.0.kernel` has {} output channels), not the uniform cr = {a} network --cr {a} asks for",
+                        desc.widths_summary(),
+                        desc.stem[0].cout
+                    ),
+                ));
+            }
+        }
+        // The width factor reported: the file's, else the uniform network's, else the stem's.
+        let cr = meta_cr.or(uniform).unwrap_or(desc.stem[0].cout as f32 / BASE_CHANNELS[0] as f32);
+        Ok((Model::from_desc(ck, &desc)?, cr))
     }
 
-    /// Load architecture `arch` from a checkpoint.
+    /// The network `desc` from a checkpoint (any per-layer widths).
+    pub fn from_desc(ck: &Checkpoint, desc: &NetDesc) -> Result<Model> {
+        Ok(match desc.kind {
+            ArchKind::MinkUNet => Model::MinkUNet(MinkUNet::from_desc(ck, desc)?),
+            ArchKind::Spvcnn => Model::Spvcnn(Spvcnn::from_desc(ck, desc)?),
+        })
+    }
+
+    /// Load architecture `arch`: with the checkpoint's own widths, or the uniform network of
+    /// `cr` when the checkpoint is synthetic.
     pub fn load_arch(arch: &str, ck: &Checkpoint, cr: f32, classes: usize) -> Result<Model> {
-        match arch {
-            "minkunet" => Ok(Model::MinkUNet(MinkUNet::load(ck, cr, classes)?)),
-            "spvcnn" => Ok(Model::Spvcnn(Spvcnn::load(ck, cr, classes)?)),
-            other => {
-                Err(Error::invalid("--arch", format!("unknown architecture `{other}` (expected minkunet or spvcnn)")))
-            }
+        Self::from_desc(ck, &NetDesc::for_checkpoint(ArchKind::parse(arch)?, ck, cr, classes)?)
+    }
+
+    /// The description the network was built from.
+    pub fn desc(&self) -> &NetDesc {
+        match self {
+            Model::MinkUNet(m) => &m.desc,
+            Model::Spvcnn(m) => &m.body.desc,
         }
     }
 
@@ -138,14 +168,6 @@ impl Model {
                 m.forward(e, &z)
             }
         }
-    }
-}
-
-fn infer_cr(ck: &Checkpoint) -> Result<f32> {
-    let shape = ck.shape("stem.0.kernel").unwrap_or(&[]);
-    match shape {
-        &[_, _, c] if c > 0 => Ok(c as f32 / 32.0),
-        _ => Err(Error::format(ck.path(), format!("tensor `stem.0.kernel` has shape {shape:?}, expected [27, 4, C]"))),
     }
 }
 

@@ -23,6 +23,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("pipeline", 10),
     ("train", 11),
     ("viz", 11),
+    ("prune", 12),
 ];
 
 /// Modules allowed to name a backend (`cpu`, `gpu`) directly.

@@ -94,6 +94,17 @@ impl Checkpoint {
         Self { path: PathBuf::from(label), tensors, metadata, used: Mutex::new(BTreeSet::new()), random: None }
     }
 
+    /// Whether tensors are invented on demand ([`Checkpoint::random`], [`Checkpoint::fresh`]):
+    /// such a checkpoint has no shapes to read widths from.
+    pub fn is_synthetic(&self) -> bool {
+        self.random.is_some()
+    }
+
+    /// Every stored tensor by name.
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor<f32>> {
+        &self.tensors
+    }
+
     /// A stored tensor by name (any shape), for training state and masks.
     pub fn get(&self, name: &str) -> Option<&Tensor<f32>> {
         self.tensors.get(name)

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::arch::{BlockDesc, ConvDesc, LinearDesc};
 use super::checkpoint::Checkpoint;
 use crate::device::{ConvWeight, Engine};
 use crate::error::Result;
@@ -55,16 +56,6 @@ impl BatchNorm {
     }
 }
 
-/// Checkpoint shape of a conv kernel: `[K, Cin, Cout]`, or `[Cin, Cout]` for kernel size 1
-/// (TorchSparse stores 1×1 convs without the offset axis).
-pub fn kernel_shape(spec: KernelSpec, cin: usize, cout: usize) -> Vec<usize> {
-    if spec.size == 1 {
-        vec![cin, cout]
-    } else {
-        vec![spec.volume(), cin, cout]
-    }
-}
-
 /// A sparse conv (TorchSparse `spnn.Conv3d`), optionally transposed, with BatchNorm folded in.
 #[derive(Debug, Clone)]
 pub struct Conv {
@@ -79,28 +70,22 @@ pub struct Conv {
 }
 
 impl Conv {
-    /// Load `{name}` (`[K³, Cin, Cout]`, or `[Cin, Cout]` for kernel size 1) followed by the
-    /// BatchNorm `{bn}`, folded: `W'[k][i][o] = a[o]·W[k][i][o]`, `b'[o] = b[o]`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn load_bn(
-        ck: &Checkpoint,
-        name: &str,
-        bn: &str,
-        spec: KernelSpec,
-        cin: usize,
-        cout: usize,
-        transposed: bool,
-        relu: bool,
-    ) -> Result<Self> {
-        let vol = spec.volume();
-        let shape = kernel_shape(spec, cin, cout);
-        let mut kernel = ck.take(name, &shape)?;
-        let (a, b) = BatchNorm::load(ck, bn, cout)?.affine();
+    /// Load the conv `d` (`[K³, Cin, Cout]`, or `[Cin, Cout]` for kernel size 1) and its
+    /// BatchNorm, folded: `W'[k][i][o] = a[o]·W[k][i][o]`, `b'[o] = b[o]`.
+    pub fn load(ck: &Checkpoint, d: &ConvDesc) -> Result<Self> {
+        let (vol, cout) = (d.spec.volume(), d.cout);
+        let mut kernel = ck.take(&d.kernel, &d.kernel_shape())?;
+        let (a, b) = BatchNorm::load(ck, &d.bn, cout)?.affine();
         for (j, v) in kernel.iter_mut().enumerate() {
             *v = (*v as f64 * a[j % cout]) as f32;
         }
         let bias = b.iter().map(|&v| v as f32).collect();
-        Ok(Self { spec, transposed, weight: ConvWeight::new(kernel, vol, cin, cout, Some(bias))?, relu })
+        Ok(Self {
+            spec: d.spec,
+            transposed: d.transposed,
+            weight: ConvWeight::new(kernel, vol, d.cin, cout, Some(bias))?,
+            relu: d.relu,
+        })
     }
 
     /// Run the conv; a transposed conv needs the coordinates it upsamples back to.
@@ -141,27 +126,14 @@ pub struct Residual {
 }
 
 impl Residual {
-    /// Load the block `{p}` (`{p}.net.0.kernel`, …, `{p}.downsample.0.kernel`).
-    pub fn load(ck: &Checkpoint, p: &str, cin: usize, cout: usize) -> Result<Self> {
-        let k3 = KernelSpec::new(3, 1, 1)?;
-        let c1 = Conv::load_bn(ck, &format!("{p}.net.0.kernel"), &format!("{p}.net.1"), k3, cin, cout, false, true)?;
+    /// Load the block `d` (`{p}.net.0.kernel`, …, `{p}.downsample.0.kernel` when it has one).
+    pub fn load(ck: &Checkpoint, d: &BlockDesc) -> Result<Self> {
         // The block's final ReLU follows the shortcut add, which c2's epilogue fuses in.
-        let c2 = Conv::load_bn(ck, &format!("{p}.net.3.kernel"), &format!("{p}.net.4"), k3, cout, cout, false, true)?;
-        let shortcut = if cin != cout {
-            Some(Conv::load_bn(
-                ck,
-                &format!("{p}.downsample.0.kernel"),
-                &format!("{p}.downsample.1"),
-                KernelSpec::new(1, 1, 1)?,
-                cin,
-                cout,
-                false,
-                false,
-            )?)
-        } else {
-            None
-        };
-        Ok(Self { c1, c2, shortcut })
+        Ok(Self {
+            c1: Conv::load(ck, &d.c1)?,
+            c2: Conv::load(ck, &d.c2)?,
+            shortcut: d.shortcut.as_ref().map(|s| Conv::load(ck, s)).transpose()?,
+        })
     }
 
     /// Run the block (the shortcut add and final ReLU fused into the second conv).
@@ -189,14 +161,22 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Load `{p}.weight` and `{p}.bias`.
-    pub fn load(ck: &Checkpoint, p: &str, cin: usize, cout: usize) -> Result<Self> {
-        Ok(Self {
-            weight: ck.take(&format!("{p}.weight"), &[cout, cin])?,
-            bias: ck.take(&format!("{p}.bias"), &[cout])?,
-            cin,
-            cout,
-        })
+    /// Load `{p}.weight` and `{p}.bias`, and fold the BatchNorm1d that follows when `d` has
+    /// one (its ReLU is the caller's).
+    pub fn load(ck: &Checkpoint, d: &LinearDesc) -> Result<Self> {
+        let (p, cin, cout) = (&d.prefix, d.cin, d.cout);
+        let mut weight = ck.take(&format!("{p}.weight"), &[cout, cin])?;
+        let mut bias = ck.take(&format!("{p}.bias"), &[cout])?;
+        if let Some(bn) = &d.bn {
+            let (a, b) = BatchNorm::load(ck, bn, cout)?.affine();
+            for o in 0..cout {
+                for w in &mut weight[o * cin..(o + 1) * cin] {
+                    *w = (*w as f64 * a[o]) as f32;
+                }
+                bias[o] = (bias[o] as f64 * a[o] + b[o]) as f32;
+            }
+        }
+        Ok(Self { weight, bias, cin, cout })
     }
 
     /// `[N, in] -> [N, out]`.

@@ -1,33 +1,14 @@
 //! MinkUNet as in SPVNAS / TorchSparse for SemanticKITTI (Tang et al., ECCV 2020), with the
 //! same module names, so their checkpoints load unchanged.
 
+use super::arch::{ArchKind, NetDesc, StageDesc, POINT_MEETINGS};
 use super::checkpoint::Checkpoint;
 use super::layers::{Conv, Linear, Residual};
 use crate::device::Engine;
 use crate::error::{Error, Result};
-use crate::kmap::KernelSpec;
 use crate::tensor::SparseTensor;
 
-/// Channel widths at `cr = 1`: stem, four down stages, four up stages.
-pub const BASE_CHANNELS: [usize; 9] = [32, 32, 64, 128, 256, 256, 128, 96, 96];
-
-/// Input features: x, y, z, remission.
-pub const IN_CHANNELS: usize = 4;
-
-/// Channel widths for width factor `cr` (`int(cr · c)` as in SPVNAS).
-pub fn channels(cr: f32) -> Result<[usize; 9]> {
-    if !(cr.is_finite() && cr > 0.0 && cr <= 8.0) {
-        return Err(Error::invalid("--cr", format!("width factor must be in (0, 8], got {cr}")));
-    }
-    let mut cs = [0usize; 9];
-    for (c, b) in cs.iter_mut().zip(BASE_CHANNELS) {
-        *c = (cr as f64 * b as f64) as usize;
-        if *c == 0 {
-            return Err(Error::invalid("--cr", format!("width factor {cr} gives a layer with 0 channels")));
-        }
-    }
-    Ok(cs)
-}
+pub use super::arch::{channels, BASE_CHANNELS, IN_CHANNELS};
 
 /// One encoder stage: k2 s2 conv + BN + ReLU, then two residual blocks.
 #[derive(Debug, Clone)]
@@ -47,13 +28,12 @@ pub struct Up {
     pub blocks: [Residual; 2],
 }
 
-/// The MinkUNet of SPVNAS (stem, 4 down stages, 4 up stages, linear classifier).
+/// The MinkUNet of SPVNAS (stem, 4 down stages, 4 up stages, linear classifier), with the
+/// widths of its [`NetDesc`].
 #[derive(Debug, Clone)]
 pub struct MinkUNet {
-    /// Width factor.
-    pub cr: f32,
-    /// Number of output classes.
-    pub num_classes: usize,
+    /// The description it was built from (widths, shortcuts, tensor names).
+    pub desc: NetDesc,
     /// `stem.0` + `stem.1`, `stem.3` + `stem.4`.
     pub stem: [Conv; 2],
     /// `stage1` … `stage4`.
@@ -64,67 +44,52 @@ pub struct MinkUNet {
     pub classifier: Linear,
 }
 
+fn stage_parts(ck: &Checkpoint, st: &StageDesc) -> Result<(Conv, [Residual; 2])> {
+    Ok((Conv::load(ck, &st.resample)?, [Residual::load(ck, &st.blocks[0])?, Residual::load(ck, &st.blocks[1])?]))
+}
+
 impl MinkUNet {
-    /// Load from a checkpoint (BatchNorm folded into the convs), rejecting unknown tensors.
+    /// The uniform network of width factor `cr` from a checkpoint (BatchNorm folded into the
+    /// convs), rejecting tensors of another width or architecture.
     pub fn load(ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
-        let m = Self::load_parts(ck, cr, num_classes)?;
+        let m = Self::load_parts(ck, &NetDesc::uniform(ArchKind::MinkUNet, cr, num_classes)?)?;
+        ck.finish()?;
+        Ok(m)
+    }
+
+    /// The network `desc` (any per-layer widths) from a checkpoint, rejecting unknown tensors.
+    pub fn from_desc(ck: &Checkpoint, desc: &NetDesc) -> Result<Self> {
+        let m = Self::load_parts(ck, desc)?;
         ck.finish()?;
         Ok(m)
     }
 
     /// Load the tensors MinkUNet shares with SPVCNN, leaving others for the caller.
-    pub fn load_parts(ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
-        let cs = channels(cr)?;
-        let k3 = KernelSpec::new(3, 1, 1)?;
-        let k2s2 = KernelSpec::new(2, 2, 1)?;
-        let stem = [
-            Conv::load_bn(ck, "stem.0.kernel", "stem.1", k3, IN_CHANNELS, cs[0], false, true)?,
-            Conv::load_bn(ck, "stem.3.kernel", "stem.4", k3, cs[0], cs[0], false, true)?,
-        ];
+    pub fn load_parts(ck: &Checkpoint, desc: &NetDesc) -> Result<Self> {
+        desc.dataflow()?;
+        let stem = [Conv::load(ck, &desc.stem[0])?, Conv::load(ck, &desc.stem[1])?];
         let mut stages = Vec::new();
-        for s in 0..4 {
-            let (cin, cout) = (cs[s], cs[s + 1]);
-            let p = format!("stage{}", s + 1);
-            stages.push(Down {
-                down: Conv::load_bn(
-                    ck,
-                    &format!("{p}.0.net.0.kernel"),
-                    &format!("{p}.0.net.1"),
-                    k2s2,
-                    cin,
-                    cin,
-                    false,
-                    true,
-                )?,
-                blocks: [
-                    Residual::load(ck, &format!("{p}.1"), cin, cout)?,
-                    Residual::load(ck, &format!("{p}.2"), cout, cout)?,
-                ],
-            });
+        for st in &desc.stages {
+            let (down, blocks) = stage_parts(ck, st)?;
+            stages.push(Down { down, blocks });
         }
         let mut ups = Vec::new();
-        for u in 0..4 {
-            let (cin, cout, skip) = (cs[4 + u], cs[5 + u], cs[3 - u]);
-            let p = format!("up{}", u + 1);
-            ups.push(Up {
-                up: Conv::load_bn(
-                    ck,
-                    &format!("{p}.0.net.0.kernel"),
-                    &format!("{p}.0.net.1"),
-                    k2s2,
-                    cin,
-                    cout,
-                    true,
-                    true,
-                )?,
-                blocks: [
-                    Residual::load(ck, &format!("{p}.1.0"), cout + skip, cout)?,
-                    Residual::load(ck, &format!("{p}.1.1"), cout, cout)?,
-                ],
-            });
+        for st in &desc.ups {
+            let (up, blocks) = stage_parts(ck, st)?;
+            ups.push(Up { up, blocks });
         }
-        let classifier = Linear::load(ck, "classifier.0", cs[8], num_classes)?;
-        Ok(Self { cr, num_classes, stem, stages, ups, classifier })
+        let classifier = Linear::load(ck, &desc.classifier)?;
+        Ok(Self { desc: desc.clone(), stem, stages, ups, classifier })
+    }
+
+    /// Output classes.
+    pub fn num_classes(&self) -> usize {
+        self.desc.num_classes
+    }
+
+    /// Whether SPVCNN's point branch meets the voxels before up stage `i`.
+    pub fn meets_points_before(i: usize) -> bool {
+        POINT_MEETINGS.contains(&i)
     }
 
     /// The stem: two k3 convs with BN and ReLU.

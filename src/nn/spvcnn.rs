@@ -2,9 +2,10 @@
 //! per-point features through three point-wise MLPs and meets the voxels by trilinear
 //! devoxelization and point-to-voxel averaging. Module names follow SPVNAS.
 
+use super::arch::{ArchKind, NetDesc, IN_CHANNELS};
 use super::checkpoint::Checkpoint;
-use super::layers::{BatchNorm, Linear};
-use super::minkunet::{channels, MinkUNet, IN_CHANNELS};
+use super::layers::Linear;
+use super::minkunet::MinkUNet;
 use super::points::{initial_voxelize, point_to_voxel, voxel_to_point, PointTensor};
 use crate::device::Engine;
 use crate::error::{Error, Result};
@@ -20,24 +21,18 @@ pub struct Spvcnn {
 }
 
 impl Spvcnn {
-    /// Load from a checkpoint, rejecting unknown tensors.
+    /// The uniform network of width factor `cr` from a checkpoint, rejecting unknown tensors.
     pub fn load(ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
-        let cs = channels(cr)?;
-        let body = MinkUNet::load_parts(ck, cr, num_classes)?;
-        let dims = [(cs[0], cs[4]), (cs[4], cs[6]), (cs[6], cs[8])];
-        let mut pts = Vec::new();
-        for (i, &(cin, cout)) in dims.iter().enumerate() {
-            let mut lin = Linear::load(ck, &format!("point_transforms.{i}.0"), cin, cout)?;
-            let (a, b) = BatchNorm::load(ck, &format!("point_transforms.{i}.1"), cout)?.affine();
-            for o in 0..cout {
-                for j in 0..cin {
-                    let w = &mut lin.weight[o * cin + j];
-                    *w = (*w as f64 * a[o]) as f32;
-                }
-                lin.bias[o] = (lin.bias[o] as f64 * a[o] + b[o]) as f32;
-            }
-            pts.push(lin);
+        Self::from_desc(ck, &NetDesc::uniform(ArchKind::Spvcnn, cr, num_classes)?)
+    }
+
+    /// The network `desc` (any per-layer widths) from a checkpoint, rejecting unknown tensors.
+    pub fn from_desc(ck: &Checkpoint, desc: &NetDesc) -> Result<Self> {
+        if desc.kind != ArchKind::Spvcnn || desc.point_transforms.len() != 3 {
+            return Err(Error::invalid("SPVCNN", "the description is not an SPVCNN with three point transforms"));
         }
+        let body = MinkUNet::load_parts(ck, desc)?;
+        let pts = desc.point_transforms.iter().map(|l| Linear::load(ck, l)).collect::<Result<Vec<_>>>()?;
         ck.finish()?;
         let point_transforms: [Linear; 3] =
             pts.try_into().map_err(|_| Error::invalid("SPVCNN", "expected three point transforms"))?;
@@ -77,7 +72,7 @@ impl Spvcnn {
         let mut z_cur = z0;
         let mut zi = 0;
         for ui in 0..b.ups.len() {
-            if ui == 0 || ui == 2 {
+            if MinkUNet::meets_points_before(ui) {
                 z_cur = z_cur.with_feats(self.point_update(e, zi, &h, &z_cur)?, h.channels())?;
                 zi += 1;
                 h = point_to_voxel(&h, &z_cur)?;

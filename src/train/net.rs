@@ -11,9 +11,8 @@ use crate::device::{ConvWeight, Engine};
 use crate::error::{Error, Result};
 use crate::io::tensors::Tensor;
 use crate::kmap::{KernelMap, KernelSpec};
+use crate::nn::arch::{ArchKind, BlockDesc, ConvDesc, LinearDesc, NetDesc, StageDesc, IN_CHANNELS, POINT_MEETINGS};
 use crate::nn::checkpoint::Checkpoint;
-use crate::nn::layers::kernel_shape;
-use crate::nn::minkunet::{channels, IN_CHANNELS};
 use crate::nn::points::{
     average_backward, point_to_voxel_at, point_voxels, voxel_to_point, voxel_to_point_backward, PointTensor,
 };
@@ -143,29 +142,19 @@ struct ConvBnTape {
 }
 
 impl ConvBn {
-    #[allow(clippy::too_many_arguments)]
-    fn load(
-        p: &mut Params,
-        ck: &Checkpoint,
-        conv: &str,
-        bn: &str,
-        spec: KernelSpec,
-        cin: usize,
-        cout: usize,
-        transposed: bool,
-        relu: bool,
-    ) -> Result<Self> {
+    fn load(p: &mut Params, ck: &Checkpoint, d: &ConvDesc) -> Result<Self> {
+        let (bn, cout) = (&d.bn, d.cout);
         Ok(Self {
-            kernel: p.take(ck, conv, &kernel_shape(spec, cin, cout), Role::Kernel)?,
+            kernel: p.take(ck, &d.kernel, &d.kernel_shape(), Role::Kernel)?,
             gamma: p.take(ck, &format!("{bn}.weight"), &[cout], Role::BnScale)?,
             beta: p.take(ck, &format!("{bn}.bias"), &[cout], Role::BnShift)?,
             mean: p.take(ck, &format!("{bn}.running_mean"), &[cout], Role::RunningStat)?,
             var: p.take(ck, &format!("{bn}.running_var"), &[cout], Role::RunningStat)?,
-            spec,
-            transposed,
-            cin,
+            spec: d.spec,
+            transposed: d.transposed,
+            cin: d.cin,
             cout,
-            relu,
+            relu: d.relu,
         })
     }
 
@@ -259,20 +248,12 @@ struct BlockTape {
 }
 
 impl Block {
-    fn load(p: &mut Params, ck: &Checkpoint, pre: &str, cin: usize, cout: usize) -> Result<Self> {
-        let k3 = KernelSpec::new(3, 1, 1)?;
-        let c1 =
-            ConvBn::load(p, ck, &format!("{pre}.net.0.kernel"), &format!("{pre}.net.1"), k3, cin, cout, false, true)?;
-        let c2 =
-            ConvBn::load(p, ck, &format!("{pre}.net.3.kernel"), &format!("{pre}.net.4"), k3, cout, cout, false, true)?;
-        let shortcut = if cin != cout {
-            let k1 = KernelSpec::new(1, 1, 1)?;
-            let (c, b) = (format!("{pre}.downsample.0.kernel"), format!("{pre}.downsample.1"));
-            Some(ConvBn::load(p, ck, &c, &b, k1, cin, cout, false, false)?)
-        } else {
-            None
-        };
-        Ok(Self { c1, c2, shortcut })
+    fn load(p: &mut Params, ck: &Checkpoint, d: &BlockDesc) -> Result<Self> {
+        Ok(Self {
+            c1: ConvBn::load(p, ck, &d.c1)?,
+            c2: ConvBn::load(p, ck, &d.c2)?,
+            shortcut: d.shortcut.as_ref().map(|s| ConvBn::load(p, ck, s)).transpose()?,
+        })
     }
 
     fn forward(&self, p: &mut Params, e: &Engine, x: &Arc<SparseTensor>) -> Result<(Arc<SparseTensor>, BlockTape)> {
@@ -371,8 +352,9 @@ struct PointMlpTape {
 }
 
 impl PointMlp {
-    fn load(p: &mut Params, ck: &Checkpoint, i: usize, cin: usize, cout: usize) -> Result<Self> {
-        let (l, n) = (format!("point_transforms.{i}.0"), format!("point_transforms.{i}.1"));
+    fn load(p: &mut Params, ck: &Checkpoint, d: &LinearDesc) -> Result<Self> {
+        let (l, cin, cout) = (&d.prefix, d.cin, d.cout);
+        let n = d.bn.as_deref().ok_or_else(|| Error::invalid("SPVCNN", "a point transform without BatchNorm"))?;
         Ok(Self {
             w: p.take(ck, &format!("{l}.weight"), &[cout, cin], Role::LinearWeight)?,
             b: p.take(ck, &format!("{l}.bias"), &[cout], Role::LinearBias)?,
@@ -459,8 +441,8 @@ pub struct Tape {
 pub struct TrainNet {
     /// Parameters and BatchNorm statistics under TorchSparse names.
     pub params: Params,
-    /// Width factor.
-    pub cr: f32,
+    /// The description it was built from (widths, shortcuts, tensor names).
+    pub desc: NetDesc,
     /// Output classes.
     pub num_classes: usize,
     stem: [ConvBn; 2],
@@ -480,64 +462,48 @@ impl TrainNet {
         Self::load_arch("minkunet", ck, cr, num_classes)
     }
 
-    /// `minkunet` or `spvcnn` from a checkpoint, rejecting tensors the architecture does not have.
+    /// `minkunet` or `spvcnn` from a checkpoint, rejecting tensors the architecture does not
+    /// have: with the checkpoint's own widths, or the uniform network of `cr` when the
+    /// checkpoint is synthetic ([`Checkpoint::fresh`]).
     pub fn load_arch(arch: &str, ck: &Checkpoint, cr: f32, num_classes: usize) -> Result<Self> {
-        let spvcnn = match arch {
-            "minkunet" => false,
-            "spvcnn" => true,
-            other => {
-                return Err(Error::invalid(
-                    "arch",
-                    format!("unknown architecture `{other}` (expected minkunet or spvcnn)"),
-                ))
-            }
-        };
-        let cs = channels(cr)?;
-        let (k3, k2s2) = (KernelSpec::new(3, 1, 1)?, KernelSpec::new(2, 2, 1)?);
+        Self::from_desc(ck, &NetDesc::for_checkpoint(ArchKind::parse(arch)?, ck, cr, num_classes)?)
+    }
+
+    /// The network `desc` (any per-layer widths) from a checkpoint.
+    pub fn from_desc(ck: &Checkpoint, desc: &NetDesc) -> Result<Self> {
+        desc.dataflow()?;
         let mut p = Params::default();
-        let stem = [
-            ConvBn::load(&mut p, ck, "stem.0.kernel", "stem.1", k3, IN_CHANNELS, cs[0], false, true)?,
-            ConvBn::load(&mut p, ck, "stem.3.kernel", "stem.4", k3, cs[0], cs[0], false, true)?,
-        ];
-        let mut stages = Vec::new();
-        for s in 0..4 {
-            let (cin, cout, pre) = (cs[s], cs[s + 1], format!("stage{}", s + 1));
-            let (c, b) = (format!("{pre}.0.net.0.kernel"), format!("{pre}.0.net.1"));
-            stages.push(Stage {
-                resample: ConvBn::load(&mut p, ck, &c, &b, k2s2, cin, cin, false, true)?,
-                blocks: [
-                    Block::load(&mut p, ck, &format!("{pre}.1"), cin, cout)?,
-                    Block::load(&mut p, ck, &format!("{pre}.2"), cout, cout)?,
-                ],
-            });
-        }
-        let mut ups = Vec::new();
-        for u in 0..4 {
-            let (cin, cout, skip, pre) = (cs[4 + u], cs[5 + u], cs[3 - u], format!("up{}", u + 1));
-            let (c, b) = (format!("{pre}.0.net.0.kernel"), format!("{pre}.0.net.1"));
-            ups.push(Stage {
-                resample: ConvBn::load(&mut p, ck, &c, &b, k2s2, cin, cout, true, true)?,
-                blocks: [
-                    Block::load(&mut p, ck, &format!("{pre}.1.0"), cout + skip, cout)?,
-                    Block::load(&mut p, ck, &format!("{pre}.1.1"), cout, cout)?,
-                ],
-            });
-        }
-        let head_w = p.take(ck, "classifier.0.weight", &[num_classes, cs[8]], Role::LinearWeight)?;
-        let head_b = p.take(ck, "classifier.0.bias", &[num_classes], Role::LinearBias)?;
-        let points = if spvcnn {
-            let dims = [(cs[0], cs[4]), (cs[4], cs[6]), (cs[6], cs[8])];
-            Some(
-                dims.iter()
-                    .enumerate()
-                    .map(|(i, &(cin, cout))| PointMlp::load(&mut p, ck, i, cin, cout))
-                    .collect::<Result<Vec<_>>>()?,
-            )
-        } else {
-            None
+        let stem = [ConvBn::load(&mut p, ck, &desc.stem[0])?, ConvBn::load(&mut p, ck, &desc.stem[1])?];
+        let stage = |p: &mut Params, st: &StageDesc| -> Result<Stage> {
+            Ok(Stage {
+                resample: ConvBn::load(p, ck, &st.resample)?,
+                blocks: [Block::load(p, ck, &st.blocks[0])?, Block::load(p, ck, &st.blocks[1])?],
+            })
+        };
+        let stages = desc.stages.iter().map(|st| stage(&mut p, st)).collect::<Result<Vec<_>>>()?;
+        let ups = desc.ups.iter().map(|st| stage(&mut p, st)).collect::<Result<Vec<_>>>()?;
+        let (c, classes) = (&desc.classifier, desc.num_classes);
+        let head_w = p.take(ck, &format!("{}.weight", c.prefix), &[classes, c.cin], Role::LinearWeight)?;
+        let head_b = p.take(ck, &format!("{}.bias", c.prefix), &[classes], Role::LinearBias)?;
+        let points = match desc.kind {
+            ArchKind::Spvcnn => {
+                Some(desc.point_transforms.iter().map(|l| PointMlp::load(&mut p, ck, l)).collect::<Result<Vec<_>>>()?)
+            }
+            ArchKind::MinkUNet => None,
         };
         ck.finish()?;
-        Ok(Self { params: p, cr, num_classes, stem, stages, ups, head_w, head_b, head_in: cs[8], points })
+        Ok(Self {
+            params: p,
+            desc: desc.clone(),
+            num_classes: classes,
+            stem,
+            stages,
+            ups,
+            head_w,
+            head_b,
+            head_in: c.cin,
+            points,
+        })
     }
 
     /// `minkunet` or `spvcnn`.
@@ -688,7 +654,7 @@ impl TrainNet {
         let mut up_tapes = Vec::new();
         for i in 0..self.ups.len() {
             // SPVCNN's branches meet after the encoder and after up2 (and after up4, below).
-            if i == 0 || i == 2 {
+            if POINT_MEETINGS.contains(&i) {
                 h = update(p, &h, &mut zf, false)?;
             }
             let skip = skips.pop().ok_or_else(|| Error::invalid("MinkUNet", "unbalanced skips"))?;
@@ -740,9 +706,9 @@ impl TrainNet {
             let (d, ds) = self.up_backward(i, p, &mut g, e, t, dh)?;
             dskips.push(ds);
             dh = d;
-            if let (Some(pt), true) = (&tape.points, i == 0 || i == 2) {
+            if let (Some(pt), true) = (&tape.points, POINT_MEETINGS.contains(&i)) {
                 // The up stage's input was the points averaged into `src`'s voxels.
-                let k = if i == 0 { 0 } else { 1 };
+                let k = POINT_MEETINGS.iter().position(|&m| m == i).ok_or_else(missing)?;
                 let u = &pt.updates[k];
                 let c = pt.updates[k].src.channels();
                 add_into(&mut dz, &average_backward(u.to_voxels.as_ref().ok_or_else(missing)?, &dh, c));

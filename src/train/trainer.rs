@@ -209,7 +209,7 @@ impl TrainConfig {
         if self.arch != "minkunet" && self.arch != "spvcnn" {
             return bad("arch", "expected `minkunet` or `spvcnn`");
         }
-        crate::nn::minkunet::channels(self.cr)?;
+        crate::nn::arch::channels(self.cr)?;
         if self.data.is_empty() {
             return bad("data", "no training data given");
         }
@@ -583,7 +583,7 @@ impl Trainer {
     /// Metadata of checkpoints and exported models.
     pub fn metadata(&self) -> HashMap<String, String> {
         let (_, total) = self.steps();
-        HashMap::from([
+        let mut m = HashMap::from([
             ("arch".into(), self.config.arch.clone()),
             ("cr".into(), self.config.cr.to_string()),
             ("classes".into(), NUM_CLASSES.to_string()),
@@ -592,7 +592,13 @@ impl Trainer {
             ("step".into(), self.step.to_string()),
             ("total_steps".into(), total.to_string()),
             ("train_config".into(), self.config.to_yaml()),
-        ])
+        ]);
+        // A network of other widths than the uniform one (a pruned network) says so; its
+        // widths themselves are the tensors' shapes.
+        if self.net.desc.uniform_cr().is_none() {
+            m.insert("widths".into(), self.net.desc.widths_summary());
+        }
+        m
     }
 
     /// Save weights, optimizer state, masks and the rewind point (f32) so the run can resume.
