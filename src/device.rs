@@ -75,6 +75,8 @@ pub struct ConvWeight {
     pub cout: usize,
     bias: Option<Vec<f32>>,
     on_device: Mutex<Option<Arc<DeviceWeight>>>,
+    /// Offsets whose `[Cin, Cout]` slice is all zero (pruned offsets): found on first use.
+    zero_offsets: std::sync::OnceLock<Vec<bool>>,
 }
 
 /// A [`ConvWeight`]'s values on one GPU context, in one storage precision.
@@ -96,6 +98,7 @@ impl Clone for ConvWeight {
             cout: self.cout,
             bias: self.bias.clone(),
             on_device: Mutex::new(on_device),
+            zero_offsets: self.zero_offsets.clone(),
         }
     }
 }
@@ -114,7 +117,17 @@ impl ConvWeight {
                 return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
             }
         }
-        Ok(Self { kernel, volume, cin, cout, bias, on_device: Mutex::new(None) })
+        Ok(Self { kernel, volume, cin, cout, bias, on_device: Mutex::new(None), zero_offsets: Default::default() })
+    }
+
+    /// Per offset: whether its `[Cin, Cout]` slice is all zero. The CPU conv skips those
+    /// offsets' pairs (an offset-pruned layer runs only its kept offsets); the products it
+    /// skips are exact zeros, so the result is the same.
+    pub fn zero_offsets(&self) -> &[bool] {
+        self.zero_offsets.get_or_init(|| {
+            let per = (self.cin * self.cout).max(1);
+            self.kernel.chunks(per).map(|k| k.iter().all(|&v| v == 0.0)).collect()
+        })
     }
 
     /// The kernel, row-major `[K, Cin, Cout]`.
@@ -130,6 +143,7 @@ impl ConvWeight {
     /// The kernel for editing in place (its length must stay `K·Cin·Cout`); drops any device copy.
     pub fn kernel_mut(&mut self) -> &mut [f32] {
         *self.on_device.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+        self.zero_offsets = Default::default();
         &mut self.kernel
     }
 
@@ -204,7 +218,8 @@ pub struct LayerTrace {
     pub n_in: usize,
     /// Output rows.
     pub n_out: usize,
-    /// Map pairs.
+    /// Map pairs the conv ran (those of kept offsets only, for an offset-pruned layer on the
+    /// CPU).
     pub pairs: usize,
     /// Input channels.
     pub cin: usize,
@@ -473,6 +488,9 @@ impl Engine {
         let (out, plan) = match &self.device {
             Device::Cpu => {
                 let plan = self.plan_for(map, x.feats(), w)?;
+                // Offset-pruned layers: the zero offsets' pairs are never gathered or multiplied.
+                let zero = w.zero_offsets();
+                let plan = if zero.iter().any(|&z| z) { plan.skipping(map, zero) } else { plan };
                 let epi = cpu::conv::Epilogue { bias: w.bias(), residual: residual.map(|r| r.feats()), relu };
                 let y = cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, w.kernel(), w.cout, epi)?;
                 (SparseTensor::new(map.out_coords.clone(), y, w.cout)?, plan)
@@ -493,7 +511,7 @@ impl Engine {
                 spec: map.spec,
                 n_in: map.n_in(),
                 n_out: map.n_out(),
-                pairs: map.total_pairs(),
+                pairs: if plan.groups.is_empty() { map.total_pairs() } else { plan.pairs(map) },
                 cin: w.cin,
                 cout: w.cout,
                 plan: plan.label(),

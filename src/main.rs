@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod cli;
+
 // Large feature buffers are allocated and freed every layer; glibc returns them to the OS
 // (munmap), and on a multi-threaded process every munmap costs TLB-shootdown interrupts on
 // all cores. mimalloc keeps and reuses them.
@@ -128,7 +130,17 @@ enum Cmd {
         /// Also print every conv layer's median time and GFLOP/s.
         #[arg(long)]
         layers: bool,
+        /// A second model timed in alternating rounds with --model (same scans, threads and
+        /// runs); prints both and the speed ratio per round.
+        #[arg(long, requires = "model")]
+        baseline: Option<PathBuf>,
+        /// Alternating rounds with --baseline.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
+    /// Prune a model: list its channel dependency groups, or remove channels and write a
+    /// smaller model, printing per conv the shapes, parameters, FLOPs and measured times.
+    Prune(cli::prune::PruneArgs),
     /// Segment the bundled SemanticKITTI scan with the bundled model: class counts, IoU against
     /// the bundled labels, time taken, and a rerun recording (with the `rerun` feature).
     Demo {
@@ -274,9 +286,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Segment(args) => cmd_segment(args),
         Cmd::Eval { preds, model, labels, yaml } => cmd_eval(&preds, model, &labels, yaml),
-        Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers } => {
+        Cmd::Bench { scans, model, baseline: Some(base), rounds, warmup, runs, device, .. } => {
+            cmd_bench_baseline(&scans, model, &base, &device, warmup, runs, rounds)
+        }
+        Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers, .. } => {
             cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json, layers)
         }
+        Cmd::Prune(args) => cli::prune::run(args, &bundled("data/semantickitti/sequences/00/velodyne/000000.bin")),
         Cmd::Demo { rerun } => cmd_demo(rerun),
         Cmd::Train { config, out, resume, init, data, epochs, max_steps, export, half } => {
             cmd_train(config, &out, resume, init, data, epochs, max_steps, export, half)
@@ -953,6 +969,59 @@ fn cmd_bench(
             }
         }
     }
+    Ok(())
+}
+
+/// `bench --model M --baseline B`: both models in alternating rounds, the speed ratio per round.
+fn cmd_bench_baseline(
+    scans: &[PathBuf],
+    model: Option<PathBuf>,
+    baseline: &Path,
+    device: &str,
+    warmup: usize,
+    runs: usize,
+    rounds: usize,
+) -> Result<()> {
+    use cli::rounds::{alternate, median};
+    let model = model.ok_or_else(|| Error::invalid("--baseline", "needs --model"))?;
+    if scans.is_empty() {
+        return Err(Error::invalid("bench", "give at least one scan"));
+    }
+    if runs == 0 || rounds == 0 {
+        return Err(Error::invalid("--runs/--rounds", "must be at least 1"));
+    }
+    let device = check_device(device)?;
+    let (m, _) = pipeline::Model::load(&model, None, None)?;
+    let (b, _) = pipeline::Model::load(baseline, None, None)?;
+    let (em, eb) = (
+        new_engine(device.clone(), device.map_builder(), Grouping::Auto)?,
+        new_engine(device.clone(), device.map_builder(), Grouping::Auto)?,
+    );
+    let r = alternate(scans, &[(&eb, &b), (&em, &m)], warmup.max(1), runs, rounds, false)?;
+    let threads = rayon::current_num_threads();
+    println!(
+        "{} scans x {runs} runs x {rounds} alternating rounds, {threads} CPU threads, device {}",
+        scans.len(),
+        if device == Device::Cpu { "cpu" } else { "gpu" }
+    );
+    for (name, path, d, x) in [("baseline", baseline, b.desc(), &r[0]), ("model", model.as_path(), m.desc(), &r[1])] {
+        let rounds: Vec<String> = x.round_medians.iter().map(|v| format!("{:.1}", v * 1e3)).collect();
+        println!(
+            "{name:<9} {} ({} widths {}): median {:.1} ms; per round {} ms",
+            path.display(),
+            d.kind.name(),
+            d.widths_summary(),
+            median(&x.totals) * 1e3,
+            rounds.join(" ")
+        );
+    }
+    let ratios: Vec<String> =
+        r[0].round_medians.iter().zip(&r[1].round_medians).map(|(b, m)| format!("{:.2}x", b / m)).collect();
+    println!(
+        "speed-up of model over baseline: {:.2}x (per round {})",
+        median(&r[0].totals) / median(&r[1].totals),
+        ratios.join(" ")
+    );
     Ok(())
 }
 

@@ -123,6 +123,22 @@ impl Plan {
         Plan { groups, params: None, output_tiled: true }
     }
 
+    /// The same plan without the offsets `skip` marks (pruned offsets): their groups lose them,
+    /// empty groups go, padding shrinks to the largest kept map of each group.
+    pub fn skipping(mut self, map: &KernelMap, skip: &[bool]) -> Plan {
+        for g in &mut self.groups {
+            g.offsets.retain(|&k| !skip.get(k).copied().unwrap_or(false));
+            g.padded_rows = g.offsets.iter().map(|&k| map.size(k)).max().unwrap_or(0);
+        }
+        self.groups.retain(|g| !g.offsets.is_empty());
+        self
+    }
+
+    /// Map pairs the plan's groups run (without padding).
+    pub fn pairs(&self, map: &KernelMap) -> usize {
+        self.groups.iter().flat_map(|g| &g.offsets).map(|&k| map.size(k)).sum()
+    }
+
     /// Short description: `ungrouped`, `output-tiled`, or the grouping parameters and group count.
     pub fn label(&self) -> String {
         match (self.output_tiled, self.params) {

@@ -382,3 +382,43 @@ fn edited_weights_are_not_hidden_by_the_device_copy() {
         }
     }
 }
+
+#[test]
+fn channel_and_offset_pruned_models_run_on_the_gpu() {
+    use sparseconv::nn::arch::{ArchKind, NetDesc};
+    use sparseconv::nn::checkpoint::Checkpoint;
+    use sparseconv::pipeline::Model;
+    use sparseconv::prune::channel::{ChannelOptions, Selection};
+    use sparseconv::prune::importance::Criterion;
+    use sparseconv::prune::prune_channels;
+    use sparseconv::{Device, Grouping};
+    let Some(_) = gpu() else { return };
+    let vox = real_scan().tensor;
+    let (mut coords, mut feats) = (Vec::new(), Vec::new());
+    for (i, c) in vox.coords().iter().enumerate() {
+        if (60..130).contains(&c[1]) && (-60..40).contains(&c[2]) {
+            coords.push(*c);
+            feats.extend_from_slice(&vox.feats()[i * 4..(i + 1) * 4]);
+        }
+    }
+    let x = sparseconv::SparseTensor::from_parts(coords, feats, 4).unwrap();
+    for kind in [ArchKind::MinkUNet, ArchKind::Spvcnn] {
+        let synth = Checkpoint::random(8);
+        Model::from_desc(&synth, &NetDesc::uniform(kind, 0.5, 19).unwrap()).unwrap();
+        let ck = Checkpoint::from_tensors("<synthetic>", synth.synthesized(), Default::default());
+        // Round-to 1: widths like 13 and 37, the GPU kernels' odd-width paths.
+        let o = ChannelOptions { ratio: 0.3, selection: Selection::Global, round_to: 1, min_width: 1 };
+        let p = prune_channels(&ck, kind, Criterion::Random, &o, &[], 4).unwrap();
+        let model = Model::from_desc(&p.checkpoint(), &p.after).unwrap();
+        let cpu = model.forward(&Engine::default(), &x).unwrap();
+        let e = Engine::new(Device::gpu().unwrap(), MapBuilder::Sort, Grouping::Heuristic);
+        let err = rel_err(&model.forward(&e, &x).unwrap(), &cpu);
+        assert!(err < 1e-3, "gpu/{}: pruned {} logits: relative error {err:e}", kind.name(), p.after.widths_summary());
+        // Offset-pruned: the CPU skips the zero offsets' pairs, the GPU runs them with zeros.
+        let p = sparseconv::prune::prune_offsets(&ck, kind, 0.4, Selection::Local).unwrap();
+        let model = Model::from_desc(&p.checkpoint(), &p.after).unwrap();
+        let cpu = model.forward(&Engine::default(), &x).unwrap();
+        let err = rel_err(&model.forward(&e, &x).unwrap(), &cpu);
+        assert!(err < 1e-3, "gpu/{}: offset-pruned logits: relative error {err:e}", kind.name());
+    }
+}

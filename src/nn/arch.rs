@@ -245,6 +245,7 @@ impl NetDesc {
     /// from the presence of its `downsample` kernel. The widths must chain (checked here, with
     /// a message naming the layer); the caller still loads the tensors by name and shape.
     pub fn from_checkpoint(kind: ArchKind, ck: &Checkpoint, num_classes: usize) -> Result<Self> {
+        ck.check_kept_offsets()?;
         let mut d = Self::uniform(kind, 1.0, num_classes)?;
         let file = ck.path().to_path_buf();
         let shape_of = |name: &str, rank: usize| -> Result<Vec<usize>> {

@@ -12,6 +12,10 @@ use crate::io::tensors::{write, OutTensor, Tensor, TensorFile};
 /// that inference ignores.
 pub const TRAINING_PREFIXES: [&str; 3] = ["optim.", "mask.", "rewind."];
 
+/// Metadata key prefix listing an offset-pruned conv's kept offsets
+/// (`kept_offsets.{kernel}` = `0,4,13`); the other offsets' slices must be zero.
+pub const KEPT_OFFSETS: &str = "kept_offsets.";
+
 /// State of a random checkpoint: the seed counter and what it has invented.
 type Synth = (u64, BTreeMap<String, Tensor<f32>>);
 
@@ -163,6 +167,33 @@ impl Checkpoint {
                         t.shape
                     ),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the metadata's kept-offset lists against the tensors: every listed conv exists,
+    /// its offsets are in range, and every offset not listed is all zero.
+    pub fn check_kept_offsets(&self) -> Result<()> {
+        for (key, list) in &self.metadata {
+            let Some(name) = key.strip_prefix(KEPT_OFFSETS) else { continue };
+            let bad = |msg: String| Error::format(&self.path, format!("metadata `{key}`: {msg}"));
+            let t = self.tensors.get(name).ok_or_else(|| bad(format!("no tensor `{name}`")))?;
+            if t.shape.len() != 3 {
+                return Err(bad(format!("`{name}` has shape {:?}, not [K, Cin, Cout]", t.shape)));
+            }
+            let mut keep = vec![false; t.shape[0]];
+            for v in list.split(',').filter(|v| !v.is_empty()) {
+                match v.trim().parse::<usize>() {
+                    Ok(k) if k < keep.len() => keep[k] = true,
+                    _ => return Err(bad(format!("`{v}` is not an offset of a {}-offset kernel", keep.len()))),
+                }
+            }
+            let per = t.shape[1] * t.shape[2];
+            if let Some(k) =
+                (0..keep.len()).find(|&k| !keep[k] && t.data[k * per..(k + 1) * per].iter().any(|&v| v != 0.0))
+            {
+                return Err(bad(format!("offset {k} is not listed as kept but its weights are not zero")));
             }
         }
         Ok(())

@@ -5,6 +5,7 @@
 //! - [`importance`]: per-channel scores (L1, L2, BatchNorm γ, first-order Taylor, random).
 //! - [`channel`]: which channels each group keeps, the physically smaller network, and the
 //!   masked full-width reference it must equal.
+//! - [`offset`]: whole kernel offsets removed per conv; the CPU conv skips their pairs.
 //!
 //! A pruned network is a checkpoint with narrower tensors under the same names; its widths are
 //! read back from the shapes, so `segment`, `eval`, `bench`, `train` and the library load it
@@ -23,6 +24,7 @@
 pub mod channel;
 pub mod groups;
 pub mod importance;
+pub mod offset;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -34,6 +36,7 @@ use crate::nn::checkpoint::{save, Checkpoint};
 use channel::{ChannelOptions, ChannelPlan, Selection};
 use groups::Group;
 use importance::Criterion;
+use offset::OffsetPlan;
 
 /// Metadata keys a pruned file carries over from its source.
 const KEPT_METADATA: [&str; 4] = ["arch", "cr", "classes", "voxel_size"];
@@ -47,8 +50,10 @@ pub struct Pruned {
     pub after: NetDesc,
     /// The dependency groups of `before`.
     pub groups: Vec<Group>,
-    /// Channels kept per group.
+    /// Channels kept per group (all of them for offset pruning).
     pub plan: ChannelPlan,
+    /// Offsets kept per conv (empty for channel pruning).
+    pub offsets: OffsetPlan,
     /// The pruned tensors.
     pub tensors: BTreeMap<String, Tensor<f32>>,
     /// Metadata for the pruned file.
@@ -89,13 +94,7 @@ pub fn prune_channels(
     let scores = importance::scores(&groups, ck.tensors(), criterion, grads.as_ref(), seed)?;
     let plan = channel::select(&groups, &scores, opts)?;
     let tensors = channel::apply(&groups, &plan, ck.tensors())?;
-    let mut metadata: HashMap<String, String> = ck
-        .metadata()
-        .iter()
-        .filter(|(k, _)| KEPT_METADATA.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    metadata.entry("arch".into()).or_insert_with(|| kind.name().to_string());
+    let mut metadata = carried_metadata(ck, kind);
     let check = Checkpoint::from_tensors("<pruned>", tensors.clone(), HashMap::new());
     let after = NetDesc::from_checkpoint(kind, &check, classes)?;
     let how = format!(
@@ -108,7 +107,42 @@ pub fn prune_channels(
     );
     metadata.insert("pruned".into(), how);
     metadata.insert("widths".into(), after.widths_summary());
-    Ok(Pruned { before, after, groups, plan, tensors, metadata })
+    Ok(Pruned { before, after, groups, plan, offsets: OffsetPlan::new(), tensors, metadata })
+}
+
+/// Offset-prune the network in `ck`: remove `ratio` of every conv's kernel offsets (or of all
+/// offsets, with `Global`) by L1 magnitude, zeroing them and listing the kept ones.
+pub fn prune_offsets(ck: &Checkpoint, kind: ArchKind, ratio: f64, selection: Selection) -> Result<Pruned> {
+    let classes = ck.metadata().get("classes").and_then(|v| v.parse().ok()).unwrap_or(crate::io::kitti::NUM_CLASSES);
+    let before = NetDesc::from_checkpoint(kind, ck, classes)?;
+    let groups = groups::groups(&before)?;
+    let plan = ChannelPlan { keep: groups.iter().map(|g| (0..g.width).collect()).collect() };
+    let offsets = offset::select(&before, ck.tensors(), ratio, selection)?;
+    let (tensors, listed) = offset::apply(&offsets, ck.tensors())?;
+    let mut metadata = carried_metadata(ck, kind);
+    metadata.extend(listed);
+    let kept: usize = offsets.values().map(Vec::len).sum();
+    let total: usize = before.convs().iter().filter(|c| c.spec.volume() > 1).map(|c| c.spec.volume()).sum();
+    metadata.insert(
+        "pruned".into(),
+        format!(
+            "offset l1 {} ratio {ratio}: {kept} of {total} offsets kept",
+            if selection == Selection::Global { "global" } else { "local" }
+        ),
+    );
+    Ok(Pruned { after: before.clone(), before, groups, plan, offsets, tensors, metadata })
+}
+
+/// The source's architecture metadata, for a pruned file.
+fn carried_metadata(ck: &Checkpoint, kind: ArchKind) -> HashMap<String, String> {
+    let mut m: HashMap<String, String> = ck
+        .metadata()
+        .iter()
+        .filter(|(k, _)| KEPT_METADATA.contains(&k.as_str()) || k.starts_with(offset::KEPT_OFFSETS))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    m.entry("arch".into()).or_insert_with(|| kind.name().to_string());
+    m
 }
 
 fn criterion_name(c: Criterion) -> &'static str {

@@ -1,0 +1,209 @@
+//! `sparseconv prune`: list a model's channel dependency groups, or prune it and print, per
+//! conv, the shape, parameters and FLOPs on a scan before and after, with both models timed
+//! in alternating rounds in the same run.
+
+use std::path::{Path, PathBuf};
+
+use sparseconv::bench::conv_flops;
+use sparseconv::nn::arch::{ArchKind, NetDesc};
+use sparseconv::nn::checkpoint::Checkpoint;
+use sparseconv::pipeline::Model;
+use sparseconv::prune::channel::{ChannelOptions, Selection};
+use sparseconv::prune::groups::groups;
+use sparseconv::prune::importance::Criterion;
+use sparseconv::prune::{prune_channels, prune_offsets};
+use sparseconv::{Device, Engine, Error, Grouping, Result};
+
+use super::rounds::{alternate, median};
+
+/// `prune`'s arguments.
+#[derive(clap::Args)]
+pub struct PruneArgs {
+    /// Weights to prune (safetensors; any per-layer widths).
+    pub model: PathBuf,
+    /// Print the channel dependency groups and exit.
+    #[arg(long)]
+    pub list_groups: bool,
+    /// What to remove: `channel` (whole channels of a dependency group) or `offset` (whole
+    /// kernel offsets of a conv, by L1 magnitude).
+    #[arg(long, default_value = "channel")]
+    pub granularity: String,
+    /// Channel importance: l1, l2, bn (BatchNorm γ), taylor (needs --data), random.
+    #[arg(long, default_value = "l1")]
+    pub criterion: String,
+    /// Fraction of channels to remove, in [0, 1).
+    #[arg(long)]
+    pub ratio: Option<f64>,
+    /// One threshold over all groups (scores normalized per group) instead of the same ratio
+    /// in every group.
+    #[arg(long)]
+    pub global: bool,
+    /// Kept widths are multiples of this (16: what the AVX-512 microkernel wants).
+    #[arg(long, default_value_t = 16)]
+    pub round_to: usize,
+    /// No group keeps fewer channels.
+    #[arg(long, default_value_t = 8)]
+    pub min_width: usize,
+    /// Labelled scans for --criterion taylor (SemanticKITTI roots or points_*.npy).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Seed of --criterion random.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Architecture (default: the file's metadata, else minkunet).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Where to write the pruned weights.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Scan the report counts FLOPs and times on (default: the bundled SemanticKITTI scan).
+    #[arg(long)]
+    pub scan: Option<PathBuf>,
+    /// Timed runs per model per round (0: no timing).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Alternating rounds.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+}
+
+fn arch_of(ck: &Checkpoint, flag: Option<&str>) -> Result<ArchKind> {
+    match (flag, ck.metadata().get("arch")) {
+        (Some(a), Some(m)) if a != m => {
+            Err(Error::format(ck.path(), format!("holds a `{m}` model but --arch {a} was given")))
+        }
+        (Some(a), _) => ArchKind::parse(a),
+        (None, Some(m)) => ArchKind::parse(m),
+        (None, None) => Ok(ArchKind::MinkUNet),
+    }
+}
+
+/// Run the command; `default_scan` is the bundled scan.
+pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
+    let ck = Checkpoint::load(&a.model)?;
+    let kind = arch_of(&ck, a.arch.as_deref())?;
+    let classes = sparseconv::io::kitti::NUM_CLASSES;
+    if a.list_groups {
+        let desc = NetDesc::from_checkpoint(kind, &ck, classes)?;
+        return list_groups(&desc);
+    }
+    let criterion: Criterion = a.criterion.parse()?;
+    let ratio = a.ratio.ok_or_else(|| Error::invalid("--ratio", "give the fraction to remove"))?;
+    let selection = if a.global { Selection::Global } else { Selection::Local };
+    let opts = ChannelOptions { ratio, selection, round_to: a.round_to, min_width: a.min_width };
+    opts.validate()?;
+    if a.out.is_none() {
+        return Err(Error::invalid("--out", "give the file to write the pruned weights to"));
+    }
+    let pruned = match a.granularity.as_str() {
+        "channel" => prune_channels(&ck, kind, criterion, &opts, &a.data, a.seed)?,
+        "offset" if criterion == Criterion::L1 => prune_offsets(&ck, kind, ratio, selection)?,
+        "offset" => {
+            return Err(Error::invalid("--criterion", "offset pruning ranks offsets by l1 magnitude only"));
+        }
+        other => {
+            return Err(Error::invalid(
+                "--granularity",
+                format!("expected channel or offset, got `{other}` (element, block and N:M are not built yet)"),
+            ))
+        }
+    };
+    let before = Model::from_desc(&ck, &pruned.before)?;
+    let after = Model::from_desc(&pruned.checkpoint(), &pruned.after)?;
+    let scan = a.scan.clone().unwrap_or_else(|| default_scan.to_path_buf());
+    let threads = rayon::current_num_threads();
+    println!(
+        "{} widths {} -> {} ({} groups, {} prunable); parameters {} -> {}",
+        kind.name(),
+        pruned.before.widths_summary(),
+        pruned.after.widths_summary(),
+        pruned.groups.len(),
+        pruned.groups.iter().filter(|g| g.prunable).count(),
+        pruned.before.parameters(),
+        pruned.after.parameters()
+    );
+    if let Some(how) = pruned.metadata.get("pruned") {
+        println!("pruned: {how}");
+    }
+    let (eb, ea) = (engine(), engine());
+    let runs = a.runs.max(1);
+    let rounds = if a.runs == 0 { 1 } else { a.rounds.max(1) };
+    let m = alternate(std::slice::from_ref(&scan), &[(&eb, &before), (&ea, &after)], 1, runs, rounds, true)?;
+    println!("{:<4} {:<26} {:>18} {:>17} {:>17} {:>15}", "#", "conv", "Cin x Cout", "params", "MFLOP on scan", "ms");
+    let convs_b = pruned.before.convs();
+    let convs_a = pruned.after.convs();
+    let (mut fb, mut fa) = (0.0, 0.0);
+    for (i, ((lb, tb), (la, ta))) in m[0].layers.iter().zip(&m[1].layers).enumerate() {
+        let (cb, ca) = (convs_b.get(i), convs_a.get(i));
+        let name = cb.map_or("?".to_string(), |c| c.kernel.trim_end_matches(".kernel").to_string());
+        let vol = cb.map_or(1, |c| c.spec.volume());
+        let kept = cb.and_then(|c| pruned.offsets.get(&c.kernel)).map_or(vol, Vec::len);
+        let params = |c: Option<&&sparseconv::nn::arch::ConvDesc>, k: usize| {
+            c.map_or(0, |c| c.kernel_shape().iter().product::<usize>() / c.spec.volume() * k)
+        };
+        let (flb, fla) = (conv_flops(lb.pairs, lb.cin, lb.cout), conv_flops(la.pairs, la.cin, la.cout));
+        fb += flb;
+        fa += fla;
+        println!(
+            "{:<4} {:<24} {:>17} {:>8} {:>17} {:>17} {:>15} {:>15}",
+            i + 1,
+            name,
+            format!("{}x{} -> {}x{}", lb.cin, lb.cout, la.cin, la.cout),
+            format!("{kept}/{vol}"),
+            format!("{} -> {}", params(cb, vol), params(ca, kept)),
+            format!("{} -> {}", lb.pairs, la.pairs),
+            format!("{:.0} -> {:.0}", flb / 1e6, fla / 1e6),
+            if a.runs == 0 { "-".to_string() } else { format!("{:.2} -> {:.2}", median(tb) * 1e3, median(ta) * 1e3) }
+        );
+    }
+    if a.runs > 0 {
+        let ratios: Vec<String> =
+            m[0].round_medians.iter().zip(&m[1].round_medians).map(|(b, a)| format!("{:.2}x", b / a)).collect();
+        println!(
+            "end to end on {} ({threads} threads, {runs} runs x {rounds} alternating rounds): {:.1} ms -> {:.1} ms, speed-up per round {}; conv FLOPs ratio {:.2}x",
+            scan.display(),
+            median(&m[0].totals) * 1e3,
+            median(&m[1].totals) * 1e3,
+            ratios.join(" "),
+            fb / fa.max(1.0)
+        );
+    }
+    if let Some(out) = &a.out {
+        pruned.save(out)?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn engine() -> Engine {
+    let d = Device::Cpu;
+    let b = d.map_builder();
+    Engine::new(d, b, Grouping::Auto)
+}
+
+fn list_groups(desc: &NetDesc) -> Result<()> {
+    let gs = groups(desc)?;
+    println!(
+        "{} channel dependency groups of {} (widths {}), {} prunable",
+        gs.len(),
+        desc.kind.name(),
+        desc.widths_summary(),
+        gs.iter().filter(|g| g.prunable).count()
+    );
+    for g in &gs {
+        let producers: Vec<String> = g.producers().map(|s| s.tensor.clone()).collect();
+        let consumers: Vec<String> = g
+            .consumers()
+            .map(|s| if s.offset > 0 { format!("{}[+{}]", s.tensor, s.offset) } else { s.tensor.clone() })
+            .collect();
+        println!(
+            "group {:>2}: {:>3} channels{}\n  written by {}\n  read by    {}",
+            g.id,
+            g.width,
+            if g.prunable { "" } else { " (fixed: network input or logits)" },
+            if producers.is_empty() { "-".to_string() } else { producers.join(", ") },
+            if consumers.is_empty() { "-".to_string() } else { consumers.join(", ") }
+        );
+    }
+    Ok(())
+}

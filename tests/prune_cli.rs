@@ -1,0 +1,163 @@
+//! `sparseconv prune` end to end: groups listed, a pruned file written that `segment`, `bench
+//! --baseline` and `train --init` take like any model, and one line with exit 2 for bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use sparseconv::nn::checkpoint::Checkpoint;
+use sparseconv::pipeline::Model;
+
+const MODEL: &str = "data/models/minkunet_cr0.5.safetensors";
+const TINY: &str = "data/tiny/sequences/00/velodyne/000000.bin";
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sparseconv-prune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    dir.join(name)
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_sparseconv")).args(args).output().expect("run");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().expect("utf8").to_string()
+}
+
+#[test]
+fn list_groups_prints_every_group_with_its_layers() {
+    let (code, out, err) = run(&["prune", &s(&repo(MODEL)), "--list-groups"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("35 channel dependency groups of minkunet"), "{out}");
+    // The stem output is read by stage 1 and, as the last skip, after up4's 48 channels.
+    assert!(out.contains("up4.1.0.net.0.kernel[+48]"), "{out}");
+    assert!(out.contains("(fixed: network input or logits)"), "{out}");
+}
+
+#[test]
+fn a_pruned_model_segments_benches_and_trains() {
+    let pruned = tmp("p50.safetensors");
+    let (code, out, err) = run(&[
+        "--threads",
+        "2",
+        "prune",
+        &s(&repo(MODEL)),
+        "--ratio",
+        "0.5",
+        "--scan",
+        &s(&repo(TINY)),
+        "--runs",
+        "1",
+        "--rounds",
+        "1",
+        "--out",
+        &s(&pruned),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("16/16/32/64/128/128/64/48/48 -> 16/16/16/32/64/64/32/32/32"), "{out}");
+    assert!(out.contains("up1.1.0.net.0") && out.contains("192x128 -> 96x64"), "{out}");
+    assert!(out.contains("speed-up per round") && out.contains("conv FLOPs ratio"), "{out}");
+    let ck = Checkpoint::load(&pruned).expect("pruned file");
+    assert!(ck.metadata().get("pruned").is_some_and(|v| v.contains("channel l1 local ratio 0.5")));
+    let (m, _) = Model::load(&pruned, None, None).expect("loads as a model");
+    assert_eq!(m.desc().widths_summary(), "16/16/16/32/64/64/32/32/32");
+
+    let (code, out, err) = run(&["segment", &s(&repo(TINY)), "--model", &s(&pruned)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("voxels"), "{out}");
+    let (code, out, err) = run(&[
+        "bench",
+        &s(&repo(TINY)),
+        "--model",
+        &s(&pruned),
+        "--baseline",
+        &s(&repo(MODEL)),
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--rounds",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("speed-up of model over baseline") && out.contains("16/16/16/32"), "{out}");
+
+    let dir = tmp("train");
+    let export = tmp("trained.safetensors");
+    let (code, _, err) = run(&[
+        "train",
+        "--init",
+        &s(&pruned),
+        "--data",
+        &s(&repo("data/semantickitti")),
+        "--max-steps",
+        "1",
+        "--out",
+        &s(&dir),
+        "--export",
+        &s(&export),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (m, _) = Model::load(&export, None, None).expect("trained pruned model loads");
+    assert_eq!(m.desc().widths_summary(), "16/16/16/32/64/64/32/32/32", "training keeps the pruned structure");
+}
+
+#[test]
+fn an_offset_pruned_model_lists_its_offsets_and_segments() {
+    let pruned = tmp("o30.safetensors");
+    let (code, out, err) = run(&[
+        "prune",
+        &s(&repo(MODEL)),
+        "--granularity",
+        "offset",
+        "--ratio",
+        "0.3",
+        "--scan",
+        &s(&repo(TINY)),
+        "--runs",
+        "0",
+        "--out",
+        &s(&pruned),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("offsets kept") && out.contains("19/27"), "{out}");
+    let ck = Checkpoint::load(&pruned).expect("pruned file");
+    assert!(ck.metadata().get("kept_offsets.stem.0.kernel").is_some_and(|v| v.split(',').count() == 19));
+    assert!(ck.get("mask.stem.0.kernel").is_some(), "training holds the removed offsets at zero");
+    let (code, _, err) = run(&["segment", &s(&repo(TINY)), "--model", &s(&pruned)]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn bad_prune_input_exits_2_with_one_line() {
+    let model = s(&repo(MODEL));
+    let out = s(&tmp("never.safetensors"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["prune", &model, "--ratio", "1.0", "--out", &out], "[0, 1)"),
+        (vec!["prune", &model, "--ratio=-0.2", "--out", &out], "[0, 1)"),
+        (vec!["prune", &model, "--ratio", "0.5"], "--out"),
+        (vec!["prune", &model, "--out", &out], "--ratio"),
+        (vec!["prune", &model, "--ratio", "0.5", "--criterion", "size", "--out", &out], "--criterion"),
+        (vec!["prune", &model, "--ratio", "0.5", "--granularity", "voxel", "--out", &out], "--granularity"),
+        (vec!["prune", &model, "--ratio", "0.5", "--round-to", "0", "--out", &out], "--round-to"),
+        (vec!["prune", &model, "--ratio", "0.5", "--granularity", "offset", "--criterion", "bn", "--out", &out], "l1"),
+        (vec!["prune", &model, "--ratio", "0.5", "--criterion", "taylor", "--out", &out], "labelled scans"),
+        (vec!["prune", "/nonexistent.safetensors", "--list-groups"], "nonexistent"),
+        (vec!["prune", &model, "--arch", "spvcnn", "--list-groups"], "minkunet"),
+    ];
+    for (args, needle) in cases {
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    assert!(!Path::new(&out).exists(), "a failed prune writes nothing");
+}
