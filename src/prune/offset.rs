@@ -18,6 +18,9 @@ pub use crate::nn::checkpoint::KEPT_OFFSETS;
 /// Offsets kept per conv with more than one offset, by kernel tensor name.
 pub type OffsetPlan = BTreeMap<String, Vec<usize>>;
 
+/// Named tensors.
+pub type Tensors = BTreeMap<String, Tensor<f32>>;
+
 /// L1 magnitude of each offset's `[Cin, Cout]` slice.
 fn slice_l1(t: &Tensor<f32>) -> Vec<f64> {
     let per = t.shape[1..].iter().product::<usize>().max(1);
@@ -32,7 +35,7 @@ pub fn select(
     ratio: f64,
     selection: Selection,
 ) -> Result<OffsetPlan> {
-    if !(ratio >= 0.0 && ratio < 1.0) {
+    if !(0.0..1.0).contains(&ratio) {
         return Err(Error::invalid("--ratio", format!("must be in [0, 1), got {ratio}")));
     }
     let mut mags: Vec<(String, Vec<f64>)> = Vec::new();
@@ -76,10 +79,7 @@ pub fn select(
 
 /// Zero the removed offsets, add a `mask.{kernel}` tensor for each pruned conv (so training
 /// holds them at zero), and return the metadata entries listing the kept offsets.
-pub fn apply(
-    plan: &OffsetPlan,
-    tensors: &BTreeMap<String, Tensor<f32>>,
-) -> Result<(BTreeMap<String, Tensor<f32>>, HashMap<String, String>)> {
+pub fn apply(plan: &OffsetPlan, tensors: &BTreeMap<String, Tensor<f32>>) -> Result<(Tensors, HashMap<String, String>)> {
     let mut out = tensors.clone();
     let mut meta = HashMap::new();
     for (name, keep) in plan {
