@@ -775,6 +775,21 @@ fn print_iou(c: &sparseconv::metrics::Confusion, lm: &LearningMap) {
     }
 }
 
+/// Ground truth as training ids: SemanticKITTI `.label` (raw ids, mapped) or Open3D-ML
+/// `labels_*.npy` (training ids already).
+fn ground_truth(g: &Path, lm: &LearningMap) -> Result<Vec<u32>> {
+    if !g.to_string_lossy().to_ascii_lowercase().ends_with(".npy") {
+        return Ok(read_label(g, None)?.iter().map(|&r| lm.to_train(r)).collect());
+    }
+    let ids = sparseconv::io::npy::read_npy(g)?.to_i64().ok_or_else(|| Error::format(g, "labels must be integers"))?;
+    ids.iter()
+        .map(|&v| match u32::try_from(v) {
+            Ok(v) if v as usize <= NUM_CLASSES => Ok(v),
+            _ => Err(Error::format(g, format!("label {v} outside 0..={NUM_CLASSES}"))),
+        })
+        .collect()
+}
+
 fn cmd_eval(preds: &[PathBuf], model: Option<PathBuf>, labels: &[PathBuf], yaml: Option<PathBuf>) -> Result<()> {
     if preds.is_empty() {
         return Err(Error::invalid("eval", "give at least one predicted .label file"));
@@ -787,21 +802,20 @@ fn cmd_eval(preds: &[PathBuf], model: Option<PathBuf>, labels: &[PathBuf], yaml:
     let mut net: Option<pipeline::Model> = None;
     let engine = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic);
     for (p, g) in preds.iter().zip(labels) {
-        let gt = read_label(g, None)?;
+        let gtt = ground_truth(g, &lm)?;
         let pt: Vec<u32> = if p.to_string_lossy().to_ascii_lowercase().ends_with(".label") {
-            read_label(p, Some(gt.len()))?.iter().map(|&r| lm.to_train(r)).collect()
+            read_label(p, Some(gtt.len()))?.iter().map(|&r| lm.to_train(r)).collect()
         } else {
             if net.is_none() {
                 net = Some(load_model(model.clone(), None, None)?.0);
             }
             let m = net.as_ref().ok_or_else(|| Error::invalid("eval", "no model"))?;
             let prep = pipeline::prepare_file(p, None, pipeline::VoxelizeMode::Mean)?;
-            if prep.points != gt.len() {
-                return Err(Error::format(g, format!("{} labels for a scan of {} points", gt.len(), prep.points)));
+            if prep.points != gtt.len() {
+                return Err(Error::format(g, format!("{} labels for a scan of {} points", gtt.len(), prep.points)));
             }
             pipeline::segment(&engine, m, &prep, &mut pipeline::Timings::default())?.point_labels
         };
-        let gtt: Vec<u32> = gt.iter().map(|&r| lm.to_train(r)).collect();
         total.add(&sparseconv::metrics::Confusion::from_labels(&pt, &gtt)?);
     }
     print_iou(&total, &lm);

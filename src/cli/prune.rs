@@ -133,6 +133,8 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
     let convs_b = pruned.before.convs();
     let convs_a = pruned.after.convs();
     let (mut fb, mut fa) = (0.0, 0.0);
+    // Offsets kept / all, pairs run after / before, over every conv.
+    let (mut ko, mut vo, mut pa, mut pb) = (0usize, 0usize, 0usize, 0usize);
     for (i, ((lb, tb), (la, ta))) in m[0].layers.iter().zip(&m[1].layers).enumerate() {
         let (cb, ca) = (convs_b.get(i), convs_a.get(i));
         let name = cb.map_or("?".to_string(), |c| c.kernel.trim_end_matches(".kernel").to_string());
@@ -144,6 +146,7 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
         let (flb, fla) = (conv_flops(lb.pairs, lb.cin, lb.cout), conv_flops(la.pairs, la.cin, la.cout));
         fb += flb;
         fa += fla;
+        (ko, vo, pa, pb) = (ko + kept, vo + vol, pa + la.pairs, pb + lb.pairs);
         println!(
             "{:<4} {:<24} {:>17} {:>8} {:>17} {:>17} {:>15} {:>15}",
             i + 1,
@@ -156,6 +159,13 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
             if a.runs == 0 { "-".to_string() } else { format!("{:.2} -> {:.2}", median(tb) * 1e3, median(ta) * 1e3) }
         );
     }
+    println!(
+        "all convs: offsets kept {ko}/{vo} ({:.1}%), pairs run {pa}/{pb} ({:.1}%), FLOPs {:.2} -> {:.2} GFLOP",
+        100.0 * ko as f64 / vo.max(1) as f64,
+        100.0 * pa as f64 / pb.max(1) as f64,
+        fb / 1e9,
+        fa / 1e9
+    );
     if a.runs > 0 {
         let ratios: Vec<String> =
             m[0].round_medians.iter().zip(&m[1].round_medians).map(|(b, a)| format!("{:.2}x", b / a)).collect();
