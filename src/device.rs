@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::GpuContext;
 use crate::kmap::{KernelMap, KernelSpec, MapBuilder, MapKind};
 use crate::plan::{Grouping, GroupingParams, Plan};
+use crate::sparse_weights::{Format, OffsetWeights, SparseWeights};
 use crate::tensor::{CoordSet, SparseTensor};
 
 /// Where kernels run; models never match on it (only [`Engine`] does).
@@ -77,6 +78,10 @@ pub struct ConvWeight {
     on_device: Mutex<Option<Arc<DeviceWeight>>>,
     /// Offsets whose `[Cin, Cout]` slice is all zero (pruned offsets): found on first use.
     zero_offsets: std::sync::OnceLock<Vec<bool>>,
+    /// The kernel in a sparse format, for the CPU sparse kernels.
+    sparse: Option<Arc<SparseWeights>>,
+    /// Whether the sparse kernel timed faster (once per weight, `SparseMode::Auto`).
+    sparse_wins: std::sync::OnceLock<bool>,
 }
 
 /// A [`ConvWeight`]'s values on one GPU context, in one storage precision.
@@ -99,6 +104,8 @@ impl Clone for ConvWeight {
             bias: self.bias.clone(),
             on_device: Mutex::new(on_device),
             zero_offsets: self.zero_offsets.clone(),
+            sparse: self.sparse.clone(),
+            sparse_wins: self.sparse_wins.clone(),
         }
     }
 }
@@ -117,7 +124,30 @@ impl ConvWeight {
                 return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
             }
         }
-        Ok(Self { kernel, volume, cin, cout, bias, on_device: Mutex::new(None), zero_offsets: Default::default() })
+        Ok(Self {
+            kernel,
+            volume,
+            cin,
+            cout,
+            bias,
+            on_device: Mutex::new(None),
+            zero_offsets: Default::default(),
+            sparse: None,
+            sparse_wins: Default::default(),
+        })
+    }
+
+    /// Also keep the kernel in sparse `format` (its zeros are the pruned weights), for the CPU
+    /// sparse kernels. Fails where the zeros lack the format's structure.
+    pub fn with_format(mut self, format: Format) -> Result<Self> {
+        self.sparse = Some(Arc::new(SparseWeights::new(format, &self.kernel, self.volume, self.cin, self.cout)?));
+        self.sparse_wins = Default::default();
+        Ok(self)
+    }
+
+    /// The kernel in a sparse format, when it has one.
+    pub fn sparse(&self) -> Option<&SparseWeights> {
+        self.sparse.as_deref()
     }
 
     /// Per offset: whether its `[Cin, Cout]` slice is all zero. The CPU conv skips those
@@ -144,6 +174,8 @@ impl ConvWeight {
     pub fn kernel_mut(&mut self) -> &mut [f32] {
         *self.on_device.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         self.zero_offsets = Default::default();
+        // An edited kernel no longer matches its compressed copy: drop it.
+        self.sparse = None;
         &mut self.kernel
     }
 
@@ -185,6 +217,33 @@ pub struct Engine {
     tmaps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
     precision: crate::gpu::conv::Precision,
     gpu_tables: Mutex<HashMap<TableKey, Arc<GpuTables>>>,
+    sparse: SparseMode,
+}
+
+/// When a layer whose weights carry a sparse format ([`ConvWeight::with_format`]) runs the CPU
+/// sparse kernel instead of the dense one (the GPU always runs them dense).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SparseMode {
+    /// Measured: under `Grouping::Auto`, both timed once per weight on its first input;
+    /// otherwise by density against the measured break-even of each format.
+    #[default]
+    Auto,
+    /// Always the sparse kernel.
+    Always,
+    /// Always the dense kernel.
+    Never,
+}
+
+/// Density at or below which a format beats the dense kernel on the CPU, for untimed runs
+/// (BENCHMARKS.md, "Pruning": `cargo bench --bench sparse` on the scan's 64→64 and 128→128
+/// layers: blocks win from 50% zeros, elements only near 90% on wide layers, N:M never on
+/// this CPU, which has no sparse hardware).
+pub fn break_even(f: Format) -> f64 {
+    match f {
+        Format::Block => 0.5,
+        Format::Element => 0.1,
+        Format::NM(..) => 0.0,
+    }
 }
 
 /// A map's device-side tables for one execution plan (and, weight-stationary, one width).
@@ -258,6 +317,12 @@ impl Engine {
     /// Use `precision` for GPU convs (the CPU always computes in f32).
     pub fn with_precision(mut self, precision: crate::gpu::conv::Precision) -> Self {
         self.precision = precision;
+        self
+    }
+
+    /// When layers with sparse weights run the CPU sparse kernels.
+    pub fn with_sparse_mode(mut self, mode: SparseMode) -> Self {
+        self.sparse = mode;
         self
     }
 
@@ -485,20 +550,29 @@ impl Engine {
             ));
         }
         let t0 = std::time::Instant::now();
-        let (out, plan) = match &self.device {
+        let (out, plan, label) = match &self.device {
             Device::Cpu => {
-                let plan = self.plan_for(map, x.feats(), w)?;
-                // Offset-pruned layers: the zero offsets' pairs are never gathered or multiplied.
-                let zero = w.zero_offsets();
-                let plan = if zero.iter().any(|&z| z) { plan.skipping(map, zero) } else { plan };
                 let epi = cpu::conv::Epilogue { bias: w.bias(), residual: residual.map(|r| r.feats()), relu };
-                let y = cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, w.kernel(), w.cout, epi)?;
-                (SparseTensor::new(map.out_coords.clone(), y, w.cout)?, plan)
+                if let Some(sw) = w.sparse().filter(|_| self.use_sparse(map, x, w, epi)) {
+                    let y = cpu::sparse::conv_sparse(map, x.feats(), w.cin, sw, epi)?;
+                    // The pairs it runs: those of offsets with any nonzero weight.
+                    let skip: Vec<bool> = sw.offsets.iter().map(|o| *o == OffsetWeights::Empty).collect();
+                    let plan = Plan::ungrouped(map).skipping(map, &skip);
+                    let label = format!("sparse {} {:.2}", sw.format.name(), sw.density());
+                    (SparseTensor::new(map.out_coords.clone(), y, w.cout)?, plan, label)
+                } else {
+                    let plan = self.dense_cpu_plan(map, x, w)?;
+                    let y = cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, w.kernel(), w.cout, epi)?;
+                    let label = plan.label();
+                    (SparseTensor::new(map.out_coords.clone(), y, w.cout)?, plan, label)
+                }
             }
             Device::Gpu(g) => {
                 // The GPU plan needs no timing on features: do not pull them back to the host.
+                // Sparse formats run dense here (their zeros multiplied like any weight).
                 let plan = self.plan_for(map, &[], w)?;
-                (self.gpu_conv(g, map, &plan, x, w, residual, relu)?, plan)
+                let label = plan.label();
+                (self.gpu_conv(g, map, &plan, x, w, residual, relu)?, plan, label)
             }
         };
         if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
@@ -514,11 +588,53 @@ impl Engine {
                 pairs: if plan.groups.is_empty() { map.total_pairs() } else { plan.pairs(map) },
                 cin: w.cin,
                 cout: w.cout,
-                plan: plan.label(),
+                plan: label,
                 seconds: t0.elapsed().as_secs_f64(),
             });
         }
         Ok(out)
+    }
+
+    /// The dense CPU plan of a layer, without the offsets whose weights are all zero
+    /// (offset-pruned layers: those pairs are never gathered or multiplied).
+    fn dense_cpu_plan(&self, map: &KernelMap, x: &SparseTensor, w: &ConvWeight) -> Result<Plan> {
+        let plan = self.plan_for(map, x.feats(), w)?;
+        let zero = w.zero_offsets();
+        Ok(if zero.iter().any(|&z| z) { plan.skipping(map, zero) } else { plan })
+    }
+
+    /// Whether a layer with sparse weights runs the sparse kernel: as the engine's
+    /// [`SparseMode`] says; `Auto` times both once per weight on its first input under
+    /// `Grouping::Auto`, and otherwise follows the measured break-even densities
+    /// (BENCHMARKS.md, "Pruning").
+    fn use_sparse(&self, map: &KernelMap, x: &SparseTensor, w: &ConvWeight, epi: cpu::conv::Epilogue<'_>) -> bool {
+        let Some(sw) = w.sparse() else { return false };
+        match self.sparse {
+            SparseMode::Never => false,
+            SparseMode::Always => true,
+            SparseMode::Auto if self.grouping == Grouping::Auto => *w.sparse_wins.get_or_init(|| {
+                let time = |f: &dyn Fn() -> Result<Vec<f32>>| -> f64 {
+                    (0..2)
+                        .map(|_| {
+                            let t = std::time::Instant::now();
+                            let ok = f().is_ok();
+                            if ok {
+                                t.elapsed().as_secs_f64()
+                            } else {
+                                f64::INFINITY
+                            }
+                        })
+                        .fold(f64::INFINITY, f64::min)
+                };
+                let sparse = time(&|| cpu::sparse::conv_sparse(map, x.feats(), w.cin, sw, epi));
+                let dense = time(&|| {
+                    let plan = self.dense_cpu_plan(map, x, w)?;
+                    cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, w.kernel(), w.cout, epi)
+                });
+                sparse < dense
+            }),
+            SparseMode::Auto => sw.density() <= break_even(sw.format),
+        }
     }
 
     /// The output-stationary plan as the GPU runs it: from its device tables, so without the

@@ -59,12 +59,13 @@ pub mod pipeline;
 pub mod plan;
 pub mod prune;
 pub mod reference;
+pub mod sparse_weights;
 pub mod tensor;
 pub mod train;
 pub mod viz;
 pub mod voxel;
 
-pub use device::{ConvWeight, Device, Engine};
+pub use device::{ConvWeight, Device, Engine, SparseMode};
 pub use error::{Error, Result};
 pub use kmap::{KernelMap, KernelSpec, MapBuilder, MapKind};
 pub use plan::{Grouping, GroupingParams, Plan};

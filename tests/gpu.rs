@@ -420,5 +420,19 @@ fn channel_and_offset_pruned_models_run_on_the_gpu() {
         let cpu = model.forward(&Engine::default(), &x).unwrap();
         let err = rel_err(&model.forward(&e, &x).unwrap(), &cpu);
         assert!(err < 1e-3, "gpu/{}: offset-pruned logits: relative error {err:e}", kind.name());
+        // Weight-sparse formats run dense on the GPU (the CPU forced onto its sparse kernels).
+        let p = sparseconv::prune::prune_sparse(
+            &ck,
+            kind,
+            sparseconv::sparse_weights::Format::Block,
+            0.8,
+            Selection::Local,
+        )
+        .unwrap();
+        let model = Model::from_desc(&p.checkpoint(), &p.after).unwrap();
+        let cpu_e = Engine::default().with_sparse_mode(sparseconv::SparseMode::Always);
+        let cpu = model.forward(&cpu_e, &x).unwrap();
+        let err = rel_err(&model.forward(&e, &x).unwrap(), &cpu);
+        assert!(err < 1e-3, "gpu/{}: block-sparse logits: relative error {err:e}", kind.name());
     }
 }

@@ -14,6 +14,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("voxel", 4),
     ("plan", 5),
     ("reference", 5),
+    ("sparse_weights", 5),
     ("io", 5),
     ("metrics", 6),
     ("cpu", 7),

@@ -137,6 +137,28 @@ fn an_offset_pruned_model_lists_its_offsets_and_segments() {
 }
 
 #[test]
+fn weight_sparse_models_are_written_and_segment() {
+    for (args, fmt) in [
+        (vec!["--granularity", "block", "--ratio", "0.8"], "block"),
+        (vec!["--granularity", "nm", "--nm", "1:4"], "1:4"),
+        (vec!["--granularity", "element", "--ratio", "0.9", "--global"], "element"),
+    ] {
+        let pruned = tmp(&format!("{fmt}.safetensors").replace(':', "-"));
+        let mut all = vec!["prune".to_string(), s(&repo(MODEL))];
+        all.extend(args.iter().map(|a| a.to_string()));
+        all.extend(["--scan", &s(&repo(TINY)), "--runs", "0", "--out", &s(&pruned)].map(String::from));
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let (code, out, err) = run(&all);
+        assert_eq!(code, 0, "{fmt}: {err}");
+        assert!(out.contains("on the GPU they run dense"), "{out}");
+        let ck = Checkpoint::load(&pruned).expect("pruned file");
+        assert_eq!(ck.metadata().get("format.up1.1.0.net.0.kernel").map(String::as_str), Some(fmt), "{fmt}");
+        let (code, _, err) = run(&["segment", &s(&repo(TINY)), "--model", &s(&pruned)]);
+        assert_eq!(code, 0, "{fmt}: {err}");
+    }
+}
+
+#[test]
 fn bad_prune_input_exits_2_with_one_line() {
     let model = s(&repo(MODEL));
     let out = s(&tmp("never.safetensors"));
@@ -151,6 +173,8 @@ fn bad_prune_input_exits_2_with_one_line() {
         (vec!["prune", &model, "--ratio", "0.5", "--granularity", "offset", "--criterion", "bn", "--out", &out], "l1"),
         (vec!["prune", &model, "--ratio", "0.5", "--criterion", "taylor", "--out", &out], "labelled scans"),
         (vec!["prune", "/nonexistent.safetensors", "--list-groups"], "nonexistent"),
+        (vec!["prune", &model, "--granularity", "nm", "--nm", "3:2", "--out", &out], "--nm"),
+        (vec!["prune", &model, "--granularity", "nm", "--nm", "2:3", "--out", &out], "--nm"),
         (vec!["prune", &model, "--arch", "spvcnn", "--list-groups"], "minkunet"),
     ];
     for (args, needle) in cases {

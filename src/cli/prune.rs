@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use sparseconv::bench::conv_flops;
 use sparseconv::nn::arch::{ArchKind, NetDesc};
 use sparseconv::nn::checkpoint::Checkpoint;
+use sparseconv::nn::checkpoint::SPARSE_FORMAT;
 use sparseconv::pipeline::Model;
 use sparseconv::prune::channel::{ChannelOptions, Selection};
 use sparseconv::prune::groups::groups;
 use sparseconv::prune::importance::Criterion;
-use sparseconv::prune::{prune_channels, prune_offsets};
+use sparseconv::prune::{prune_channels, prune_offsets, prune_sparse};
+use sparseconv::sparse_weights::Format;
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
 use super::rounds::{alternate, median};
@@ -24,8 +26,9 @@ pub struct PruneArgs {
     /// Print the channel dependency groups and exit.
     #[arg(long)]
     pub list_groups: bool,
-    /// What to remove: `channel` (whole channels of a dependency group) or `offset` (whole
-    /// kernel offsets of a conv, by L1 magnitude).
+    /// What to remove: `channel` (whole channels of a dependency group), `offset` (whole
+    /// kernel offsets of a conv), `element`, `block` (1×16) or `nm` (N:M along Cin, see --nm)
+    /// weight sparsity; all but `channel` by L1 magnitude.
     #[arg(long, default_value = "channel")]
     pub granularity: String,
     /// Channel importance: l1, l2, bn (BatchNorm γ), taylor (needs --data), random.
@@ -44,6 +47,9 @@ pub struct PruneArgs {
     /// No group keeps fewer channels.
     #[arg(long, default_value_t = 8)]
     pub min_width: usize,
+    /// N:M pattern for --granularity nm (`2:4`, `1:4`, …); --ratio is then ignored.
+    #[arg(long)]
+    pub nm: Option<String>,
     /// Labelled scans for --criterion taylor (SemanticKITTI roots or points_*.npy).
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
@@ -88,7 +94,11 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
         return list_groups(&desc);
     }
     let criterion: Criterion = a.criterion.parse()?;
-    let ratio = a.ratio.ok_or_else(|| Error::invalid("--ratio", "give the fraction to remove"))?;
+    let ratio = match (a.ratio, a.granularity.as_str()) {
+        (Some(r), _) => r,
+        (None, "nm") => 0.0,
+        (None, _) => return Err(Error::invalid("--ratio", "give the fraction to remove")),
+    };
     let selection = if a.global { Selection::Global } else { Selection::Local };
     let opts = ChannelOptions { ratio, selection, round_to: a.round_to, min_width: a.min_width };
     opts.validate()?;
@@ -98,16 +108,33 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
     let pruned = match a.granularity.as_str() {
         "channel" => prune_channels(&ck, kind, criterion, &opts, &a.data, a.seed)?,
         "offset" if criterion == Criterion::L1 => prune_offsets(&ck, kind, ratio, selection)?,
+        "element" | "block" | "nm" if criterion != Criterion::L1 => {
+            return Err(Error::invalid("--criterion", "weight sparsity ranks weights by l1 magnitude only"));
+        }
+        "element" => prune_sparse(&ck, kind, Format::Element, ratio, selection)?,
+        "block" => prune_sparse(&ck, kind, Format::Block, ratio, selection)?,
+        "nm" => {
+            let f = Format::parse(a.nm.as_deref().unwrap_or("2:4")).map_err(|_| {
+                Error::invalid("--nm", format!("expected N:M such as 2:4, got `{}`", a.nm.as_deref().unwrap_or("")))
+            })?;
+            prune_sparse(&ck, kind, f, 0.0, selection)?
+        }
         "offset" => {
             return Err(Error::invalid("--criterion", "offset pruning ranks offsets by l1 magnitude only"));
         }
         other => {
             return Err(Error::invalid(
                 "--granularity",
-                format!("expected channel or offset, got `{other}` (element, block and N:M are not built yet)"),
+                format!("expected channel, offset, element, block or nm, got `{other}`"),
             ))
         }
     };
+    for n in &pruned.notes {
+        println!("{n}");
+    }
+    if pruned.metadata.keys().any(|k| k.starts_with(SPARSE_FORMAT)) {
+        println!("sparse formats run on the CPU's sparse kernels where those time faster; on the GPU they run dense");
+    }
     let before = Model::from_desc(&ck, &pruned.before)?;
     let after = Model::from_desc(&pruned.checkpoint(), &pruned.after)?;
     let scan = a.scan.clone().unwrap_or_else(|| default_scan.to_path_buf());
@@ -143,12 +170,23 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
         let params = |c: Option<&&sparseconv::nn::arch::ConvDesc>, k: usize| {
             c.map_or(0, |c| c.kernel_shape().iter().product::<usize>() / c.spec.volume() * k)
         };
-        let (flb, fla) = (conv_flops(lb.pairs, lb.cin, lb.cout), conv_flops(la.pairs, la.cin, la.cout));
+        // A sparse-format layer does the multiply-adds of its nonzeros only (over the offsets
+        // it keeps).
+        let density = ca
+            .filter(|c| pruned.metadata.contains_key(&format!("{SPARSE_FORMAT}{}", c.kernel)))
+            .and_then(|c| pruned.tensors.get(&c.kernel))
+            .map_or(1.0, |t| {
+                let per = (la.cin * la.cout).max(1);
+                let kept: Vec<&[f32]> = t.data.chunks(per).filter(|o| o.iter().any(|&v| v != 0.0)).collect();
+                let nz = kept.iter().map(|o| o.iter().filter(|&&v| v != 0.0).count()).sum::<usize>();
+                nz as f64 / (kept.len() * per).max(1) as f64
+            });
+        let (flb, fla) = (conv_flops(lb.pairs, lb.cin, lb.cout), conv_flops(la.pairs, la.cin, la.cout) * density);
         fb += flb;
         fa += fla;
         (ko, vo, pa, pb) = (ko + kept, vo + vol, pa + la.pairs, pb + lb.pairs);
         println!(
-            "{:<4} {:<24} {:>17} {:>8} {:>17} {:>17} {:>15} {:>15}",
+            "{:<4} {:<24} {:>17} {:>8} {:>17} {:>17} {:>15} {:>15}  {}",
             i + 1,
             name,
             format!("{}x{} -> {}x{}", lb.cin, lb.cout, la.cin, la.cout),
@@ -156,7 +194,8 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
             format!("{} -> {}", params(cb, vol), params(ca, kept)),
             format!("{} -> {}", lb.pairs, la.pairs),
             format!("{:.0} -> {:.0}", flb / 1e6, fla / 1e6),
-            if a.runs == 0 { "-".to_string() } else { format!("{:.2} -> {:.2}", median(tb) * 1e3, median(ta) * 1e3) }
+            if a.runs == 0 { "-".to_string() } else { format!("{:.2} -> {:.2}", median(tb) * 1e3, median(ta) * 1e3) },
+            la.plan
         );
     }
     println!(

@@ -6,6 +6,7 @@ pub mod fused;
 pub mod gemm;
 pub mod kmap_hash;
 pub mod kmap_sort;
+pub mod sparse;
 pub mod tune;
 
 use std::sync::Arc;

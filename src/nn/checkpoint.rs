@@ -16,6 +16,10 @@ pub const TRAINING_PREFIXES: [&str; 3] = ["optim.", "mask.", "rewind."];
 /// (`kept_offsets.{kernel}` = `0,4,13`); the other offsets' slices must be zero.
 pub const KEPT_OFFSETS: &str = "kept_offsets.";
 
+/// Metadata key prefix naming a conv's sparse weight format (`format.{kernel}` = `block`,
+/// `element` or `2:4`): the layer keeps its kernel in that format for the CPU sparse kernels.
+pub const SPARSE_FORMAT: &str = "format.";
+
 /// State of a random checkpoint: the seed counter and what it has invented.
 type Synth = (u64, BTreeMap<String, Tensor<f32>>);
 

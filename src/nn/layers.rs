@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use super::arch::{BlockDesc, ConvDesc, LinearDesc};
-use super::checkpoint::Checkpoint;
+use super::checkpoint::{Checkpoint, SPARSE_FORMAT};
 use crate::device::{ConvWeight, Engine};
 use crate::error::Result;
 use crate::kmap::KernelSpec;
+use crate::sparse_weights::Format;
 use crate::tensor::{CoordSet, SparseTensor};
 
 /// BatchNorm epsilon of TorchSparse / PyTorch.
@@ -80,12 +81,15 @@ impl Conv {
             *v = (*v as f64 * a[j % cout]) as f32;
         }
         let bias = b.iter().map(|&v| v as f32).collect();
-        Ok(Self {
-            spec: d.spec,
-            transposed: d.transposed,
-            weight: ConvWeight::new(kernel, vol, d.cin, cout, Some(bias))?,
-            relu: d.relu,
-        })
+        let mut weight = ConvWeight::new(kernel, vol, d.cin, cout, Some(bias))?;
+        // Folding scales columns, so the pruned zeros stay zeros in the folded kernel.
+        if let Some(f) = ck.metadata().get(&format!("{SPARSE_FORMAT}{}", d.kernel)) {
+            let bad = |e: crate::error::Error| {
+                crate::error::Error::format(ck.path(), format!("metadata `{SPARSE_FORMAT}{}`: {e}", d.kernel))
+            };
+            weight = weight.with_format(Format::parse(f).map_err(bad)?).map_err(bad)?;
+        }
+        Ok(Self { spec: d.spec, transposed: d.transposed, weight, relu: d.relu })
     }
 
     /// Run the conv; a transposed conv needs the coordinates it upsamples back to.

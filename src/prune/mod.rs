@@ -6,6 +6,7 @@
 //! - [`channel`]: which channels each group keeps, the physically smaller network, and the
 //!   masked full-width reference it must equal.
 //! - [`offset`]: whole kernel offsets removed per conv; the CPU conv skips their pairs.
+//! - [`sparsity`]: element, 1×16 block and N:M weight sparsity, run by the CPU sparse kernels.
 //!
 //! A pruned network is a checkpoint with narrower tensors under the same names; its widths are
 //! read back from the shapes, so `segment`, `eval`, `bench`, `train` and the library load it
@@ -25,6 +26,7 @@ pub mod channel;
 pub mod groups;
 pub mod importance;
 pub mod offset;
+pub mod sparsity;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -58,6 +60,8 @@ pub struct Pruned {
     pub tensors: BTreeMap<String, Tensor<f32>>,
     /// Metadata for the pruned file.
     pub metadata: HashMap<String, String>,
+    /// What the pruner wants the user to know (layers it left alone, and why).
+    pub notes: Vec<String>,
 }
 
 impl Pruned {
@@ -107,7 +111,7 @@ pub fn prune_channels(
     );
     metadata.insert("pruned".into(), how);
     metadata.insert("widths".into(), after.widths_summary());
-    Ok(Pruned { before, after, groups, plan, offsets: OffsetPlan::new(), tensors, metadata })
+    Ok(Pruned { before, after, groups, plan, offsets: OffsetPlan::new(), tensors, metadata, notes: Vec::new() })
 }
 
 /// Offset-prune the network in `ck`: remove `ratio` of every conv's kernel offsets (or of all
@@ -130,7 +134,40 @@ pub fn prune_offsets(ck: &Checkpoint, kind: ArchKind, ratio: f64, selection: Sel
             if selection == Selection::Global { "global" } else { "local" }
         ),
     );
-    Ok(Pruned { after: before.clone(), before, groups, plan, offsets, tensors, metadata })
+    Ok(Pruned { after: before.clone(), before, groups, plan, offsets, tensors, metadata, notes: Vec::new() })
+}
+
+/// Weight-sparsify the network in `ck`: `sparsity` of every conv's weights (elements or 1×16
+/// blocks by magnitude, per layer or global), or N:M along `Cin`; the pruned convs keep their
+/// kernels in that format.
+pub fn prune_sparse(
+    ck: &Checkpoint,
+    kind: ArchKind,
+    format: crate::sparse_weights::Format,
+    sparsity: f64,
+    selection: Selection,
+) -> Result<Pruned> {
+    let classes = ck.metadata().get("classes").and_then(|v| v.parse().ok()).unwrap_or(crate::io::kitti::NUM_CLASSES);
+    let before = NetDesc::from_checkpoint(kind, ck, classes)?;
+    let groups = groups::groups(&before)?;
+    let plan = ChannelPlan { keep: groups.iter().map(|g| (0..g.width).collect()).collect() };
+    let (tensors, formats, report) = sparsity::prune(&before, ck.tensors(), format, sparsity, selection)?;
+    let mut metadata = carried_metadata(ck, kind);
+    metadata.extend(formats);
+    let mean = report.pruned.iter().map(|p| p.1).sum::<f64>() / report.pruned.len().max(1) as f64;
+    metadata.insert(
+        "pruned".into(),
+        format!(
+            "{} {} sparsity {sparsity}: {} convs at {:.1}% zeros on average, {} left dense",
+            format.name(),
+            if selection == Selection::Global { "global" } else { "local" },
+            report.pruned.len(),
+            100.0 * mean,
+            report.skipped.len()
+        ),
+    );
+    let notes = report.skipped.iter().map(|(n, why)| format!("left dense: {n} ({why})")).collect();
+    Ok(Pruned { after: before.clone(), before, groups, plan, offsets: OffsetPlan::new(), tensors, metadata, notes })
 }
 
 /// The source's architecture metadata, for a pruned file.
@@ -138,7 +175,11 @@ fn carried_metadata(ck: &Checkpoint, kind: ArchKind) -> HashMap<String, String> 
     let mut m: HashMap<String, String> = ck
         .metadata()
         .iter()
-        .filter(|(k, _)| KEPT_METADATA.contains(&k.as_str()) || k.starts_with(offset::KEPT_OFFSETS))
+        .filter(|(k, _)| {
+            KEPT_METADATA.contains(&k.as_str())
+                || k.starts_with(offset::KEPT_OFFSETS)
+                || k.starts_with(crate::nn::checkpoint::SPARSE_FORMAT)
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     m.entry("arch".into()).or_insert_with(|| kind.name().to_string());
