@@ -159,6 +159,34 @@ fn weight_sparse_models_are_written_and_segment() {
 }
 
 #[test]
+fn taylor_scores_come_from_labelled_scans() {
+    let pruned = tmp("taylor.safetensors");
+    let (code, out, err) = run(&[
+        "prune",
+        &s(&repo(MODEL)),
+        "--criterion",
+        "taylor",
+        "--data",
+        &s(&repo("data/semantickitti")),
+        "--ratio",
+        "0.3",
+        "--global",
+        "--round-to",
+        "8",
+        "--scan",
+        &s(&repo(TINY)),
+        "--runs",
+        "0",
+        "--out",
+        &s(&pruned),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pruned: channel taylor global ratio 0.3"), "{out}");
+    let (m, _) = Model::load(&pruned, None, None).expect("loads");
+    assert!(m.desc().parameters() < 5_435_235, "{}", m.desc().widths_summary());
+}
+
+#[test]
 fn bad_prune_input_exits_2_with_one_line() {
     let model = s(&repo(MODEL));
     let out = s(&tmp("never.safetensors"));
