@@ -7,6 +7,8 @@
 // - the transposed table of a (sorted) table, for the transposed conv: `fill_empty`, then
 //   `transpose_scatter` (each (output, offset) entry names one input, and each input appears
 //   at most once per offset, so every write has its own slot);
+// - `drop_offsets`: entries of offsets no conv on the map uses (offset-pruned networks) become
+//   -1 in place, so neither the pairs nor the conv see them;
 // - the table with rows sorted by neighbour bitmask for the output-stationary conv:
 //   `row_masks` writes each row's mask as a sort key, the host radix-sorts
 //   (`radix_sort.wgsl`), `permute_rows` gathers the rows in that order.
@@ -32,6 +34,7 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> in_idx: array<u32>;
 @group(0) @binding(10) var<storage, read_write> out_idx: array<u32>;
 @group(0) @binding(11) var<storage, read_write> starts: array<u32>;
+@group(0) @binding(12) var<storage, read> keep: array<u32>;
 
 fn thread_index(gid: vec3<u32>) -> u32 {
     return gid.x + gid.y * params.row_threads;
@@ -133,5 +136,16 @@ fn transpose_scatter(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = nbr[t];
     if (i >= 0) {
         sorted_nbr[u32(i) * params.volume + t % params.volume] = i32(order[t / params.volume]);
+    }
+}
+
+@compute @workgroup_size(256)
+fn drop_offsets(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let t = thread_index(gid);
+    if (t >= params.n * params.volume) {
+        return;
+    }
+    if (keep[t % params.volume] == 0u) {
+        sorted_nbr[t] = -1;
     }
 }

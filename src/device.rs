@@ -51,12 +51,14 @@ impl PartialEq for Device {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct MapKey {
     input: u64,
     target: u64,
     kind: MapKind,
     spec: KernelSpec,
+    /// Offsets the map was built for (`None`: all).
+    keep: Option<Vec<bool>>,
 }
 
 /// Convolution weights `[K, Cin, Cout]` in TorchSparse offset order, plus an optional bias `[Cout]`.
@@ -387,14 +389,28 @@ impl Engine {
 
     /// The forward map of a conv on `input`: submanifold for stride 1, downsampling otherwise.
     pub fn kernel_map(&self, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<Arc<KernelMap>> {
+        self.kernel_map_keeping(input, spec, None)
+    }
+
+    /// [`Engine::kernel_map`] built for the offsets `keep` marks only (`None`: all): the
+    /// union of what the convs sharing the map use, so offsets an offset-pruned network never
+    /// uses are neither searched (CPU) nor run. Cached apart from the full map.
+    pub fn kernel_map_keeping(
+        &self,
+        input: &Arc<CoordSet>,
+        spec: KernelSpec,
+        keep: Option<&[bool]>,
+    ) -> Result<Arc<KernelMap>> {
+        let keep = keep.and_then(KernelMap::kept_mask);
         let kind = if spec.stride == 1 { MapKind::Submanifold } else { MapKind::Down };
-        let key = MapKey { input: input.id(), target: 0, kind, spec };
+        let key = MapKey { input: input.id(), target: 0, kind, spec, keep: keep.clone() };
+        let keep = keep.as_deref();
         self.cached(key, || match &self.device {
-            Device::Cpu => cpu::build_map(self.builder, input, spec),
+            Device::Cpu => cpu::build_map_keeping(self.builder, input, spec, keep),
             Device::Gpu(g) => {
                 let (map, tables) = match self.builder {
-                    MapBuilder::Hash => crate::gpu::kmap::build_with_tables(g, input, spec)?,
-                    MapBuilder::Sort => crate::gpu::kmap::build_sorted_with_tables(g, input, spec)?,
+                    MapBuilder::Hash => crate::gpu::kmap::build_with_tables(g, input, spec, keep)?,
+                    MapBuilder::Sort => crate::gpu::kmap::build_sorted_with_tables(g, input, spec, keep)?,
                 };
                 // The conv's sorted neighbour table was made on the device with the map: keep it.
                 if let Some(t) = tables {
@@ -415,12 +431,25 @@ impl Engine {
         target: &Arc<CoordSet>,
         spec: KernelSpec,
     ) -> Result<Arc<KernelMap>> {
+        self.transposed_map_keeping(input, target, spec, None)
+    }
+
+    /// [`Engine::transposed_map`] from the down map built for the offsets `keep` marks only
+    /// (see [`Engine::kernel_map_keeping`]).
+    pub fn transposed_map_keeping(
+        &self,
+        input: &Arc<CoordSet>,
+        target: &Arc<CoordSet>,
+        spec: KernelSpec,
+        keep: Option<&[bool]>,
+    ) -> Result<Arc<KernelMap>> {
         if spec.stride < 2 {
             return Err(Error::invalid("transposed conv", "stride must be at least 2"));
         }
-        let key = MapKey { input: input.id(), target: target.id(), kind: MapKind::Up, spec };
+        let keep = keep.and_then(KernelMap::kept_mask);
+        let key = MapKey { input: input.id(), target: target.id(), kind: MapKind::Up, spec, keep: keep.clone() };
         // Outside the cache closure, so its build time is counted once.
-        let down = self.kernel_map(target, spec)?;
+        let down = self.kernel_map_keeping(target, spec, keep.as_deref())?;
         self.cached(key, || {
             if !same_coords(&down.out_coords, input) {
                 return Err(Error::invalid(
@@ -549,6 +578,10 @@ impl Engine {
                 ),
             ));
         }
+        // A map built for some offsets only serves weights that are zero at the others.
+        if map.kept_offsets().is_some() {
+            map.check_kept(w.zero_offsets())?;
+        }
         let t0 = std::time::Instant::now();
         let (out, plan, label) = match &self.device {
             Device::Cpu => {
@@ -643,13 +676,19 @@ impl Engine {
         Plan { groups: Vec::new(), params: None, output_tiled: true }
     }
 
-    fn table_key(map: &KernelMap, plan: &Plan, cin: usize, cout: usize) -> TableKey {
-        TableKey {
-            map: MapKey { input: map.in_coords.id(), target: map.out_coords.id(), kind: map.kind, spec: map.spec },
-            plan: plan.label(),
-            cin,
-            cout,
+    /// The cache key of a built map (a map kept for some offsets only has its own).
+    fn map_key(map: &KernelMap) -> MapKey {
+        MapKey {
+            input: map.in_coords.id(),
+            target: map.out_coords.id(),
+            kind: map.kind,
+            spec: map.spec,
+            keep: map.kept_offsets().map(<[bool]>::to_vec),
         }
+    }
+
+    fn table_key(map: &KernelMap, plan: &Plan, cin: usize, cout: usize) -> TableKey {
+        TableKey { map: Self::map_key(map), plan: plan.label(), cin, cout }
     }
 
     /// The GPU conv with features kept on the device: inputs and residual used in place when a
@@ -745,7 +784,7 @@ impl Engine {
         dy: &[f32],
         need_dx: bool,
     ) -> Result<cpu::conv::ConvGrads> {
-        let key = MapKey { input: map.in_coords.id(), target: map.out_coords.id(), kind: map.kind, spec: map.spec };
+        let key = Self::map_key(map);
         let tmap = {
             let cached = self.tmaps.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
             match cached {

@@ -189,6 +189,9 @@ pub struct KernelMap {
     pub identity: Option<usize>,
     /// Index of the offset `-δ` for each offset `δ`, where present (submanifold only).
     pub mirror: Vec<Option<usize>>,
+    /// Offsets the map was built for, when built for a subset (offset-pruned convs): the
+    /// others have no pairs, and a conv whose weights use them must not run on this map.
+    kept: Option<Vec<bool>>,
 }
 
 impl KernelMap {
@@ -213,6 +216,76 @@ impl KernelMap {
             }
         }
         Ok(())
+    }
+
+    /// The offsets this map holds pairs for, when it was built for a subset of them
+    /// ([`KernelMap::keeping`]); `None`: all of them.
+    pub fn kept_offsets(&self) -> Option<&[bool]> {
+        self.kept.as_deref()
+    }
+
+    /// Whether offset `k` was built (not dropped by [`KernelMap::keeping`]).
+    pub fn keeps(&self, k: usize) -> bool {
+        self.kept.as_ref().is_none_or(|m| m.get(k).copied().unwrap_or(false))
+    }
+
+    /// Check that a conv whose all-zero offsets are `zero` may run on this map: every offset
+    /// the map dropped must be all zero in the weights.
+    pub fn check_kept(&self, zero: &[bool]) -> Result<()> {
+        if let Some(k) = (0..self.volume()).find(|&k| !self.keeps(k) && !zero.get(k).copied().unwrap_or(false)) {
+            return Err(Error::invalid(
+                "conv",
+                format!("the kernel map was built without offset {k}, but the weights of that offset are not zero"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Check a mask of offsets to keep against `volume` offsets.
+    pub(crate) fn check_keep(keep: &[bool], volume: usize) -> Result<()> {
+        if keep.len() != volume {
+            return Err(Error::invalid(
+                "kept offsets",
+                format!("{} flags for a kernel of {volume} offsets", keep.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// This map restricted to the offsets `keep` marks (the others' pairs dropped), for convs
+    /// whose weights are zero at every other offset: they then skip those pairs entirely.
+    /// A builder that knows `keep` in advance skips the dropped offsets' queries instead
+    /// (`cpu::build_map_keeping`); this is the host-side form for maps already built.
+    pub fn keeping(&self, keep: &[bool]) -> Result<KernelMap> {
+        Self::check_keep(keep, self.volume())?;
+        let kv = self.volume();
+        let per: Vec<(Vec<u32>, Vec<u32>)> = (0..kv)
+            .map(|k| {
+                let (i, o) = if keep[k] { self.pairs(k) } else { (&[][..], &[][..]) };
+                (i.to_vec(), o.to_vec())
+            })
+            .collect();
+        let mut m = Self::from_pairs(
+            self.kind,
+            self.spec,
+            self.offsets.clone(),
+            self.in_coords.clone(),
+            self.out_coords.clone(),
+            per,
+        );
+        m.kept = Self::kept_mask(keep);
+        Ok(m)
+    }
+
+    /// `Some(keep)` unless it keeps everything.
+    pub(crate) fn kept_mask(keep: &[bool]) -> Option<Vec<bool>> {
+        (!keep.iter().all(|&k| k)).then(|| keep.to_vec())
+    }
+
+    /// Record that the map was built for the offsets `keep` only (builders that skipped the rest).
+    pub(crate) fn with_kept(mut self, keep: Option<&[bool]>) -> Self {
+        self.kept = keep.and_then(Self::kept_mask);
+        self
     }
 
     /// Number of kernel offsets `K`.
@@ -367,7 +440,7 @@ impl KernelMap {
             }
             _ => vec![None; offsets.len()],
         };
-        KernelMap { kind, spec, offsets, in_coords, out_coords, pairs, identity, mirror }
+        KernelMap { kind, spec, offsets, in_coords, out_coords, pairs, identity, mirror, kept: None }
     }
 
     /// Whether the pairs are in host memory (not waiting on a device).
@@ -429,6 +502,7 @@ impl KernelMap {
             pairs,
             identity: self.identity,
             mirror: self.mirror.clone(),
+            kept: self.kept.clone(),
         }
     }
 }
@@ -443,6 +517,18 @@ impl MapSource for Transposed {
 
     fn pairs(&self, _total: usize) -> Result<(Vec<u32>, Vec<u32>)> {
         Ok(self.0.transposed_pairs())
+    }
+}
+
+/// Empty the pairs of every offset `keep` drops (the identity's, and a mirror's whose partner
+/// was queried for a kept offset).
+pub(crate) fn drop_offsets(per: &mut [(Vec<u32>, Vec<u32>)], keep: Option<&[bool]>) {
+    if let Some(keep) = keep {
+        for (p, &k) in per.iter_mut().zip(keep) {
+            if !k {
+                *p = (Vec::new(), Vec::new());
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use common::*;
 use sparseconv::bench::pseudo_random;
-use sparseconv::cpu::build_map;
+use sparseconv::cpu::{build_map, build_map_keeping};
 use sparseconv::gpu::conv::{conv_forward, conv_forward_planned, Precision, WeightStationary};
 use sparseconv::gpu::{kmap, GpuContext};
 use sparseconv::{Engine, GroupingParams, KernelMap, KernelSpec, MapBuilder, Plan};
@@ -64,7 +64,7 @@ fn gpu_kernel_maps_equal_cpu_maps() {
         let g = kmap::build(ctx, x.coord_set(), spec).unwrap();
         same_map(&format!("{label} (gpu hash)"), &g, &cpu);
         let actx = arc_ctx();
-        let (g, tables) = kmap::build_sorted_with_tables(actx, x.coord_set(), spec).unwrap();
+        let (g, tables) = kmap::build_sorted_with_tables(actx, x.coord_set(), spec, None).unwrap();
         assert!(!g.pairs_fetched(), "{label}: the pairs should wait on the device");
         same_map(&format!("{label} (gpu sort)"), &g, &cpu);
         // The conv's table, sorted by bitmask on the device, equals the host's stable sort.
@@ -80,6 +80,18 @@ fn gpu_kernel_maps_equal_cpu_maps() {
             assert_eq!(actx.read(&tt.out_rows).unwrap(), want.out_rows, "{label}: transposed output rows");
         }
         assert!(cpu.total_pairs() > 0, "{label}: empty map");
+        // Built for some offsets only (offset-pruned networks): the CPU's restricted map.
+        let keep: Vec<bool> = (0..cpu.volume()).map(|k| k % 3 != 1).collect();
+        let want = build_map_keeping(MapBuilder::Sort, x.coord_set(), spec, Some(&keep)).unwrap();
+        let (g, t) = kmap::build_with_tables(actx, x.coord_set(), spec, Some(&keep)).unwrap();
+        same_map(&format!("{label} (gpu hash, kept offsets)"), &g, &want);
+        assert_eq!(g.kept_offsets(), Some(&keep[..]), "{label}");
+        let t = t.expect("the table fits one binding");
+        let nbr = actx.read(&t.nbr).unwrap();
+        let sorted = sparseconv::gpu::conv::SortedNeighbours::new(&want).unwrap();
+        assert_eq!(nbr, sorted.nbr, "{label}: kept-offset table");
+        let (g, _) = kmap::build_sorted_with_tables(actx, x.coord_set(), spec, Some(&keep)).unwrap();
+        same_map(&format!("{label} (gpu sort, kept offsets)"), &g, &want);
     }
 }
 
@@ -415,7 +427,14 @@ fn channel_and_offset_pruned_models_run_on_the_gpu() {
         let err = rel_err(&model.forward(&e, &x).unwrap(), &cpu);
         assert!(err < 1e-3, "gpu/{}: pruned {} logits: relative error {err:e}", kind.name(), p.after.widths_summary());
         // Offset-pruned: the CPU skips the zero offsets' pairs, the GPU runs them with zeros.
-        let p = sparseconv::prune::prune_offsets(&ck, kind, 0.4, Selection::Local).unwrap();
+        let p = sparseconv::prune::prune_offsets(
+            &ck,
+            kind,
+            0.4,
+            Selection::Local,
+            sparseconv::prune::offset::OffsetScope::Map,
+        )
+        .unwrap();
         let model = Model::from_desc(&p.checkpoint(), &p.after).unwrap();
         let cpu = model.forward(&Engine::default(), &x).unwrap();
         let err = rel_err(&model.forward(&e, &x).unwrap(), &cpu);

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use sparseconv::cpu::build_map;
+use sparseconv::cpu::{build_map, build_map_keeping};
 use sparseconv::reference::{brute_force_map, downsampled_coords};
 use sparseconv::{CoordSet, Engine, KernelMap, KernelSpec, MapBuilder, MapKind};
 
@@ -140,4 +140,61 @@ fn coordinates_outside_the_key_range_are_errors() {
     for b in [MapBuilder::Hash, MapBuilder::Sort] {
         assert_eq!(pairs_of(&build_map(b, &x, spec).expect("map")), want, "{b:?} at the range edges");
     }
+}
+
+#[test]
+fn maps_built_for_kept_offsets_hold_exactly_their_pairs() {
+    for (si, &(k, st)) in [(3u32, 1u32), (2, 2), (3, 2), (5, 1)].iter().enumerate() {
+        let x = random_tensor(40 + si as u64, 2, 9, 1, 0.3, 1);
+        let spec = KernelSpec::new(k, st, 1).expect("spec");
+        let outs = if st == 1 { x.coords().to_vec() } else { downsampled_coords(x.coords(), st as i32) };
+        let all = brute_force_map(x.coords(), &outs, spec, 1, 1);
+        let kv = spec.volume();
+        // Dropping: every third offset; the centre alone; one of each mirror pair; nothing.
+        let masks: Vec<Vec<bool>> = vec![
+            (0..kv).map(|o| o % 3 != 0).collect(),
+            (0..kv).map(|o| o == kv / 2).collect(),
+            (0..kv).map(|o| o < kv / 2).collect(),
+            vec![true; kv],
+        ];
+        for keep in &masks {
+            let want: Vec<Vec<(u32, u32)>> =
+                all.iter().zip(keep).map(|(p, &kept)| if kept { p.clone() } else { Vec::new() }).collect();
+            let full = build_map(MapBuilder::Hash, x.coord_set(), spec).expect("map");
+            for builder in [MapBuilder::Hash, MapBuilder::Sort] {
+                let label = format!("{builder:?} k{k} s{st} keep {keep:?}");
+                let map = build_map_keeping(builder, x.coord_set(), spec, Some(keep)).expect("map");
+                assert_eq!(pairs_of(&map), want, "{label}: pairs");
+                assert_eq!(map.kept_offsets().is_some(), keep.iter().any(|&b| !b), "{label}: recorded mask");
+                assert_same_map(&map, &full.keeping(keep).expect("keeping"), &label);
+                // The transpose keeps the same offsets.
+                assert_eq!(map.transposed().kept_offsets(), map.kept_offsets(), "{label}: transposed");
+            }
+        }
+        let e = build_map_keeping(MapBuilder::Sort, x.coord_set(), spec, Some(&[true; 2])).expect_err("wrong length");
+        assert!(e.to_string().contains("flags for a kernel of"), "{e}");
+    }
+}
+
+#[test]
+fn the_engine_caches_kept_offset_maps_apart_and_refuses_weights_they_drop() {
+    use sparseconv::ConvWeight;
+    let x = random_tensor(7, 2, 12, 1, 0.3, 4);
+    let spec = KernelSpec::new(3, 1, 1).expect("spec");
+    let e = Engine::new(sparseconv::Device::Cpu, MapBuilder::Sort, sparseconv::Grouping::Off);
+    let mut keep = vec![true; 27];
+    keep[0] = false;
+    let full = e.kernel_map(x.coord_set(), spec).expect("full");
+    let part = e.kernel_map_keeping(x.coord_set(), spec, Some(&keep)).expect("kept");
+    assert_eq!(e.cached_maps(), 2, "one map per set of kept offsets");
+    assert!(full.size(0) > 0 && part.size(0) == 0, "offset 0 dropped only in the kept map");
+    assert!(Arc::ptr_eq(&full, &e.kernel_map_keeping(x.coord_set(), spec, Some(&[true; 27])).expect("all")));
+    // Weights that use the dropped offset are refused on that map, allowed once zero there.
+    let mut w = ConvWeight::new(vec![0.5; 27 * 4 * 4], 27, 4, 4, None).expect("weight");
+    let err = e.conv_with_map(&part, &x, &w).expect_err("uses a dropped offset").to_string();
+    assert!(err.contains("without offset 0"), "{err}");
+    w.kernel_mut()[..16].fill(0.0);
+    let a = e.conv_with_map(&part, &x, &w).expect("kept map");
+    let b = e.conv_with_map(&full, &x, &w).expect("full map");
+    assert_eq!(a.feats(), b.feats(), "dropping an all-zero offset's pairs changes nothing");
 }

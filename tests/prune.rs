@@ -11,10 +11,12 @@ use common::*;
 use sparseconv::io::tensors::Tensor;
 use sparseconv::nn::arch::{ArchKind, NetDesc};
 use sparseconv::nn::checkpoint::Checkpoint;
+use sparseconv::nn::minkunet::MinkUNet;
 use sparseconv::pipeline::Model;
 use sparseconv::prune::channel::{self, ChannelOptions, Selection};
 use sparseconv::prune::groups::groups;
 use sparseconv::prune::importance::{scores, Criterion};
+use sparseconv::prune::offset::OffsetScope;
 use sparseconv::prune::prune_channels;
 use sparseconv::{Device, Engine, Grouping, MapBuilder};
 
@@ -241,7 +243,7 @@ fn a_conv_skips_zero_offsets_with_the_same_bits_on_every_strategy() {
 fn offset_pruned_models_skip_pairs_and_match_the_full_computation() {
     use sparseconv::prune::prune_offsets;
     let ck = Checkpoint::load(&repo(MODEL)).expect("bundled model");
-    let p = prune_offsets(&ck, ArchKind::MinkUNet, 0.4, Selection::Global).expect("prune");
+    let p = prune_offsets(&ck, ArchKind::MinkUNet, 0.4, Selection::Global, OffsetScope::Conv).expect("prune");
     let pruned = p.checkpoint();
     // The same weights with the removed offsets at 1e-30 instead of 0: nothing is skipped,
     // every pair is computed, and the result may differ only by those tiny products.
@@ -265,4 +267,38 @@ fn offset_pruned_models_skip_pairs_and_match_the_full_computation() {
     let bad = Checkpoint::from_tensors("lying.safetensors", p.tensors.clone(), meta);
     let e = NetDesc::from_checkpoint(ArchKind::MinkUNet, &bad, 19).expect_err("refused").to_string();
     assert!(e.contains(&key) && e.contains("not zero"), "{e}");
+}
+
+#[test]
+fn offset_pruned_models_build_maps_for_the_offsets_they_use_with_the_same_bits() {
+    use sparseconv::prune::prune_offsets;
+    let ck = Checkpoint::load(&repo(MODEL)).expect("bundled model");
+    // Per-layer pruning at 60%: several maps lose offsets every conv on them dropped.
+    let p = prune_offsets(&ck, ArchKind::MinkUNet, 0.6, Selection::Local, OffsetScope::Conv).expect("prune");
+    let pruned = p.checkpoint();
+    let desc = NetDesc::from_checkpoint(ArchKind::MinkUNet, &pruned, 19).expect("desc");
+    let shared = MinkUNet::from_desc(&pruned, &desc).expect("load");
+    let mut whole = shared.clone();
+    whole.full_maps();
+    let mut m = shared.clone();
+    let restricted = m.convs_mut().iter().filter(|c| c.map_offsets.is_some()).count();
+    assert!(restricted > 0, "no map lost an offset");
+    let x = real_scan().tensor;
+    let run = |m: &MinkUNet| {
+        let e = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic);
+        m.forward(&e, &x).expect("forward")
+    };
+    let (a, b) = (run(&shared), run(&whole));
+    assert_eq!(a.len(), b.len(), "logit count");
+    assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "kept-offset maps changed the logits");
+    // Each map holds exactly the union of its convs' offsets.
+    let maps = desc.conv_maps();
+    let convs = m.convs_mut();
+    for (i, c) in convs.iter().enumerate() {
+        let Some(keep) = &c.map_offsets else { continue };
+        let union: Vec<bool> = (0..keep.len())
+            .map(|o| convs.iter().zip(&maps).any(|(d, mk)| *mk == maps[i] && !d.weight.zero_offsets()[o]))
+            .collect();
+        assert_eq!(&keep[..], &union[..], "conv {i}: map offsets are not the union of its map's convs");
+    }
 }

@@ -137,6 +137,35 @@ fn an_offset_pruned_model_lists_its_offsets_and_segments() {
 }
 
 #[test]
+fn per_map_offset_pruning_shrinks_the_maps_themselves() {
+    let pruned = tmp("o50map.safetensors");
+    let (code, out, err) = run(&[
+        "prune",
+        &s(&repo(MODEL)),
+        "--granularity",
+        "offset",
+        "--per-map",
+        "--ratio",
+        "0.5",
+        "--scan",
+        &s(&repo(TINY)),
+        "--runs",
+        "0",
+        "--out",
+        &s(&pruned),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // Every conv on a map keeps the same 13 of 27 offsets (13.5 removed rounds to 14), so the maps hold only those.
+    assert!(out.contains("stride 1 k3 s1: 13/27") && out.contains("stride 16 k3 s1: 13/27"), "{out}");
+    let ck = Checkpoint::load(&pruned).expect("pruned file");
+    let kept = |n: &str| ck.metadata().get(&format!("kept_offsets.{n}.kernel")).cloned();
+    assert_eq!(kept("stem.0"), kept("up4.1.1.net.3"), "convs on one map keep the same offsets");
+    assert!(kept("stem.0").is_some_and(|v| v.split(',').count() == 13));
+    let (code, _, err) = run(&["segment", &s(&repo(TINY)), "--model", &s(&pruned)]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn weight_sparse_models_are_written_and_segment() {
     for (args, fmt) in [
         (vec!["--granularity", "block", "--ratio", "0.8"], "block"),

@@ -12,7 +12,8 @@ use sparseconv::pipeline::Model;
 use sparseconv::prune::channel::{ChannelOptions, Selection};
 use sparseconv::prune::groups::groups;
 use sparseconv::prune::importance::Criterion;
-use sparseconv::prune::{prune_channels, prune_offsets, prune_sparse};
+use sparseconv::prune::offset::OffsetScope;
+use sparseconv::prune::{prune_channels, prune_offsets, prune_sparse, Pruned};
 use sparseconv::sparse_weights::Format;
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
@@ -41,6 +42,10 @@ pub struct PruneArgs {
     /// in every group.
     #[arg(long)]
     pub global: bool,
+    /// --granularity offset: remove the same offsets from every conv that shares a kernel
+    /// map, so the map itself loses them (they are then not even searched for).
+    #[arg(long)]
+    pub per_map: bool,
     /// Kept widths are multiples of this (16: what the AVX-512 microkernel wants).
     #[arg(long, default_value_t = 16)]
     pub round_to: usize,
@@ -107,7 +112,10 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
     }
     let pruned = match a.granularity.as_str() {
         "channel" => prune_channels(&ck, kind, criterion, &opts, &a.data, a.seed)?,
-        "offset" if criterion == Criterion::L1 => prune_offsets(&ck, kind, ratio, selection)?,
+        "offset" if criterion == Criterion::L1 => {
+            let scope = if a.per_map { OffsetScope::Map } else { OffsetScope::Conv };
+            prune_offsets(&ck, kind, ratio, selection, scope)?
+        }
         "element" | "block" | "nm" if criterion != Criterion::L1 => {
             return Err(Error::invalid("--criterion", "weight sparsity ranks weights by l1 magnitude only"));
         }
@@ -205,7 +213,9 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
         fb / 1e9,
         fa / 1e9
     );
+    print_map_offsets(&pruned);
     if a.runs > 0 {
+        println!("kernel maps: {:.1} ms -> {:.1} ms", median(&m[0].maps) * 1e3, median(&m[1].maps) * 1e3);
         let ratios: Vec<String> =
             m[0].round_medians.iter().zip(&m[1].round_medians).map(|(b, a)| format!("{:.2}x", b / a)).collect();
         println!(
@@ -222,6 +232,32 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
         println!("wrote {}", out.display());
     }
     Ok(())
+}
+
+/// The offsets each kernel map is built for: the union over the convs sharing it
+/// (`MinkUNet::share_map_offsets`), printed for the maps that lose any.
+fn print_map_offsets(pruned: &Pruned) {
+    let (convs, maps) = (pruned.after.convs(), pruned.after.conv_maps());
+    let mut used: Vec<((i32, sparseconv::KernelSpec), Vec<bool>)> = Vec::new();
+    for (c, key) in convs.iter().zip(maps) {
+        let vol = c.spec.volume();
+        let kept = pruned.offsets.get(&c.kernel);
+        let mask: Vec<bool> = (0..vol).map(|o| kept.is_none_or(|k| k.contains(&o))).collect();
+        match used.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, u)) => u.iter_mut().zip(&mask).for_each(|(u, &m)| *u |= m),
+            None => used.push((key, mask)),
+        }
+    }
+    let lost: Vec<String> = used
+        .iter()
+        .filter(|(_, u)| u.iter().any(|&b| !b))
+        .map(|((s, spec), u)| {
+            format!("stride {s} k{} s{}: {}/{}", spec.size, spec.stride, u.iter().filter(|&&b| b).count(), u.len())
+        })
+        .collect();
+    if !lost.is_empty() {
+        println!("kernel maps built for the offsets their convs keep: {}", lost.join(", "));
+    }
 }
 
 fn engine() -> Engine {

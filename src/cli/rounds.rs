@@ -17,6 +17,8 @@ pub struct Measured {
     pub round_medians: Vec<f64>,
     /// Per conv layer (execution order): the trace of its first run and every run's seconds.
     pub layers: Vec<(LayerTrace, Vec<f64>)>,
+    /// Kernel-map building seconds of every timed run.
+    pub maps: Vec<f64>,
 }
 
 /// Median of a list of seconds (NaN when empty).
@@ -40,14 +42,14 @@ pub fn alternate(
     trace: bool,
 ) -> Result<Vec<Measured>> {
     let mut out: Vec<Measured> = models.iter().map(|_| Measured::default()).collect();
-    let once = |e: &Engine, m: &Model, scan: &PathBuf| -> Result<f64> {
+    let once = |e: &Engine, m: &Model, scan: &PathBuf| -> Result<Timings> {
         let mut t = Timings::default();
         let t0 = Instant::now();
         let p = pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?;
         t.voxelize = t0.elapsed().as_secs_f64();
         let seg = pipeline::segment(e, m, &p, &mut t)?;
         std::hint::black_box(&seg.point_labels);
-        Ok(t.total())
+        Ok(t)
     };
     for &(e, m) in models {
         for scan in scans {
@@ -65,7 +67,8 @@ pub fn alternate(
                         e.start_trace();
                     }
                     let t = once(e, m, scan)?;
-                    this_round.push(t);
+                    this_round.push(t.total());
+                    out[k].maps.push(t.kernel_maps);
                     let layers = &mut out[k].layers;
                     for (i, l) in e.take_trace().into_iter().enumerate() {
                         if layers.len() <= i {

@@ -5,14 +5,14 @@ use std::sync::Arc;
 use hashbrown::{HashMap, HashSet};
 use rayon::prelude::*;
 
-use super::{assemble, query_plan};
+use super::{assemble, drop_offsets, query_plan};
 use crate::coords;
 use crate::error::Result;
 use crate::kmap::{output_stride, parent_key, scaled_offsets, KernelMap, KernelSpec, MapKind};
 use crate::tensor::CoordSet;
 
 /// Build the submanifold (stride 1) or downsampling map of `spec` on `input` by hashing.
-pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
+pub fn build(input: &Arc<CoordSet>, spec: KernelSpec, keep: Option<&[bool]>) -> Result<KernelMap> {
     let offsets = scaled_offsets(&spec, input.stride())?;
     let in_keys: Vec<u64> = input.coords().par_iter().map(|&c| coords::pack(c)).collect();
     let mut table: HashMap<u64, u32> = HashMap::with_capacity(in_keys.len());
@@ -34,9 +34,9 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         let cs = CoordSet::new_unchecked(keys.iter().map(|&k| coords::unpack(k)).collect(), s);
         (Arc::new(cs), keys)
     };
-    let (identity, tasks) = query_plan(&offsets, sub);
+    let (identity, tasks) = query_plan(&offsets, sub, keep);
     let groups: Vec<Vec<(usize, Option<usize>)>> = tasks.into_iter().map(|t| vec![t]).collect();
-    let per = assemble(offsets.len(), out_keys.len(), identity, &groups, |g| {
+    let mut per = assemble(offsets.len(), out_keys.len(), identity, &groups, |g| {
         let dk = coords::delta_key(offsets[g[0].0]);
         let (mut ins, mut outs) = (Vec::new(), Vec::new());
         for (q, &ok) in out_keys.iter().enumerate() {
@@ -47,6 +47,7 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         }
         vec![(ins, outs)]
     });
+    drop_offsets(&mut per, keep);
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out_coords, per))
+    Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out_coords, per).with_kept(keep))
 }

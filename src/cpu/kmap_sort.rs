@@ -5,17 +5,17 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{assemble, query_plan};
+use super::{assemble, drop_offsets, query_plan};
 use crate::coords;
 use crate::error::Result;
 use crate::kmap::{downsample_keys, output_stride, parent_key, scaled_offsets, KernelMap, KernelSpec, MapKind};
 use crate::tensor::CoordSet;
 
 /// Build the submanifold (stride 1) or downsampling map of `spec` on `input` by merging sorted keys.
-pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
+pub fn build(input: &Arc<CoordSet>, spec: KernelSpec, keep: Option<&[bool]>) -> Result<KernelMap> {
     let offsets = scaled_offsets(&spec, input.stride())?;
     if spec.size == 2 && spec.stride == 2 && spec.dilation == 1 {
-        return build_down_k2(input, spec, offsets);
+        return build_down_k2(input, spec, offsets, keep);
     }
     let mut in_sorted: Vec<(u64, u32)> =
         input.coords().par_iter().enumerate().map(|(i, &c)| (coords::pack(c), i as u32)).collect();
@@ -34,7 +34,7 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
     };
     let out_sorted: &[(u64, u32)] = out_sorted.as_deref().unwrap_or(&in_sorted);
     let ins = &in_sorted[..];
-    let (identity, tasks) = query_plan(&offsets, sub);
+    let (identity, tasks) = query_plan(&offsets, sub, keep);
     // One merge per z-column: offsets sharing (dx, dy) target a contiguous key range, since z
     // is the lowest key field.
     let mut columns: Vec<Vec<(usize, Option<usize>)>> = Vec::new();
@@ -45,7 +45,7 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
             None => columns.push(vec![t]),
         }
     }
-    let per = assemble(offsets.len(), out_sorted.len(), identity, &columns, |col| {
+    let mut per = assemble(offsets.len(), out_sorted.len(), identity, &columns, |col| {
         let d0 = offsets[col[0].0];
         let dcol = coords::delta_key([d0[0], d0[1], 0]);
         let dzs: Vec<i64> = col.iter().map(|&(k, _)| offsets[k][2] as i64).collect();
@@ -70,8 +70,9 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
         }
         lists
     });
+    drop_offsets(&mut per, keep);
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out_coords, per))
+    Ok(KernelMap::from_pairs(kind, spec, offsets, input.clone(), out_coords, per).with_kept(keep))
 }
 
 /// The k = 2, stride 2 downsampling map (every MinkUNet down stage) without merging: each input
@@ -79,7 +80,13 @@ pub fn build(input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
 /// (each axis 0 or one tensor stride, which are exactly the k = 2 offsets). One stable sort of
 /// `(parent key, row)` gives the output rows in key order and, in the same pass, every
 /// offset's pairs in output-row order: the map the merge would build, pair for pair.
-fn build_down_k2(input: &Arc<CoordSet>, spec: KernelSpec, offsets: Vec<[i32; 3]>) -> Result<KernelMap> {
+// One sort serves every offset, so dropped offsets save no work here; their pairs are dropped.
+fn build_down_k2(
+    input: &Arc<CoordSet>,
+    spec: KernelSpec,
+    offsets: Vec<[i32; 3]>,
+    keep: Option<&[bool]>,
+) -> Result<KernelMap> {
     let s = output_stride(input, &spec)?;
     let coords = input.coords();
     let mut keyed: Vec<(u64, u32)> =
@@ -106,6 +113,7 @@ fn build_down_k2(input: &Arc<CoordSet>, spec: KernelSpec, offsets: Vec<[i32; 3]>
         per[k].0.push(i);
         per[k].1.push(q);
     }
+    drop_offsets(&mut per, keep);
     let out = CoordSet::new_unchecked(out_keys.into_iter().map(coords::unpack).collect(), s);
-    Ok(KernelMap::from_pairs(MapKind::Down, spec, offsets, input.clone(), Arc::new(out), per))
+    Ok(KernelMap::from_pairs(MapKind::Down, spec, offsets, input.clone(), Arc::new(out), per).with_kept(keep))
 }

@@ -12,14 +12,30 @@ pub mod tune;
 use std::sync::Arc;
 
 use crate::error::Result;
+pub(crate) use crate::kmap::drop_offsets;
 use crate::kmap::{KernelMap, KernelSpec, MapBuilder};
 use crate::tensor::CoordSet;
 
 /// Build the forward map of a conv on `input`: submanifold for stride 1, downsampling otherwise.
 pub fn build_map(builder: MapBuilder, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
+    build_map_keeping(builder, input, spec, None)
+}
+
+/// [`build_map`] for the offsets `keep` marks only (`None`: all): the others are not queried
+/// and get no pairs, so every conv on the map skips them (offset-pruned networks; see
+/// [`KernelMap::keeping`]).
+pub fn build_map_keeping(
+    builder: MapBuilder,
+    input: &Arc<CoordSet>,
+    spec: KernelSpec,
+    keep: Option<&[bool]>,
+) -> Result<KernelMap> {
+    if let Some(k) = keep {
+        KernelMap::check_keep(k, spec.volume())?;
+    }
     match builder {
-        MapBuilder::Hash => kmap_hash::build(input, spec),
-        MapBuilder::Sort => kmap_sort::build(input, spec),
+        MapBuilder::Hash => kmap_hash::build(input, spec, keep),
+        MapBuilder::Sort => kmap_sort::build(input, spec, keep),
     }
 }
 
@@ -71,18 +87,24 @@ pub(crate) fn assemble(
 /// of a mirror pair (submanifold maps) only the member in the half-space
 /// `(dx, dy) > (0, 0) or (dx, dy) == (0, 0) and dz > 0`, since map(-δ) is the transpose of
 /// map(δ). Choosing a half-space keeps whole z-columns together for the merge-sort builder.
-pub(crate) fn query_plan(offsets: &[[i32; 3]], submanifold: bool) -> (Option<usize>, Vec<(usize, Option<usize>)>) {
-    let identity = if submanifold { offsets.iter().position(|d| *d == [0, 0, 0]) } else { None };
+/// Offsets `keep` drops are not queried (a pair is queried when either member is kept).
+pub(crate) fn query_plan(
+    offsets: &[[i32; 3]],
+    submanifold: bool,
+    keep: Option<&[bool]>,
+) -> (Option<usize>, Vec<(usize, Option<usize>)>) {
+    let kept = |k: usize| keep.is_none_or(|m| m.get(k).copied().unwrap_or(false));
+    let centre = if submanifold { offsets.iter().position(|d| *d == [0, 0, 0]) } else { None };
     let mut tasks = Vec::new();
     for (k, d) in offsets.iter().enumerate() {
-        if Some(k) == identity {
+        if Some(k) == centre {
             continue;
         }
         let m = if submanifold { offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]]) } else { None };
         let upper = (d[0], d[1]) > (0, 0) || ((d[0], d[1]) == (0, 0) && d[2] > 0);
-        if m.is_none() || upper {
+        if (m.is_none() || upper) && (kept(k) || m.is_some_and(kept)) {
             tasks.push((k, m));
         }
     }
-    (identity, tasks)
+    (centre.filter(|&c| kept(c)), tasks)
 }

@@ -7,7 +7,7 @@ use super::shaders::{PipelineKey, Shader};
 use super::{grid, sort, GpuBuffer, GpuContext};
 use crate::coords;
 use crate::error::{Error, Result};
-use crate::kmap::{output_stride, parent_key, scaled_offsets, KernelMap, KernelSpec, MapKind};
+use crate::kmap::{drop_offsets, output_stride, parent_key, scaled_offsets, KernelMap, KernelSpec, MapKind};
 use crate::tensor::CoordSet;
 
 #[repr(C)]
@@ -203,17 +203,19 @@ fn record_keys(
 /// for downsampling (sort, flag run starts, scan, compact), one binary search per (output,
 /// offset). Equal, pair for pair, to the CPU's maps.
 pub fn build_sorted(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
-    sorted_map(ctx, None, input, spec).map(|(m, _)| m)
+    sorted_map(ctx, None, input, spec, None).map(|(m, _)| m)
 }
 
 /// [`build_sorted`], also returning the map's bitmask-sorted neighbour table on the device
 /// when it fits one binding; the pairs then stay on the device until first needed.
+/// Offsets `keep` drops (`None`: none) get no pairs and no table entries.
 pub fn build_sorted_with_tables(
     ctx: &Arc<GpuContext>,
     input: &Arc<CoordSet>,
     spec: KernelSpec,
+    keep: Option<&[bool]>,
 ) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
-    sorted_map(ctx, Some(ctx), input, spec)
+    sorted_map(ctx, Some(ctx), input, spec, keep)
 }
 
 fn sorted_map(
@@ -221,8 +223,12 @@ fn sorted_map(
     lazy: Option<&Arc<GpuContext>>,
     input: &Arc<CoordSet>,
     spec: KernelSpec,
+    keep: Option<&[bool]>,
 ) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
     let offsets = scaled_offsets(&spec, input.stride())?;
+    if let Some(k) = keep {
+        KernelMap::check_keep(k, offsets.len())?;
+    }
     let sub = spec.stride == 1;
     let (n_in, kv) = (input.len(), offsets.len());
     check_sizes(n_in, n_in, kv)?;
@@ -309,13 +315,14 @@ fn sorted_map(
         ctx.submit(enc);
         let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
         if n == n_out {
-            return finish_on_device(ctx, lazy, &bn, kind, spec, offsets, input.clone(), out);
+            return finish_on_device(ctx, lazy, &bn, kind, spec, offsets, input.clone(), out, keep);
         }
         nbr.extend(ctx.read(&bn)?);
     }
-    let per = pairs_from_neighbours(&nbr, kv);
+    let mut per = pairs_from_neighbours(&nbr, kv);
+    drop_offsets(&mut per, keep);
     let kind = if sub { MapKind::Submanifold } else { MapKind::Down };
-    Ok((KernelMap::from_pairs(kind, spec, offsets, input.clone(), out, per), None))
+    Ok((KernelMap::from_pairs(kind, spec, offsets, input.clone(), out, per).with_kept(keep), None))
 }
 
 /// A neighbour table on the device with rows sorted by bitmask (see
@@ -344,6 +351,7 @@ const PAIR_COMPACT: PipelineKey = PipelineKey::new(Shader::NbrTable, "pair_compa
 const COLUMN_STARTS: PipelineKey = PipelineKey::new(Shader::NbrTable, "column_starts");
 const FILL_EMPTY: PipelineKey = PipelineKey::new(Shader::NbrTable, "fill_empty");
 const TRANSPOSE_SCATTER: PipelineKey = PipelineKey::new(Shader::NbrTable, "transpose_scatter");
+const DROP_OFFSETS: PipelineKey = PipelineKey::new(Shader::NbrTable, "drop_offsets");
 
 /// A map's counts and pairs as `finish_on_device` leaves them on the device.
 struct DevicePairs {
@@ -391,12 +399,19 @@ fn finish_on_device(
     offsets: Vec<[i32; 3]>,
     input: Arc<CoordSet>,
     out: Arc<CoordSet>,
+    keep: Option<&[bool]>,
 ) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
     let (n, kv) = (out.len(), offsets.len());
     let total = n * kv;
     let g = grid((total as u32).div_ceil(256));
     let p = ctx.uniform(&TableParams { n: n as u32, volume: kv as u32, row_threads: g.0 * 256, n_t: 0 });
     let mut enc = ctx.encoder();
+    if let Some(keep) = keep {
+        // The queries ran for every offset (one dispatch); the dropped ones leave the table here.
+        let flags: Vec<u32> = keep.iter().map(|&k| u32::from(k)).collect();
+        let bkeep = ctx.to_device("kept offsets", &flags)?;
+        ctx.dispatch(&mut enc, DROP_OFFSETS, &[(0, &p), (6, nbr.raw()), (12, bkeep.raw())], (g.0, g.1, 1));
+    }
     // Pairs: flag, scan, compact, offset starts.
     let flags = ctx.scratch::<u32>("pair flags", total)?;
     ctx.dispatch(&mut enc, PAIR_FLAGS, &[(0, &p), (1, nbr.raw()), (7, flags.raw())], (g.0, g.1, 1));
@@ -422,7 +437,7 @@ fn finish_on_device(
             KernelMap::from_flat(kind, spec, offsets, input, out, starts, in_idx, out_idx)
         }
     };
-    Ok((map, Some(sorted)))
+    Ok((map.with_kept(keep), Some(sorted)))
 }
 
 /// Record the bitmask sort of a table's `n` rows of `kv` entries.
@@ -474,17 +489,19 @@ impl DeviceNeighbours {
 /// The submanifold (stride 1) or downsampling map of `spec` on `input`, queried on the GPU.
 /// Downsampled output coordinates (unique parents) are computed on the CPU.
 pub fn build(ctx: &GpuContext, input: &Arc<CoordSet>, spec: KernelSpec) -> Result<KernelMap> {
-    hashed_map(ctx, None, input, spec).map(|(m, _)| m)
+    hashed_map(ctx, None, input, spec, None).map(|(m, _)| m)
 }
 
 /// [`build`], also returning the map's bitmask-sorted neighbour table on the device when it
 /// fits one binding; the pairs then stay on the device until first needed.
+/// Offsets `keep` drops (`None`: none) get no pairs and no table entries.
 pub fn build_with_tables(
     ctx: &Arc<GpuContext>,
     input: &Arc<CoordSet>,
     spec: KernelSpec,
+    keep: Option<&[bool]>,
 ) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
-    hashed_map(ctx, Some(ctx), input, spec)
+    hashed_map(ctx, Some(ctx), input, spec, keep)
 }
 
 fn hashed_map(
@@ -492,8 +509,12 @@ fn hashed_map(
     lazy: Option<&Arc<GpuContext>>,
     input: &Arc<CoordSet>,
     spec: KernelSpec,
+    keep: Option<&[bool]>,
 ) -> Result<(KernelMap, Option<DeviceNeighbours>)> {
     let offsets = scaled_offsets(&spec, input.stride())?;
+    if let Some(k) = keep {
+        KernelMap::check_keep(k, offsets.len())?;
+    }
     let sub = spec.stride == 1;
     let out = if sub {
         input.clone()
@@ -513,9 +534,10 @@ fn hashed_map(
         let table = DeviceHashTable::build(ctx, &bin)?;
         let bout = if sub { bin.clone_ref() } else { ctx.to_device("out_coords", out.coords())? };
         let nbr = table.query(ctx, &bin, &bout, &bdel)?;
-        return finish_on_device(ctx, lazy, &nbr, kind, spec, offsets, input.clone(), out);
+        return finish_on_device(ctx, lazy, &nbr, kind, spec, offsets, input.clone(), out, keep);
     }
     let nbr = neighbours(ctx, input.coords(), out.coords(), &offsets)?;
-    let per = pairs_from_neighbours(&nbr, offsets.len());
-    Ok((KernelMap::from_pairs(kind, spec, offsets, input.clone(), out, per), None))
+    let mut per = pairs_from_neighbours(&nbr, offsets.len());
+    drop_offsets(&mut per, keep);
+    Ok((KernelMap::from_pairs(kind, spec, offsets, input.clone(), out, per).with_kept(keep), None))
 }

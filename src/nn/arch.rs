@@ -325,6 +325,32 @@ impl NetDesc {
         out
     }
 
+    /// The kernel map each conv of [`NetDesc::convs`] runs on, as the tensor stride of the
+    /// coordinates it is built on and the kernel: convs with equal entries share one map
+    /// (a transposed conv runs on the transpose of the down map on its target coordinates).
+    pub fn conv_maps(&self) -> Vec<(i32, KernelSpec)> {
+        let mut out: Vec<(i32, KernelSpec)> = self.stem.iter().map(|c| (1, c.spec)).collect();
+        let mut s = 1i32;
+        let blocks = |out: &mut Vec<(i32, KernelSpec)>, st: &StageDesc, s: i32| {
+            for b in &st.blocks {
+                out.push((s, b.c1.spec));
+                out.extend(b.shortcut.as_ref().map(|c| (s, c.spec)));
+                out.push((s, b.c2.spec));
+            }
+        };
+        for st in &self.stages {
+            out.push((s, st.resample.spec));
+            s = s.saturating_mul(st.resample.spec.stride as i32);
+            blocks(&mut out, st, s);
+        }
+        for st in &self.ups {
+            s /= (st.resample.spec.stride as i32).max(1);
+            out.push((s, st.resample.spec));
+            blocks(&mut out, st, s);
+        }
+        out
+    }
+
     /// Every linear layer (point MLPs, then the classifier).
     pub fn linears(&self) -> Vec<&LinearDesc> {
         self.point_transforms.iter().chain(std::iter::once(&self.classifier)).collect()

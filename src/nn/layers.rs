@@ -68,6 +68,10 @@ pub struct Conv {
     pub weight: ConvWeight,
     /// Apply ReLU after the conv.
     pub relu: bool,
+    /// The offsets the conv's kernel map is built for, when the network's convs sharing that
+    /// map never use some (offset pruning; `None`: all). Set by the network
+    /// ([`share_map_offsets`]); a conv whose nonzero weights fall outside it errors.
+    pub map_offsets: Option<Arc<[bool]>>,
 }
 
 impl Conv {
@@ -89,7 +93,7 @@ impl Conv {
             };
             weight = weight.with_format(Format::parse(f).map_err(bad)?).map_err(bad)?;
         }
-        Ok(Self { spec: d.spec, transposed: d.transposed, weight, relu: d.relu })
+        Ok(Self { spec: d.spec, transposed: d.transposed, weight, relu: d.relu, map_offsets: None })
     }
 
     /// Run the conv; a transposed conv needs the coordinates it upsamples back to.
@@ -106,14 +110,38 @@ impl Conv {
         target: Option<&Arc<CoordSet>>,
         residual: Option<&SparseTensor>,
     ) -> Result<SparseTensor> {
+        let keep = self.map_offsets.as_deref();
         let map = match (self.transposed, target) {
-            (true, Some(t)) => e.transposed_map(x.coord_set(), t, self.spec)?,
+            (true, Some(t)) => e.transposed_map_keeping(x.coord_set(), t, self.spec, keep)?,
             (true, None) => {
                 return Err(crate::error::Error::invalid("transposed conv", "no target coordinates given"));
             }
-            (false, _) => e.kernel_map(x.coord_set(), self.spec)?,
+            (false, _) => e.kernel_map_keeping(x.coord_set(), self.spec, keep)?,
         };
         e.conv_fused(&map, x, &self.weight, residual, self.relu)
+    }
+}
+
+/// Give each conv the offsets its kernel map must hold: the union of the offsets with nonzero
+/// weights over all convs on the same map (`maps[i]` names conv `i`'s map, as
+/// [`super::arch::NetDesc::conv_maps`] does). Offsets no conv on a map uses are then never
+/// searched for nor run (offset-pruned networks); a map every conv uses fully stays whole.
+pub fn share_map_offsets<K: std::hash::Hash + Eq>(convs: &mut [&mut Conv], maps: &[K]) {
+    let mut used: hashbrown::HashMap<&K, Vec<bool>> = hashbrown::HashMap::new();
+    for (c, k) in convs.iter().zip(maps) {
+        let zero = c.weight.zero_offsets();
+        let u = used.entry(k).or_insert_with(|| vec![false; zero.len()]);
+        if u.len() == zero.len() {
+            for (u, &z) in u.iter_mut().zip(zero) {
+                *u |= !z;
+            }
+        } else {
+            // Cannot happen for one spec; keep the map whole rather than guess.
+            u.iter_mut().for_each(|u| *u = true);
+        }
+    }
+    for (c, k) in convs.iter_mut().zip(maps) {
+        c.map_offsets = used.get(k).filter(|u| !u.iter().all(|&b| b)).map(|u| Arc::from(u.as_slice()));
     }
 }
 

@@ -3,7 +3,7 @@
 
 use super::arch::{ArchKind, NetDesc, StageDesc, POINT_MEETINGS};
 use super::checkpoint::Checkpoint;
-use super::layers::{Conv, Linear, Residual};
+use super::layers::{share_map_offsets, Conv, Linear, Residual};
 use crate::device::Engine;
 use crate::error::{Error, Result};
 use crate::tensor::SparseTensor;
@@ -79,7 +79,39 @@ impl MinkUNet {
             ups.push(Up { up, blocks });
         }
         let classifier = Linear::load(ck, &desc.classifier)?;
-        Ok(Self { desc: desc.clone(), stem, stages, ups, classifier })
+        let mut m = Self { desc: desc.clone(), stem, stages, ups, classifier };
+        m.share_map_offsets();
+        Ok(m)
+    }
+
+    /// Every conv, in [`NetDesc::convs`] order.
+    pub fn convs_mut(&mut self) -> Vec<&mut Conv> {
+        let mut out: Vec<&mut Conv> = self.stem.iter_mut().collect();
+        let stages = self.stages.iter_mut().map(|d| (&mut d.down, &mut d.blocks));
+        let ups = self.ups.iter_mut().map(|u| (&mut u.up, &mut u.blocks));
+        for (resample, blocks) in stages.chain(ups) {
+            out.push(resample);
+            for b in blocks.iter_mut() {
+                out.push(&mut b.c1);
+                out.extend(b.shortcut.as_mut());
+                out.push(&mut b.c2);
+            }
+        }
+        out
+    }
+
+    /// Build each kernel map for the offsets its convs use (see [`share_map_offsets`]); call
+    /// again after changing weights.
+    pub fn share_map_offsets(&mut self) {
+        let maps = self.desc.conv_maps();
+        share_map_offsets(&mut self.convs_mut(), &maps);
+    }
+
+    /// Build every kernel map whole, whatever the weights (the reference for offset-pruned maps).
+    pub fn full_maps(&mut self) {
+        for c in self.convs_mut() {
+            c.map_offsets = None;
+        }
     }
 
     /// Output classes.

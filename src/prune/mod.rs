@@ -116,12 +116,18 @@ pub fn prune_channels(
 
 /// Offset-prune the network in `ck`: remove `ratio` of every conv's kernel offsets (or of all
 /// offsets, with `Global`) by L1 magnitude, zeroing them and listing the kept ones.
-pub fn prune_offsets(ck: &Checkpoint, kind: ArchKind, ratio: f64, selection: Selection) -> Result<Pruned> {
+pub fn prune_offsets(
+    ck: &Checkpoint,
+    kind: ArchKind,
+    ratio: f64,
+    selection: Selection,
+    scope: offset::OffsetScope,
+) -> Result<Pruned> {
     let classes = ck.metadata().get("classes").and_then(|v| v.parse().ok()).unwrap_or(crate::io::kitti::NUM_CLASSES);
     let before = NetDesc::from_checkpoint(kind, ck, classes)?;
     let groups = groups::groups(&before)?;
     let plan = ChannelPlan { keep: groups.iter().map(|g| (0..g.width).collect()).collect() };
-    let offsets = offset::select(&before, ck.tensors(), ratio, selection)?;
+    let offsets = offset::select(&before, ck.tensors(), ratio, selection, scope)?;
     let (tensors, listed) = offset::apply(&offsets, ck.tensors())?;
     let mut metadata = carried_metadata(ck, kind);
     metadata.extend(listed);
@@ -130,8 +136,9 @@ pub fn prune_offsets(ck: &Checkpoint, kind: ArchKind, ratio: f64, selection: Sel
     metadata.insert(
         "pruned".into(),
         format!(
-            "offset l1 {} ratio {ratio}: {kept} of {total} offsets kept",
-            if selection == Selection::Global { "global" } else { "local" }
+            "offset l1 {}{} ratio {ratio}: {kept} of {total} offsets kept",
+            if selection == Selection::Global { "global" } else { "local" },
+            if scope == offset::OffsetScope::Map { " per map" } else { "" }
         ),
     );
     Ok(Pruned { after: before.clone(), before, groups, plan, offsets, tensors, metadata, notes: Vec::new() })

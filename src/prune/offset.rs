@@ -27,21 +27,55 @@ fn slice_l1(t: &Tensor<f32>) -> Vec<f64> {
     t.data.chunks(per).map(|c| c.iter().map(|v| v.abs() as f64).sum()).collect()
 }
 
+/// Which convs lose the same offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OffsetScope {
+    /// Each conv its own offsets.
+    #[default]
+    Conv,
+    /// Every conv on one kernel map ([`NetDesc::conv_maps`]) the same offsets, ranked by the
+    /// sum of their per-layer-normalized L1: the map itself then loses those offsets, so they
+    /// are neither searched for nor stored (`MinkUNet::share_map_offsets`). Convs pruned each
+    /// on their own rarely agree, and their maps stay almost whole.
+    Map,
+}
+
 /// Choose the offsets each conv keeps: `ratio` of them removed (at least one kept), the
 /// smallest by L1 first; `Global` ranks all offsets of all convs by L1 over their layer's mean.
+/// With [`OffsetScope::Map`] the units ranked are the maps' offsets, not the convs'.
 pub fn select(
     desc: &NetDesc,
     tensors: &BTreeMap<String, Tensor<f32>>,
     ratio: f64,
     selection: Selection,
+    scope: OffsetScope,
 ) -> Result<OffsetPlan> {
     if !(0.0..1.0).contains(&ratio) {
         return Err(Error::invalid("--ratio", format!("must be in [0, 1), got {ratio}")));
     }
-    let mut mags: Vec<(String, Vec<f64>)> = Vec::new();
-    for c in desc.convs().into_iter().filter(|c| c.spec.volume() > 1) {
+    // Units ranked: one per conv, or one per map; each lists its convs.
+    let mut mags: Vec<(Vec<String>, Vec<f64>)> = Vec::new();
+    let mut unit_of: Vec<(i32, crate::kmap::KernelSpec)> = Vec::new();
+    for (c, key) in desc.convs().into_iter().zip(desc.conv_maps()).filter(|(c, _)| c.spec.volume() > 1) {
         let t = tensors.get(&c.kernel).ok_or_else(|| Error::tensor(c.kernel.as_str(), "missing from the model"))?;
-        mags.push((c.kernel.clone(), slice_l1(t)));
+        let m = slice_l1(t);
+        match scope {
+            OffsetScope::Conv => mags.push((vec![c.kernel.clone()], m)),
+            OffsetScope::Map => {
+                let mean = m.iter().sum::<f64>() / m.len().max(1) as f64;
+                let norm: Vec<f64> = m.iter().map(|&v| if mean > 0.0 { v / mean } else { v }).collect();
+                match unit_of.iter().position(|k| *k == key) {
+                    Some(u) if mags[u].1.len() == norm.len() => {
+                        mags[u].0.push(c.kernel.clone());
+                        mags[u].1.iter_mut().zip(&norm).for_each(|(a, b)| *a += b);
+                    }
+                    _ => {
+                        unit_of.push(key);
+                        mags.push((vec![c.kernel.clone()], norm));
+                    }
+                }
+            }
+        }
     }
     let rank = |m: &[f64], n: usize| -> Vec<usize> {
         let mut idx: Vec<usize> = (0..m.len()).collect();
@@ -53,9 +87,11 @@ pub fn select(
     let mut plan = OffsetPlan::new();
     match selection {
         Selection::Local => {
-            for (name, m) in &mags {
+            for (names, m) in &mags {
                 let keep = m.len() - ((m.len() as f64) * ratio).round() as usize;
-                plan.insert(name.clone(), rank(m, keep));
+                for name in names {
+                    plan.insert(name.clone(), rank(m, keep));
+                }
             }
         }
         Selection::Global => {
@@ -69,8 +105,10 @@ pub fn select(
             for &(_, l) in &all[..((all.len() as f64) * ratio).floor() as usize] {
                 removed[l] += 1;
             }
-            for (l, (name, m)) in mags.iter().enumerate() {
-                plan.insert(name.clone(), rank(m, m.len() - removed[l]));
+            for (l, (names, m)) in mags.iter().enumerate() {
+                for name in names {
+                    plan.insert(name.clone(), rank(m, m.len() - removed[l]));
+                }
             }
         }
     }
