@@ -9,6 +9,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod cli;
+use cli::{bundled, check_device, default_yaml, ground_truth};
 
 // Large feature buffers are allocated and freed every layer; glibc returns them to the OS
 // (munmap), and on a multi-threaded process every munmap costs TLB-shootdown interrupts on
@@ -141,6 +142,13 @@ enum Cmd {
     /// Prune a model: list its channel dependency groups, or remove channels and write a
     /// smaller model, printing per conv the shapes, parameters, FLOPs and measured times.
     Prune(cli::prune::PruneArgs),
+    /// Prune one channel group at a time at each ratio: mIoU on labelled scans and predicted
+    /// latency per point (CSV and plots); --threshold writes a width plan for `prune --plan`.
+    Sensitivity(cli::sensitivity::SensitivityArgs),
+    /// Measure every conv's time at every width on the pruning grid, on this machine (the
+    /// table pruning searches price candidates with); --check compares its predictions with
+    /// measured end-to-end times of pruned models.
+    LatencyTable(cli::latency_table::LatencyTableArgs),
     /// Segment the bundled SemanticKITTI scan with the bundled model: class counts, IoU against
     /// the bundled labels, time taken, and a rerun recording (with the `rerun` feature).
     Demo {
@@ -293,6 +301,8 @@ fn run(cli: Cli) -> Result<()> {
             cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json, layers)
         }
         Cmd::Prune(args) => cli::prune::run(args, &bundled("data/semantickitti/sequences/00/velodyne/000000.bin")),
+        Cmd::Sensitivity(args) => cli::sensitivity::run(args),
+        Cmd::LatencyTable(args) => cli::latency_table::run(args),
         Cmd::Demo { rerun } => cmd_demo(rerun),
         Cmd::Train { config, out, resume, init, data, epochs, max_steps, export, half } => {
             cmd_train(config, &out, resume, init, data, epochs, max_steps, export, half)
@@ -525,19 +535,6 @@ fn engine_builder_name(e: &Engine) -> String {
     format!("{:?}", e.builder())
 }
 
-fn check_device(device: &str) -> Result<Device> {
-    match device {
-        "cpu" => Ok(Device::Cpu),
-        "gpu" => Device::gpu(),
-        other => Err(Error::invalid("--device", format!("expected cpu or gpu, got `{other}`"))),
-    }
-}
-
-/// A file bundled with the repository.
-fn bundled(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
 fn cmd_demo(rerun: PathBuf) -> Result<()> {
     let with_rerun = cfg!(feature = "rerun");
     cmd_segment(SegmentArgs {
@@ -566,10 +563,6 @@ fn cmd_demo(rerun: PathBuf) -> Result<()> {
 
 fn default_model() -> PathBuf {
     bundled("data/models/minkunet_cr0.5.safetensors")
-}
-
-fn default_yaml() -> PathBuf {
-    bundled("data/semantickitti/semantic-kitti.yaml")
 }
 
 #[derive(clap::Args)]
@@ -773,21 +766,6 @@ fn print_iou(c: &sparseconv::metrics::Confusion, lm: &LearningMap) {
         ),
         None => println!("mIoU n/a (no labelled points)"),
     }
-}
-
-/// Ground truth as training ids: SemanticKITTI `.label` (raw ids, mapped) or Open3D-ML
-/// `labels_*.npy` (training ids already).
-fn ground_truth(g: &Path, lm: &LearningMap) -> Result<Vec<u32>> {
-    if !g.to_string_lossy().to_ascii_lowercase().ends_with(".npy") {
-        return Ok(read_label(g, None)?.iter().map(|&r| lm.to_train(r)).collect());
-    }
-    let ids = sparseconv::io::npy::read_npy(g)?.to_i64().ok_or_else(|| Error::format(g, "labels must be integers"))?;
-    ids.iter()
-        .map(|&v| match u32::try_from(v) {
-            Ok(v) if v as usize <= NUM_CLASSES => Ok(v),
-            _ => Err(Error::format(g, format!("label {v} outside 0..={NUM_CLASSES}"))),
-        })
-        .collect()
 }
 
 fn cmd_eval(preds: &[PathBuf], model: Option<PathBuf>, labels: &[PathBuf], yaml: Option<PathBuf>) -> Result<()> {

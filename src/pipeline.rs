@@ -321,17 +321,9 @@ pub struct Segmentation {
     pub point_labels: Vec<u32>,
 }
 
-/// Run the network on prepared voxels. The engine's map cache is cleared first (a new scan).
-pub fn segment(e: &Engine, model: &Model, p: &Prepared, timings: &mut Timings) -> Result<Segmentation> {
-    e.clear_cache();
-    e.take_map_seconds();
-    let t0 = Instant::now();
-    let logits = model.forward(e, &p.voxels)?;
-    let fwd = t0.elapsed().as_secs_f64();
-    let maps = e.take_map_seconds();
-    timings.kernel_maps = maps;
-    timings.conv = (fwd - maps).max(0.0);
-    let t1 = Instant::now();
+/// Training ids (1..=19) per voxel from logits `[V, 19]` (argmax, ties to the lower id), and
+/// per input point through the voxelization's inverse map (per voxel for voxelized input).
+pub fn labels(logits: &[f32], p: &Prepared) -> (Vec<u32>, Vec<u32>) {
     let voxel_labels: Vec<u32> = logits
         .chunks_exact(NUM_CLASSES)
         .map(|row| {
@@ -348,6 +340,21 @@ pub fn segment(e: &Engine, model: &Model, p: &Prepared, timings: &mut Timings) -
         Some(inv) => inv.iter().map(|&v| voxel_labels[v as usize]).collect(),
         None => voxel_labels.clone(),
     };
+    (voxel_labels, point_labels)
+}
+
+/// Run the network on prepared voxels. The engine's map cache is cleared first (a new scan).
+pub fn segment(e: &Engine, model: &Model, p: &Prepared, timings: &mut Timings) -> Result<Segmentation> {
+    e.clear_cache();
+    e.take_map_seconds();
+    let t0 = Instant::now();
+    let logits = model.forward(e, &p.voxels)?;
+    let fwd = t0.elapsed().as_secs_f64();
+    let maps = e.take_map_seconds();
+    timings.kernel_maps = maps;
+    timings.conv = (fwd - maps).max(0.0);
+    let t1 = Instant::now();
+    let (voxel_labels, point_labels) = labels(&logits, p);
     timings.other = t1.elapsed().as_secs_f64();
     Ok(Segmentation { logits, voxel_labels, point_labels })
 }

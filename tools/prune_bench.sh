@@ -19,7 +19,7 @@ echo "== unpruned: $(miou $MODEL)"
 run() {
     local name=$1; shift
     "$BIN" --threads "$T" prune "$MODEL" "$@" --runs 1 --rounds 1 --out "$OUT/$name.safetensors" \
-        | grep -E "^(minkunet|pruned:|all convs)"
+        | grep -E "^(minkunet|pruned:|all convs|kernel maps)"
     "$BIN" --threads "$T" bench "$SCAN" --model "$OUT/$name.safetensors" --baseline "$MODEL" \
         --runs "$RUNS" --rounds "$ROUNDS" | tail -3
     echo "   $(miou "$OUT/$name.safetensors")"
@@ -27,6 +27,7 @@ run() {
 for r in 0.3 0.5 0.7; do echo "== channel l1 local $r round-to 16"; run ch$r --ratio $r; done
 for q in 8 1; do echo "== channel l1 local 0.5 round-to $q"; run ch0.5r$q --ratio 0.5 --round-to $q; done
 for r in 0.2 0.4 0.6; do echo "== offset l1 local $r"; run off$r --granularity offset --ratio $r; done
+for r in 0.4 0.6; do echo "== offset l1 local per map $r"; run offm$r --granularity offset --per-map --ratio $r; done
 for r in 0.7 0.9; do echo "== block local $r"; run blk$r --granularity block --ratio $r; done
 echo "== element local 0.9"; run el0.9 --granularity element --ratio 0.9
 echo "== nm 2:4"; run nm24 --granularity nm --nm 2:4

@@ -1,4 +1,47 @@
-//! CLI commands that live in their own files (the older ones are still in `main.rs`).
+//! CLI commands that live in their own files (the older ones are still in `main.rs`), and
+//! what they share.
 
+pub mod latency_table;
+pub mod plot;
 pub mod prune;
 pub mod rounds;
+pub mod sensitivity;
+
+use std::path::{Path, PathBuf};
+
+use sparseconv::io::kitti::{read_label, LearningMap, NUM_CLASSES};
+use sparseconv::{Device, Error, Result};
+
+/// Ground truth as training ids: SemanticKITTI `.label` (raw ids, mapped) or Open3D-ML
+/// `labels_*.npy` (training ids already).
+pub fn ground_truth(g: &Path, lm: &LearningMap) -> Result<Vec<u32>> {
+    if !g.to_string_lossy().to_ascii_lowercase().ends_with(".npy") {
+        return Ok(read_label(g, None)?.iter().map(|&r| lm.to_train(r)).collect());
+    }
+    let ids = sparseconv::io::npy::read_npy(g)?.to_i64().ok_or_else(|| Error::format(g, "labels must be integers"))?;
+    ids.iter()
+        .map(|&v| match u32::try_from(v) {
+            Ok(v) if v as usize <= NUM_CLASSES => Ok(v),
+            _ => Err(Error::format(g, format!("label {v} outside 0..={NUM_CLASSES}"))),
+        })
+        .collect()
+}
+
+/// The device named by `--device`.
+pub fn check_device(device: &str) -> Result<Device> {
+    match device {
+        "cpu" => Ok(Device::Cpu),
+        "gpu" => Device::gpu(),
+        other => Err(Error::invalid("--device", format!("expected cpu or gpu, got `{other}`"))),
+    }
+}
+
+/// A file bundled with the repository.
+pub fn bundled(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// The bundled SemanticKITTI yaml (learning map).
+pub fn default_yaml() -> PathBuf {
+    bundled("data/semantickitti/semantic-kitti.yaml")
+}

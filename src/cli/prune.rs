@@ -13,7 +13,9 @@ use sparseconv::prune::channel::{ChannelOptions, Selection};
 use sparseconv::prune::groups::groups;
 use sparseconv::prune::importance::Criterion;
 use sparseconv::prune::offset::OffsetScope;
-use sparseconv::prune::{prune_channels, prune_offsets, prune_sparse, Pruned};
+use sparseconv::prune::{
+    prune_channels, prune_channels_to, prune_offsets, prune_sparse, ChannelTarget, Pruned, WidthPlan,
+};
 use sparseconv::sparse_weights::Format;
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
@@ -46,6 +48,10 @@ pub struct PruneArgs {
     /// map, so the map itself loses them (they are then not even searched for).
     #[arg(long)]
     pub per_map: bool,
+    /// A width plan (`sensitivity --threshold`) to apply instead of --ratio: every group
+    /// keeps the planned number of channels, chosen by --criterion.
+    #[arg(long, conflicts_with_all = ["ratio", "global"])]
+    pub plan: Option<PathBuf>,
     /// Kept widths are multiples of this (16: what the AVX-512 microkernel wants).
     #[arg(long, default_value_t = 16)]
     pub round_to: usize,
@@ -78,7 +84,7 @@ pub struct PruneArgs {
     pub rounds: usize,
 }
 
-fn arch_of(ck: &Checkpoint, flag: Option<&str>) -> Result<ArchKind> {
+pub fn arch_of(ck: &Checkpoint, flag: Option<&str>) -> Result<ArchKind> {
     match (flag, ck.metadata().get("arch")) {
         (Some(a), Some(m)) if a != m => {
             Err(Error::format(ck.path(), format!("holds a `{m}` model but --arch {a} was given")))
@@ -102,6 +108,7 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
     let ratio = match (a.ratio, a.granularity.as_str()) {
         (Some(r), _) => r,
         (None, "nm") => 0.0,
+        (None, "channel") if a.plan.is_some() => 0.0,
         (None, _) => return Err(Error::invalid("--ratio", "give the fraction to remove")),
     };
     let selection = if a.global { Selection::Global } else { Selection::Local };
@@ -111,6 +118,15 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
         return Err(Error::invalid("--out", "give the file to write the pruned weights to"));
     }
     let pruned = match a.granularity.as_str() {
+        "channel" if a.plan.is_some() => {
+            let plan = WidthPlan::load(a.plan.as_deref().unwrap_or(Path::new("")))?;
+            let desc = NetDesc::from_checkpoint(kind, &ck, classes)?;
+            let widths = plan.widths(kind, &groups(&desc)?)?;
+            prune_channels_to(&ck, kind, criterion, ChannelTarget::Widths(&widths), &a.data, a.seed)?
+        }
+        _ if a.plan.is_some() => {
+            return Err(Error::invalid("--plan", "width plans prune channels: use --granularity channel"));
+        }
         "channel" => prune_channels(&ck, kind, criterion, &opts, &a.data, a.seed)?,
         "offset" if criterion == Criterion::L1 => {
             let scope = if a.per_map { OffsetScope::Map } else { OffsetScope::Conv };

@@ -121,6 +121,28 @@ pub fn select(groups: &[Group], scores: &[Vec<f64>], o: &ChannelOptions) -> Resu
     Ok(ChannelPlan { keep })
 }
 
+/// Keep `widths[g]` channels of every group, the highest-scoring ones (per-layer widths from a
+/// plan, a sensitivity sweep or a search); groups that cannot be pruned keep all.
+pub fn select_widths(groups: &[Group], scores: &[Vec<f64>], widths: &[usize]) -> Result<ChannelPlan> {
+    if scores.len() != groups.len() || widths.len() != groups.len() {
+        return Err(Error::invalid("prune", "one score list and one width per group expected"));
+    }
+    let mut keep = Vec::with_capacity(groups.len());
+    for ((g, s), &w) in groups.iter().zip(scores).zip(widths) {
+        if !g.prunable && w != g.width {
+            return Err(Error::invalid("width plan", format!("group `{}` cannot be pruned", g.name())));
+        }
+        if w == 0 || w > g.width {
+            return Err(Error::invalid(
+                "width plan",
+                format!("group `{}` has {} channels, cannot keep {w}", g.name(), g.width),
+            ));
+        }
+        keep.push(if g.prunable { top(s, w) } else { (0..g.width).collect() });
+    }
+    Ok(ChannelPlan { keep })
+}
+
 /// Per (tensor, axis): which indices survive.
 fn keep_masks(
     groups: &[Group],

@@ -7,6 +7,9 @@
 //!   masked full-width reference it must equal.
 //! - [`offset`]: whole kernel offsets removed per conv; the CPU conv skips their pairs.
 //! - [`sparsity`]: element, 1×16 block and N:M weight sparsity, run by the CPU sparse kernels.
+//! - [`latency`]: per-conv latency tables measured on the target, to price candidate widths.
+//! - [`sensitivity`]: one group pruned at a time, mIoU and latency per ratio; width plans.
+//! - [`plan`]: width plans, the file `prune --plan` applies.
 //!
 //! A pruned network is a checkpoint with narrower tensors under the same names; its widths are
 //! read back from the shapes, so `segment`, `eval`, `bench`, `train` and the library load it
@@ -25,7 +28,10 @@
 pub mod channel;
 pub mod groups;
 pub mod importance;
+pub mod latency;
 pub mod offset;
+pub mod plan;
+pub mod sensitivity;
 pub mod sparsity;
 
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +45,7 @@ use channel::{ChannelOptions, ChannelPlan, Selection};
 use groups::Group;
 use importance::Criterion;
 use offset::OffsetPlan;
+pub use plan::WidthPlan;
 
 /// Metadata keys a pruned file carries over from its source.
 const KEPT_METADATA: [&str; 4] = ["arch", "cr", "classes", "voxel_size"];
@@ -76,6 +83,15 @@ impl Pruned {
     }
 }
 
+/// How many channels each group keeps.
+#[derive(Debug, Clone, Copy)]
+pub enum ChannelTarget<'a> {
+    /// A ratio, local or global, rounded.
+    Options(&'a ChannelOptions),
+    /// Exact widths per group ([`groups::groups`] order), e.g. from a [`WidthPlan`].
+    Widths(&'a [usize]),
+}
+
 /// Channel-prune the network in `ck` (its widths read from the tensors): score each group's
 /// channels by `criterion` (Taylor reads labelled scans under `data`), keep what `opts` says,
 /// and slice every tensor.
@@ -88,6 +104,18 @@ pub fn prune_channels(
     seed: u64,
 ) -> Result<Pruned> {
     opts.validate()?;
+    prune_channels_to(ck, kind, criterion, ChannelTarget::Options(opts), data, seed)
+}
+
+/// [`prune_channels`] to any [`ChannelTarget`].
+pub fn prune_channels_to(
+    ck: &Checkpoint,
+    kind: ArchKind,
+    criterion: Criterion,
+    target: ChannelTarget<'_>,
+    data: &[PathBuf],
+    seed: u64,
+) -> Result<Pruned> {
     let classes = ck.metadata().get("classes").and_then(|v| v.parse().ok()).unwrap_or(crate::io::kitti::NUM_CLASSES);
     let before = NetDesc::from_checkpoint(kind, ck, classes)?;
     let groups = groups::groups(&before)?;
@@ -96,19 +124,27 @@ pub fn prune_channels(
         _ => None,
     };
     let scores = importance::scores(&groups, ck.tensors(), criterion, grads.as_ref(), seed)?;
-    let plan = channel::select(&groups, &scores, opts)?;
+    let (plan, how) = match target {
+        ChannelTarget::Options(opts) => (
+            channel::select(&groups, &scores, opts)?,
+            format!(
+                "channel {} {} ratio {} round-to {} min-width {}",
+                criterion_name(criterion),
+                if opts.selection == Selection::Global { "global" } else { "local" },
+                opts.ratio,
+                opts.round_to,
+                opts.min_width
+            ),
+        ),
+        ChannelTarget::Widths(w) => (
+            channel::select_widths(&groups, &scores, w)?,
+            format!("channel {} to planned widths", criterion_name(criterion)),
+        ),
+    };
     let tensors = channel::apply(&groups, &plan, ck.tensors())?;
     let mut metadata = carried_metadata(ck, kind);
     let check = Checkpoint::from_tensors("<pruned>", tensors.clone(), HashMap::new());
     let after = NetDesc::from_checkpoint(kind, &check, classes)?;
-    let how = format!(
-        "channel {} {} ratio {} round-to {} min-width {}",
-        criterion_name(criterion),
-        if opts.selection == Selection::Global { "global" } else { "local" },
-        opts.ratio,
-        opts.round_to,
-        opts.min_width
-    );
     metadata.insert("pruned".into(), how);
     metadata.insert("widths".into(), after.widths_summary());
     Ok(Pruned { before, after, groups, plan, offsets: OffsetPlan::new(), tensors, metadata, notes: Vec::new() })
