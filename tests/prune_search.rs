@@ -1,0 +1,192 @@
+//! Pruning decisions: latency tables (every conv of the network and of its pruned versions is
+//! priced, the file round-trips, a table from another target is refused), the sensitivity
+//! sweep (one point per group and ratio, unpruned widths give the unpruned mIoU, thresholds
+//! give plans) and width plans end to end through the CLI (`sensitivity`, `prune --plan`,
+//! `latency-table`), with one line and exit 2 for a plan made for another network.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use sparseconv::io::kitti::{read_label, LearningMap};
+use sparseconv::nn::arch::{ArchKind, NetDesc};
+use sparseconv::nn::checkpoint::Checkpoint;
+use sparseconv::pipeline::{prepare_file, VoxelizeMode};
+use sparseconv::prune::channel::{ChannelOptions, Selection};
+use sparseconv::prune::importance::Criterion;
+use sparseconv::prune::latency::LatencyTable;
+use sparseconv::prune::sensitivity::{sweep, EvalSet};
+use sparseconv::prune::{groups::groups, prune_channels, prune_channels_to, ChannelTarget};
+use sparseconv::{Device, Engine, Grouping, MapBuilder};
+
+const MODEL: &str = "data/models/minkunet_cr0.5.safetensors";
+const TINY: &str = "data/tiny/sequences/00/velodyne/000000.bin";
+const TINY_LABELS: &str = "data/tiny/sequences/00/labels/000000.label";
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sparseconv-search-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    dir.join(name)
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_sparseconv")).args(args).output().expect("run");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().expect("utf8").to_string()
+}
+
+fn engine() -> Engine {
+    Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Auto)
+}
+
+fn tiny_table(e: &Engine, ck: &Checkpoint) -> LatencyTable {
+    LatencyTable::measure(e, ck, ArchKind::MinkUNet, &repo(TINY), 16, 1, |_, _| {}).expect("table")
+}
+
+#[test]
+fn latency_tables_price_every_pruned_network_and_round_trip() {
+    let ck = Checkpoint::load(&repo(MODEL)).expect("model");
+    let e = engine();
+    let t = tiny_table(&e, &ck);
+    let desc = NetDesc::from_checkpoint(ArchKind::MinkUNet, &ck, 19).expect("desc");
+    // Every conv at its own widths is an entry, measured (not interpolated).
+    assert!(t.entries.len() > desc.convs().len(), "{} entries", t.entries.len());
+    assert!(t.entries.values().all(|v| v.is_finite() && *v >= 0.0));
+    assert!(t.scale > 0.0 && t.fixed >= 0.0, "calibration {} + {} x convs", t.fixed, t.scale);
+    let full = t.predict(&desc).expect("unpruned");
+    // Pruned on the table's grid and off it (round-to 8 lies between grid points).
+    for round_to in [16, 8] {
+        let o = ChannelOptions { ratio: 0.5, selection: Selection::Local, round_to, min_width: 16 };
+        let p = prune_channels(&ck, ArchKind::MinkUNet, Criterion::L1, &o, &[], 0).expect("prune");
+        let pred = t.predict(&p.after).expect("pruned");
+        assert!(pred.is_finite() && pred > 0.0, "round-to {round_to}: {pred}");
+        assert_eq!(t.convs(&p.after).expect("convs").len(), p.after.convs().len());
+        assert!(pred < full, "round-to {round_to}: half the channels predicted no faster ({pred} vs {full})");
+    }
+    let path = tmp("table.csv");
+    t.save(&path).expect("save");
+    let back = LatencyTable::load(&path).expect("load");
+    assert_eq!(back.entries.len(), t.entries.len());
+    assert_eq!(back.device, "cpu");
+    assert!((back.predict(&desc).expect("reloaded") - full).abs() < 1e-6 * full.max(1.0) + 1e-6);
+    // Measured with another thread count: refused where it would be used.
+    let other = LatencyTable { threads: rayon::current_num_threads() + 1, ..back };
+    let err = other.check_target(&e).expect_err("other target").to_string();
+    assert!(err.contains("threads"), "{err}");
+    std::fs::write(&path, "map_stride,kernel,stride,transposed,cin,cout,ms\n1,3,1,0,16,16,0.1\n").expect("write");
+    let err = LatencyTable::load(&path).expect_err("no header").to_string();
+    assert!(err.contains("table.csv") && err.contains("header"), "{err}");
+}
+
+#[test]
+fn sensitivity_sweeps_every_group_and_thresholds_make_plans() {
+    let ck = Checkpoint::load(&repo(MODEL)).expect("model");
+    let e = engine();
+    let t = tiny_table(&e, &ck);
+    let lm = LearningMap::load(&repo("data/semantickitti/semantic-kitti.yaml")).expect("yaml");
+    let gt: Vec<u32> = read_label(&repo(TINY_LABELS), None).expect("labels").iter().map(|&r| lm.to_train(r)).collect();
+    let eval = EvalSet::new(vec![prepare_file(&repo(TINY), None, VoxelizeMode::Mean).expect("scan")], vec![gt.clone()])
+        .expect("eval set");
+    let opts = ChannelOptions { ratio: 0.0, selection: Selection::Local, round_to: 16, min_width: 16 };
+    let ratios = [0.0, 0.5, 0.9];
+    let sw = sweep(&ck, ArchKind::MinkUNet, Criterion::L1, &ratios, &opts, &eval, &e, &t, |_, _| {}).expect("sweep");
+    let prunable: Vec<_> = sw.groups.iter().filter(|g| g.prunable).collect();
+    assert_eq!(sw.points.len(), prunable.len() * ratios.len(), "one point per group and ratio");
+    for p in &sw.points {
+        let g = &sw.groups[p.group];
+        assert_eq!(p.of, g.width);
+        assert!(p.width <= g.width && p.width >= 16.min(g.width) && p.width % 16 == 0 || p.width == g.width);
+        if p.width == g.width {
+            assert_eq!(p.miou, sw.base.0, "{} at {}: unpruned widths, unpruned mIoU", p.name, p.ratio);
+        }
+    }
+    assert!(sw.points.iter().any(|p| p.width < p.of && p.predicted < sw.base.1), "no pruned point is predicted faster");
+    let csv = sw.to_csv();
+    assert_eq!(csv.lines().count(), 2 + sw.points.len(), "header, unpruned, points");
+    // Threshold 0 keeps groups whose every pruned width loses mIoU; 100 points prunes all the way.
+    let strict = sw.plan(0.0).expect("plan");
+    let loose = sw.plan(1.0).expect("plan");
+    let gs = groups(&NetDesc::from_checkpoint(ArchKind::MinkUNet, &ck, 19).expect("desc")).expect("groups");
+    let (ws, wl) =
+        (strict.widths(ArchKind::MinkUNet, &gs).expect("fits"), loose.widths(ArchKind::MinkUNet, &gs).expect("fits"));
+    for (g, (a, b)) in gs.iter().zip(ws.iter().zip(&wl)) {
+        assert!(b <= a, "{}: a looser threshold kept more channels", g.name());
+        if g.prunable {
+            let narrowest = sw.points.iter().filter(|p| p.group == g.id).map(|p| p.width).min().expect("points");
+            assert_eq!(*b, narrowest, "{}: any drop allowed, narrowest width", g.name());
+        }
+    }
+    // The plan applies: the pruned network has exactly the planned widths.
+    let p =
+        prune_channels_to(&ck, ArchKind::MinkUNet, Criterion::L1, ChannelTarget::Widths(&wl), &[], 0).expect("apply");
+    let after = groups(&p.after).expect("groups");
+    assert_eq!(after.iter().map(|g| g.width).collect::<Vec<_>>(), wl);
+    // Ratios out of range and the Taylor criterion are refused.
+    assert!(sweep(&ck, ArchKind::MinkUNet, Criterion::L1, &[1.0], &opts, &eval, &e, &t, |_, _| {}).is_err());
+    assert!(EvalSet::new(
+        vec![prepare_file(&repo(TINY), None, VoxelizeMode::Mean).expect("scan")],
+        vec![gt[1..].to_vec()]
+    )
+    .is_err());
+}
+
+#[test]
+fn sensitivity_plan_and_latency_table_from_the_command_line() {
+    let model = s(&repo(MODEL));
+    let table = tmp("cli_table.csv");
+    let (code, out, err) =
+        run(&["latency-table", &model, "--scan", &s(&repo(TINY)), "--step", "16", "--reps", "1", "--out", &s(&table)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("conv shapes") && out.contains("calibrated"), "{out}");
+    let dir = tmp("sens");
+    let (code, out, err) = run(&[
+        "sensitivity",
+        &model,
+        "--eval",
+        &s(&repo(TINY)),
+        "--labels",
+        &s(&repo(TINY_LABELS)),
+        "--ratios",
+        "0.5",
+        "--round-to",
+        "16",
+        "--table",
+        &s(&table),
+        "--threshold",
+        "100",
+        "--out",
+        &s(&dir),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("groups x 1 ratios") && out.contains("plan for a drop"), "{out}");
+    for f in ["sensitivity.png", "latency.png"] {
+        let bytes = std::fs::read(dir.join(f)).expect(f);
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{f} is a PNG");
+    }
+    let plan = dir.join("plan.txt");
+    let text = std::fs::read_to_string(&plan).expect("plan");
+    assert!(text.contains("arch minkunet") && text.contains("group stage4.1.net.0.kernel 64 of 128"), "{text}");
+    let pruned = tmp("planned.safetensors");
+    let (code, out, err) =
+        run(&["prune", &model, "--plan", &s(&plan), "--runs", "0", "--scan", &s(&repo(TINY)), "--out", &s(&pruned)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("to planned widths"), "{out}");
+    // The plan was made for the unpruned network: the pruned one refuses it.
+    let (code, _, err) =
+        run(&["prune", &s(&pruned), "--plan", &s(&plan), "--runs", "0", "--out", &s(&tmp("x.safetensors"))]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("another network") && err.lines().count() == 1, "{err}");
+    // A table measured with another thread count.
+    let (code, _, err) = run(&["--threads", "3", "latency-table", "--table", &s(&table), "--check", &model]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("threads"), "{err}");
+}
