@@ -149,6 +149,10 @@ enum Cmd {
     /// table pruning searches price candidates with); --check compares its predictions with
     /// measured end-to-end times of pruned models.
     LatencyTable(cli::latency_table::LatencyTableArgs),
+    /// NetAdapt: narrow one channel group per iteration to meet a decaying latency cut
+    /// (priced by a latency table), fine-tune each proposal briefly, keep the best by mIoU;
+    /// resumable; ends with a longer fine-tune and a timed comparison.
+    Netadapt(cli::netadapt::NetAdaptArgs),
     /// Segment the bundled SemanticKITTI scan with the bundled model: class counts, IoU against
     /// the bundled labels, time taken, and a rerun recording (with the `rerun` feature).
     Demo {
@@ -303,6 +307,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Prune(args) => cli::prune::run(args, &bundled("data/semantickitti/sequences/00/velodyne/000000.bin")),
         Cmd::Sensitivity(args) => cli::sensitivity::run(args),
         Cmd::LatencyTable(args) => cli::latency_table::run(args),
+        Cmd::Netadapt(args) => cli::netadapt::run(args),
         Cmd::Demo { rerun } => cmd_demo(rerun),
         Cmd::Train { config, out, resume, init, data, epochs, max_steps, export, half } => {
             cmd_train(config, &out, resume, init, data, epochs, max_steps, export, half)

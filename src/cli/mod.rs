@@ -2,6 +2,7 @@
 //! what they share.
 
 pub mod latency_table;
+pub mod netadapt;
 pub mod plot;
 pub mod prune;
 pub mod rounds;

@@ -10,6 +10,7 @@
 //! - [`latency`]: per-conv latency tables measured on the target, to price candidate widths.
 //! - [`sensitivity`]: one group pruned at a time, mIoU and latency per ratio; width plans.
 //! - [`plan`]: width plans, the file `prune --plan` applies.
+//! - [`netadapt`]: NetAdapt, latency-driven iterative narrowing with short fine-tunes.
 //!
 //! A pruned network is a checkpoint with narrower tensors under the same names; its widths are
 //! read back from the shapes, so `segment`, `eval`, `bench`, `train` and the library load it
@@ -29,6 +30,7 @@ pub mod channel;
 pub mod groups;
 pub mod importance;
 pub mod latency;
+pub mod netadapt;
 pub mod offset;
 pub mod plan;
 pub mod sensitivity;

@@ -406,6 +406,18 @@ impl Trainer {
         Self::assemble(config, net, train, eval)
     }
 
+    /// A run that starts from the weights (and any `mask.*` tensors) of `ck`, on scans
+    /// already in memory: fine-tuning a pruned network (`config.data` is not read).
+    pub fn from_checkpoint(config: TrainConfig, ck: &Checkpoint, train: Vec<Sample>, eval: Vec<Sample>) -> Result<Self> {
+        if train.is_empty() {
+            return Err(Error::invalid("training", "no training scans"));
+        }
+        let net = TrainNet::load_arch(&config.arch, ck, config.cr, NUM_CLASSES).map_err(|e| e.in_file(ck.path()))?;
+        let mut t = Self::assemble(config, net, train, eval)?;
+        t.read_state(ck, false)?;
+        Ok(t)
+    }
+
     fn with_net(config: TrainConfig, net: TrainNet) -> Result<Self> {
         let train = load_samples(&config.data)?;
         let eval = if config.eval.is_empty() { train.clone() } else { load_samples(&config.eval)? };
