@@ -140,6 +140,60 @@ fn sensitivity_sweeps_every_group_and_thresholds_make_plans() {
 }
 
 #[test]
+fn netadapt_meets_each_cut_saves_every_iteration_and_resumes() {
+    use sparseconv::prune::netadapt::{NetAdapt, NetAdaptOptions};
+    use sparseconv::train::data::load_semantickitti;
+    let ck = Checkpoint::load(&repo(MODEL)).expect("model");
+    let e = engine();
+    let t = tiny_table(&e, &ck);
+    let lm = LearningMap::load(&repo("data/semantickitti/semantic-kitti.yaml")).expect("yaml");
+    let gt: Vec<u32> = read_label(&repo(TINY_LABELS), None).expect("labels").iter().map(|&r| lm.to_train(r)).collect();
+    let eval =
+        EvalSet::new(vec![prepare_file(&repo(TINY), None, VoxelizeMode::Mean).expect("scan")], vec![gt]).expect("eval");
+    let train = vec![load_semantickitti(&repo(TINY), &repo(TINY_LABELS), &lm).expect("tiny training scan")];
+    let na = NetAdapt { kind: ArchKind::MinkUNet, table: &t, eval: &eval, train, latency_scan: repo(TINY), engine: &e };
+    let o = NetAdaptOptions {
+        target_speedup: 3.0,
+        first_cut: 0.1,
+        decay: 0.9,
+        round_to: 16,
+        min_width: 8,
+        short_steps: 1,
+        long_steps: 1,
+        lr: 2e-4,
+        crop: None,
+        max_iterations: 1,
+        seed: 1,
+    };
+    let dir = tmp("netadapt");
+    let _ = std::fs::remove_dir_all(&dir);
+    let base = t.predict(&NetDesc::from_checkpoint(ArchKind::MinkUNet, &ck, 19).expect("desc")).expect("predict");
+    let (_, its) = na.run(&ck, &o, &dir, |_| {}).expect("first iteration");
+    assert_eq!(its.len(), 1);
+    let it = &its[0];
+    assert!(it.predicted <= it.target + 1e-12, "the kept proposal misses its cut: {} > {}", it.predicted, it.target);
+    assert!(it.target <= base * 0.9 + 1e-9 && it.to < it.from && it.to % 16 == 0, "{it:?}");
+    assert!(it.proposals > 1, "one proposal per group that can meet the cut");
+    assert!(dir.join("iter_01.safetensors").exists() && dir.join("final.safetensors").exists());
+    // Run again with room for one more: it resumes after iteration 1 and narrows further.
+    let mut lines = Vec::new();
+    let (last, its) = na
+        .run(&ck, &NetAdaptOptions { max_iterations: 2, ..o.clone() }, &dir, |l| lines.push(l.to_string()))
+        .expect("resumed");
+    assert!(lines.iter().any(|l| l.contains("resuming after iteration 1")), "{lines:?}");
+    assert_eq!(its.iter().map(|i| i.index).collect::<Vec<_>>(), vec![2]);
+    let csv = std::fs::read_to_string(dir.join("netadapt.csv")).expect("csv");
+    assert_eq!(csv.lines().count(), 3, "header and two iterations:\n{csv}");
+    let desc = NetDesc::from_checkpoint(ArchKind::MinkUNet, &last, 19).expect("final desc");
+    assert!(t.predict(&desc).expect("final") <= its[0].target + 1e-12);
+    // A target no width can reach is one clear error.
+    let far =
+        na.run(&ck, &NetAdaptOptions { target_speedup: 1000.0, max_iterations: 30, ..o }, &tmp("netadapt_far"), |_| {});
+    let err = far.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("narrowest network on this grid"), "{err}");
+}
+
+#[test]
 fn sensitivity_plan_and_latency_table_from_the_command_line() {
     let model = s(&repo(MODEL));
     let table = tmp("cli_table.csv");

@@ -101,7 +101,10 @@ pub fn run(a: NetAdaptArgs) -> Result<()> {
         (a.eval.clone(), a.labels.clone())
     };
     if eval_scans.len() != eval_labels.len() {
-        return Err(Error::invalid("--labels", format!("{} scans but {} label files", eval_scans.len(), eval_labels.len())));
+        return Err(Error::invalid(
+            "--labels",
+            format!("{} scans but {} label files", eval_scans.len(), eval_labels.len()),
+        ));
     }
     let lm = LearningMap::load(&default_yaml())?;
     let mut scans = Vec::new();
@@ -140,9 +143,13 @@ pub fn run(a: NetAdaptArgs) -> Result<()> {
     let base = Model::from_checkpoint(&ck, None, None)?.0;
     let (m0, _) = eval.evaluate(&e, &base)?;
     let (m1, _) = eval.evaluate(&e, &pruned)?;
-    let (eb, ea) = (Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto), Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto));
+    let (eb, ea) = (
+        Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto),
+        Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto),
+    );
     let m = alternate(std::slice::from_ref(&kitti), &[(&eb, &base), (&ea, &pruned)], 1, 3, 3, false)?;
-    let ratios: Vec<String> = m[0].round_medians.iter().zip(&m[1].round_medians).map(|(b, a)| format!("{:.2}x", b / a)).collect();
+    let ratios: Vec<String> =
+        m[0].round_medians.iter().zip(&m[1].round_medians).map(|(b, a)| format!("{:.2}x", b / a)).collect();
     println!(
         "{} iterations this run in {:.0} s; final (after {} fine-tuning steps): widths {}, mIoU {:.1}% (unpruned {:.1}%), predicted {:.1} ms, measured {:.1} ms against {:.1} ms unpruned, speed-up per round {}; wrote {}",
         its.len(),

@@ -21,12 +21,12 @@ use super::latency::LatencyTable;
 use super::sensitivity::EvalSet;
 use crate::device::Engine;
 use crate::error::{Error, Result};
-use crate::plan::Grouping;
 use crate::io::tensors::Tensor;
 use crate::kmap::MapBuilder;
 use crate::nn::arch::{ArchKind, NetDesc};
 use crate::nn::checkpoint::{save, Checkpoint};
 use crate::pipeline::{self, Model};
+use crate::plan::Grouping;
 use crate::train::data::Sample;
 use crate::train::trainer::{TrainConfig, Trainer};
 
@@ -64,7 +64,10 @@ impl NetAdaptOptions {
             return Err(Error::invalid("--target-speedup", format!("must be above 1, got {}", self.target_speedup)));
         }
         if !(self.first_cut > 0.0 && self.first_cut < 1.0) || !(self.decay > 0.0 && self.decay <= 1.0) {
-            return Err(Error::invalid("--first-cut/--decay", "the first cut must be in (0, 1) and the decay in (0, 1]"));
+            return Err(Error::invalid(
+                "--first-cut/--decay",
+                "the first cut must be in (0, 1) and the decay in (0, 1]",
+            ));
         }
         if self.round_to == 0 || self.min_width == 0 || self.max_iterations == 0 {
             return Err(Error::invalid("netadapt", "--round-to, --min-width and --max-iterations must be at least 1"));
@@ -141,7 +144,10 @@ pub struct NetAdapt<'a> {
 }
 
 /// Tensors as a checkpoint carrying `meta`.
-fn checkpoint(tensors: std::collections::BTreeMap<String, Tensor<f32>>, meta: &std::collections::HashMap<String, String>) -> Checkpoint {
+fn checkpoint(
+    tensors: std::collections::BTreeMap<String, Tensor<f32>>,
+    meta: &std::collections::HashMap<String, String>,
+) -> Checkpoint {
     Checkpoint::from_tensors("<netadapt>", tensors, meta.clone())
 }
 
@@ -213,6 +219,34 @@ impl NetAdapt<'_> {
         let (base_desc, _) = self.model(start)?;
         let base = self.table.predict(&base_desc)?;
         let goal = base / o.target_speedup;
+        // The narrowest network the grid allows must meet the target, or no run can.
+        let gs = groups::groups(&base_desc)?;
+        let narrow: Vec<usize> = gs
+            .iter()
+            .map(|g| {
+                if g.prunable {
+                    o.round_to.max(o.min_width.div_ceil(o.round_to) * o.round_to).min(g.width)
+                } else {
+                    g.width
+                }
+            })
+            .collect();
+        let scores = importance::scores(&gs, start.tensors(), Criterion::L2, None, 0)?;
+        let plan = channel::select_widths(&gs, &scores, &narrow)?;
+        let small = checkpoint(channel::apply(&gs, &plan, start.tensors())?, &meta);
+        let floor = self.table.predict(&NetDesc::from_checkpoint(self.kind, &small, crate::io::kitti::NUM_CLASSES)?)?;
+        if floor > goal {
+            return Err(Error::invalid(
+                "--target-speedup",
+                format!(
+                    "{}x asks for {:.1} ms, but the narrowest network on this grid is predicted at {:.1} ms ({:.2}x)",
+                    o.target_speedup,
+                    goal * 1e3,
+                    floor * 1e3,
+                    base / floor
+                ),
+            ));
+        }
         let csv = dir.join("netadapt.csv");
         // Resume after the last saved iteration.
         let mut done: Vec<String> = match std::fs::read_to_string(&csv) {
@@ -270,7 +304,11 @@ impl NetAdapt<'_> {
             let Some((miou, tuned, g, w, pred)) = best else {
                 return Err(Error::invalid(
                     "--target-speedup",
-                    format!("no group can be narrowed further ({:.1} ms predicted, target {:.1} ms)", now * 1e3, goal * 1e3),
+                    format!(
+                        "no group can be narrowed further ({:.1} ms predicted, target {:.1} ms)",
+                        now * 1e3,
+                        goal * 1e3
+                    ),
                 ));
             };
             let (tdesc, m) = self.model(&tuned)?;
@@ -334,7 +372,11 @@ impl NetAdapt<'_> {
             ws[g.id] = w;
             let plan = channel::select_widths(gs, scores, &ws)?;
             let tensors = channel::apply(gs, &plan, cur.tensors())?;
-            let desc = NetDesc::from_checkpoint(self.kind, &checkpoint(tensors.clone(), cur.metadata()), crate::io::kitti::NUM_CLASSES)?;
+            let desc = NetDesc::from_checkpoint(
+                self.kind,
+                &checkpoint(tensors.clone(), cur.metadata()),
+                crate::io::kitti::NUM_CLASSES,
+            )?;
             let pred = self.table.predict(&desc)?;
             if pred <= target {
                 return Ok(Some((w, pred, tensors)));

@@ -408,7 +408,12 @@ impl Trainer {
 
     /// A run that starts from the weights (and any `mask.*` tensors) of `ck`, on scans
     /// already in memory: fine-tuning a pruned network (`config.data` is not read).
-    pub fn from_checkpoint(config: TrainConfig, ck: &Checkpoint, train: Vec<Sample>, eval: Vec<Sample>) -> Result<Self> {
+    pub fn from_checkpoint(
+        config: TrainConfig,
+        ck: &Checkpoint,
+        train: Vec<Sample>,
+        eval: Vec<Sample>,
+    ) -> Result<Self> {
         if train.is_empty() {
             return Err(Error::invalid("training", "no training scans"));
         }
