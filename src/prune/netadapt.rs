@@ -63,7 +63,7 @@ impl NetAdaptOptions {
         if !(self.target_speedup.is_finite() && self.target_speedup > 1.0) {
             return Err(Error::invalid("--target-speedup", format!("must be above 1, got {}", self.target_speedup)));
         }
-        if !(self.first_cut > 0.0 && self.first_cut < 1.0) || !(self.decay > 0.0 && self.decay <= 1.0) {
+        if !(self.first_cut > 0.0 && self.first_cut < 1.0 && self.decay > 0.0 && self.decay <= 1.0) {
             return Err(Error::invalid(
                 "--first-cut/--decay",
                 "the first cut must be in (0, 1) and the decay in (0, 1]",
