@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use sparseconv::nn::checkpoint::Checkpoint;
@@ -14,23 +13,10 @@ const MODEL: &str = "data/models/minkunet_cr0.5.safetensors";
 const TINY: &str = "data/tiny/sequences/00/velodyne/000000.bin";
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("sparseconv-prune-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    dir.join(name)
+    tmp_path("prune", name)
 }
 
-fn run(args: &[&str]) -> (i32, String, String) {
-    let o = Command::new(env!("CARGO_BIN_EXE_sparseconv")).args(args).output().expect("run");
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).to_string(),
-        String::from_utf8_lossy(&o.stderr).to_string(),
-    )
-}
-
-fn s(p: &Path) -> String {
-    p.to_str().expect("utf8").to_string()
-}
+use common::{arg as s, run_cli as run};
 
 #[test]
 fn list_groups_prints_every_group_with_its_layers() {

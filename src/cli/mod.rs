@@ -28,6 +28,22 @@ pub fn ground_truth(g: &Path, lm: &LearningMap) -> Result<Vec<u32>> {
         .collect()
 }
 
+/// Labelled scans for ranking pruned networks: each scan voxelized, each label file read as
+/// training ids (SemanticKITTI `.label` or Open3D-ML `labels_*.npy`), paired in order.
+pub fn eval_set(scans: &[PathBuf], labels: &[PathBuf]) -> Result<sparseconv::prune::sensitivity::EvalSet> {
+    if scans.len() != labels.len() {
+        return Err(Error::invalid("--labels", format!("{} scans but {} label files", scans.len(), labels.len())));
+    }
+    let lm = LearningMap::load(&default_yaml())?;
+    let mut prepared = Vec::with_capacity(scans.len());
+    let mut ids = Vec::with_capacity(labels.len());
+    for (s, l) in scans.iter().zip(labels) {
+        prepared.push(sparseconv::pipeline::prepare_file(s, None, sparseconv::pipeline::VoxelizeMode::Mean)?);
+        ids.push(ground_truth(l, &lm)?);
+    }
+    sparseconv::prune::sensitivity::EvalSet::new(prepared, ids)
+}
+
 /// The device named by `--device`.
 pub fn check_device(device: &str) -> Result<Device> {
     match device {

@@ -4,19 +4,17 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use sparseconv::io::kitti::LearningMap;
 use sparseconv::nn::arch::NetDesc;
 use sparseconv::nn::checkpoint::Checkpoint;
-use sparseconv::pipeline::{self, Model, VoxelizeMode};
+use sparseconv::pipeline::Model;
 use sparseconv::prune::latency::LatencyTable;
 use sparseconv::prune::netadapt::{NetAdapt, NetAdaptOptions};
-use sparseconv::prune::sensitivity::EvalSet;
 use sparseconv::train::trainer::load_samples;
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
 use super::prune::arch_of;
 use super::rounds::{alternate, median};
-use super::{bundled, default_yaml, ground_truth};
+use super::{bundled, eval_set};
 
 /// `netadapt`'s arguments.
 #[derive(clap::Args)]
@@ -100,20 +98,7 @@ pub fn run(a: NetAdaptArgs) -> Result<()> {
     } else {
         (a.eval.clone(), a.labels.clone())
     };
-    if eval_scans.len() != eval_labels.len() {
-        return Err(Error::invalid(
-            "--labels",
-            format!("{} scans but {} label files", eval_scans.len(), eval_labels.len()),
-        ));
-    }
-    let lm = LearningMap::load(&default_yaml())?;
-    let mut scans = Vec::new();
-    let mut labels = Vec::new();
-    for (s, l) in eval_scans.iter().zip(&eval_labels) {
-        scans.push(pipeline::prepare_file(s, None, VoxelizeMode::Mean)?);
-        labels.push(ground_truth(l, &lm)?);
-    }
-    let eval = EvalSet::new(scans, labels)?;
+    let eval = eval_set(&eval_scans, &eval_labels)?;
     let data = if a.data.is_empty() {
         vec![
             bundled("data/semantickitti"),

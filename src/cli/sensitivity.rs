@@ -5,18 +5,17 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use sparseconv::io::kitti::LearningMap;
 use sparseconv::nn::checkpoint::Checkpoint;
-use sparseconv::pipeline::{self, Model, VoxelizeMode};
+use sparseconv::pipeline::Model;
 use sparseconv::prune::channel::{ChannelOptions, Selection};
 use sparseconv::prune::importance::Criterion;
 use sparseconv::prune::latency::LatencyTable;
-use sparseconv::prune::sensitivity::{sweep, EvalSet};
+use sparseconv::prune::sensitivity::sweep;
 use sparseconv::prune::{prune_channels_to, ChannelTarget};
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
 use super::prune::arch_of;
-use super::{bundled, default_yaml, ground_truth, plot};
+use super::{bundled, eval_set, plot};
 
 /// `sensitivity`'s arguments.
 #[derive(clap::Args)]
@@ -99,17 +98,7 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
     }
     let ck = Checkpoint::load(&a.model)?;
     let kind = arch_of(&ck, a.arch.as_deref())?;
-    if a.eval.len() != a.labels.len() {
-        return Err(Error::invalid("--labels", format!("{} scans but {} label files", a.eval.len(), a.labels.len())));
-    }
-    let lm = LearningMap::load(&default_yaml())?;
-    let mut scans = Vec::new();
-    let mut labels = Vec::new();
-    for (s, l) in a.eval.iter().zip(&a.labels) {
-        scans.push(pipeline::prepare_file(s, None, VoxelizeMode::Mean)?);
-        labels.push(ground_truth(l, &lm)?);
-    }
-    let eval = EvalSet::new(scans, labels)?;
+    let eval = eval_set(&a.eval, &a.labels)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let e = Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto);
     let t0 = Instant::now();

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use sparseconv::bench::pseudo_random;
@@ -12,6 +12,28 @@ use sparseconv::{CoordSet, Device, Engine, Grouping, GroupingParams, MapBuilder,
 /// Path inside the repository.
 pub fn repo(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// Run the `sparseconv` binary: exit code, stdout, stderr.
+pub fn run_cli(args: &[&str]) -> (i32, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_sparseconv")).args(args).output().expect("run sparseconv");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// `name` in a temporary directory of this test process, one per `tag`.
+pub fn tmp_path(tag: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sparseconv-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    dir.join(name)
+}
+
+/// A path as a command-line argument.
+pub fn arg(p: &Path) -> String {
+    p.to_str().expect("utf8 path").to_string()
 }
 
 /// The bundled SemanticKITTI scan.
