@@ -18,6 +18,20 @@ fn tmp(name: &str) -> PathBuf {
 
 use common::{arg as s, run_cli as run};
 
+/// `prune MODEL ARGS --scan TINY --runs 0 --out OUT` (no timing), then `segment` of the result;
+/// returns prune's stdout.
+fn prune_and_segment(args: &[&str], out: &Path) -> String {
+    let mut all = vec!["prune".to_string(), s(&repo(MODEL))];
+    all.extend(args.iter().map(|a| a.to_string()));
+    all.extend(["--scan", &s(&repo(TINY)), "--runs", "0", "--out", &s(out)].map(String::from));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let (code, stdout, err) = run(&all);
+    assert_eq!(code, 0, "{args:?}: {err}");
+    let (code, _, err) = run(&["segment", &s(&repo(TINY)), "--model", &s(out)]);
+    assert_eq!(code, 0, "{args:?}: the pruned model does not segment: {err}");
+    stdout
+}
+
 #[test]
 fn list_groups_prints_every_group_with_its_layers() {
     let (code, out, err) = run(&["prune", &s(&repo(MODEL)), "--list-groups"]);
@@ -99,56 +113,23 @@ fn a_pruned_model_segments_benches_and_trains() {
 #[test]
 fn an_offset_pruned_model_lists_its_offsets_and_segments() {
     let pruned = tmp("o30.safetensors");
-    let (code, out, err) = run(&[
-        "prune",
-        &s(&repo(MODEL)),
-        "--granularity",
-        "offset",
-        "--ratio",
-        "0.3",
-        "--scan",
-        &s(&repo(TINY)),
-        "--runs",
-        "0",
-        "--out",
-        &s(&pruned),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let out = prune_and_segment(&["--granularity", "offset", "--ratio", "0.3"], &pruned);
     assert!(out.contains("offsets kept") && out.contains("19/27"), "{out}");
     let ck = Checkpoint::load(&pruned).expect("pruned file");
     assert!(ck.metadata().get("kept_offsets.stem.0.kernel").is_some_and(|v| v.split(',').count() == 19));
     assert!(ck.get("mask.stem.0.kernel").is_some(), "training holds the removed offsets at zero");
-    let (code, _, err) = run(&["segment", &s(&repo(TINY)), "--model", &s(&pruned)]);
-    assert_eq!(code, 0, "{err}");
 }
 
 #[test]
 fn per_map_offset_pruning_shrinks_the_maps_themselves() {
     let pruned = tmp("o50map.safetensors");
-    let (code, out, err) = run(&[
-        "prune",
-        &s(&repo(MODEL)),
-        "--granularity",
-        "offset",
-        "--per-map",
-        "--ratio",
-        "0.5",
-        "--scan",
-        &s(&repo(TINY)),
-        "--runs",
-        "0",
-        "--out",
-        &s(&pruned),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let out = prune_and_segment(&["--granularity", "offset", "--per-map", "--ratio", "0.5"], &pruned);
     // Every conv on a map keeps the same 13 of 27 offsets (13.5 removed rounds to 14), so the maps hold only those.
     assert!(out.contains("stride 1 k3 s1: 13/27") && out.contains("stride 16 k3 s1: 13/27"), "{out}");
     let ck = Checkpoint::load(&pruned).expect("pruned file");
     let kept = |n: &str| ck.metadata().get(&format!("kept_offsets.{n}.kernel")).cloned();
     assert_eq!(kept("stem.0"), kept("up4.1.1.net.3"), "convs on one map keep the same offsets");
     assert!(kept("stem.0").is_some_and(|v| v.split(',').count() == 13));
-    let (code, _, err) = run(&["segment", &s(&repo(TINY)), "--model", &s(&pruned)]);
-    assert_eq!(code, 0, "{err}");
 }
 
 #[test]
@@ -159,17 +140,10 @@ fn weight_sparse_models_are_written_and_segment() {
         (vec!["--granularity", "element", "--ratio", "0.9", "--global"], "element"),
     ] {
         let pruned = tmp(&format!("{fmt}.safetensors").replace(':', "-"));
-        let mut all = vec!["prune".to_string(), s(&repo(MODEL))];
-        all.extend(args.iter().map(|a| a.to_string()));
-        all.extend(["--scan", &s(&repo(TINY)), "--runs", "0", "--out", &s(&pruned)].map(String::from));
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        let (code, out, err) = run(&all);
-        assert_eq!(code, 0, "{fmt}: {err}");
+        let out = prune_and_segment(&args, &pruned);
         assert!(out.contains("on the GPU they run dense"), "{out}");
         let ck = Checkpoint::load(&pruned).expect("pruned file");
         assert_eq!(ck.metadata().get("format.up1.1.0.net.0.kernel").map(String::as_str), Some(fmt), "{fmt}");
-        let (code, _, err) = run(&["segment", &s(&repo(TINY)), "--model", &s(&pruned)]);
-        assert_eq!(code, 0, "{fmt}: {err}");
     }
 }
 
