@@ -68,7 +68,10 @@ pub fn conv_sparse(map: &KernelMap, x: &[f32], cin: usize, w: &SparseWeights, ep
             let a = outs.partition_point(|&o| o < lo);
             let b = outs.partition_point(|&o| o < hi);
             if a < b {
-                offset_rows(x, cin, w, &w.offsets[k], &ins[a..b], &outs[a..b], lo, tile, cout);
+                offset_rows(
+                    Chunk { x, cin, w, ow: &w.offsets[k], ins: &ins[a..b], outs: &outs[a..b], base: lo, cout },
+                    tile,
+                );
             }
         }
         for (r, row) in tile.chunks_mut(cout.max(1)).enumerate() {
@@ -87,68 +90,51 @@ pub fn conv_sparse(map: &KernelMap, x: &[f32], cin: usize, w: &SparseWeights, ep
     Ok(out)
 }
 
-/// `tile[outs[i] - base] += x[ins[i]] · W` for one offset's pairs.
-#[allow(clippy::too_many_arguments)]
-fn offset_rows(
-    x: &[f32],
+/// One offset's pairs against one output tile: rows `ins` of `x` (`cin` wide) through the
+/// offset's weights `ow` (of `w`), added into the `cout`-wide output rows `outs - base`.
+#[derive(Clone, Copy)]
+struct Chunk<'a> {
+    x: &'a [f32],
     cin: usize,
-    w: &SparseWeights,
-    ow: &OffsetWeights,
-    ins: &[u32],
-    outs: &[u32],
+    w: &'a SparseWeights,
+    ow: &'a OffsetWeights,
+    ins: &'a [u32],
+    outs: &'a [u32],
     base: u32,
-    tile: &mut [f32],
     cout: usize,
-) {
+}
+
+/// `tile[outs[i] - base] += x[ins[i]] · W` for one offset's pairs.
+fn offset_rows(c: Chunk<'_>, tile: &mut [f32]) {
+    let Chunk { x, cin, ins, outs, base, cout, .. } = c;
     let rows = tile.len() / cout.max(1);
     let n_in = x.len() / cin.max(1);
     // The map is this crate's, but the kernels below index raw memory: check once per call.
     assert!(ins.iter().all(|&i| (i as usize) < n_in), "input row out of range");
     assert!(outs.iter().all(|&o| o >= base && ((o - base) as usize) < rows), "output row out of range");
     // SAFETY: every index was checked above; `tile` is exclusively ours.
-    unsafe { offset_chunk(x, cin, w, ow, ins, outs, base, tile.as_mut_ptr(), cout) }
+    unsafe { offset_chunk(c, tile.as_mut_ptr()) }
 }
 
 /// # Safety
 /// Every `ins[i]` is a row of `x`, every `outs[i] - base` a row of the `cout`-wide rows at
 /// `out`, which no one else touches while this runs.
-#[allow(clippy::too_many_arguments)]
-unsafe fn offset_chunk(
-    x: &[f32],
-    cin: usize,
-    w: &SparseWeights,
-    ow: &OffsetWeights,
-    ins: &[u32],
-    outs: &[u32],
-    base: u32,
-    out: *mut f32,
-    cout: usize,
-) {
+unsafe fn offset_chunk(c: Chunk<'_>, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the features are present; the rest is the caller's.
-        unsafe { avx512::chunk(x, cin, w, ow, ins, outs, base, out, cout) };
+        unsafe { avx512::chunk(c, out) };
         return;
     }
     // SAFETY: the caller's.
-    unsafe { portable_chunk(x, cin, w, ow, ins, outs, base, out, cout) }
+    unsafe { portable_chunk(c, out) }
 }
 
 /// # Safety
 /// As `offset_chunk`.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn portable_chunk(
-    x: &[f32],
-    cin: usize,
-    w: &SparseWeights,
-    ow: &OffsetWeights,
-    ins: &[u32],
-    outs: &[u32],
-    base: u32,
-    out: *mut f32,
-    cout: usize,
-) {
+unsafe fn portable_chunk(c: Chunk<'_>, out: *mut f32) {
+    let Chunk { x, cin, w, ow, ins, outs, base, cout } = c;
     const L: usize = 16;
     let mut xt = vec![0f32; cin * L];
     let mut tile = vec![0f32; L * cout];
@@ -226,7 +212,7 @@ fn column(xt: &[f32], entries: impl Iterator<Item = (usize, f32)>) -> [f32; 16] 
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{portable_chunk, OffsetWeights, SparseWeights, BLOCK};
+    use super::{portable_chunk, Chunk, OffsetWeights, BLOCK};
 
     /// The block kernel with intrinsics; the column formats through the portable code compiled
     /// with AVX-512 (its 16-lane loops become one FMA each).
@@ -234,25 +220,15 @@ mod avx512 {
     /// # Safety
     /// AVX-512F and FMA present; otherwise as `offset_chunk`.
     #[target_feature(enable = "avx512f,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn chunk(
-        x: &[f32],
-        cin: usize,
-        w: &SparseWeights,
-        ow: &OffsetWeights,
-        ins: &[u32],
-        outs: &[u32],
-        base: u32,
-        out: *mut f32,
-        cout: usize,
-    ) {
+    pub(super) unsafe fn chunk(c: Chunk<'_>, out: *mut f32) {
+        let Chunk { x, cin, ow, ins, outs, base, cout, .. } = c;
         let OffsetWeights::Blocks { starts, rows, vals } = ow else {
             if x.len() <= i32::MAX as usize && matches!(ow, OffsetWeights::Columns { .. } | OffsetWeights::NM { .. }) {
                 // SAFETY: forwarded; gather offsets fit i32 (checked).
-                unsafe { columns(x, cin, w, ow, ins, outs, base, out, cout) };
+                unsafe { columns(c, out) };
             } else {
                 // SAFETY: forwarded.
-                unsafe { portable_chunk(x, cin, w, ow, ins, outs, base, out, cout) };
+                unsafe { portable_chunk(c, out) };
             }
             return;
         };
@@ -301,18 +277,8 @@ mod avx512 {
     /// # Safety
     /// AVX-512F and FMA present; `x.len()` fits i32; otherwise as `offset_chunk`.
     #[target_feature(enable = "avx512f,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn columns(
-        x: &[f32],
-        cin: usize,
-        w: &SparseWeights,
-        ow: &OffsetWeights,
-        ins: &[u32],
-        outs: &[u32],
-        base: u32,
-        out: *mut f32,
-        cout: usize,
-    ) {
+    unsafe fn columns(c: Chunk<'_>, out: *mut f32) {
+        let Chunk { x, cin, w, ow, ins, outs, base, cout } = c;
         let mut xt = vec![_mm512_setzero_ps(); cin];
         let mut tt = vec![0f32; cout * 16];
         let lanes = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
