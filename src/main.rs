@@ -153,6 +153,10 @@ enum Cmd {
     /// (priced by a latency table), fine-tune each proposal briefly, keep the best by mIoU;
     /// resumable; ends with a longer fine-tune and a timed comparison.
     Netadapt(cli::netadapt::NetAdaptArgs),
+    /// AMC: a DDPG agent picks per-group keep ratios under a FLOPs or latency budget
+    /// (evaluated without fine-tuning); its best policy is then compared with uniform pruning
+    /// at the same budget after the same fine-tune.
+    Amc(cli::amc::AmcArgs),
     /// Segment the bundled SemanticKITTI scan with the bundled model: class counts, IoU against
     /// the bundled labels, time taken, and a rerun recording (with the `rerun` feature).
     Demo {
@@ -308,6 +312,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Sensitivity(args) => cli::sensitivity::run(args),
         Cmd::LatencyTable(args) => cli::latency_table::run(args),
         Cmd::Netadapt(args) => cli::netadapt::run(args),
+        Cmd::Amc(args) => cli::amc::run(args),
         Cmd::Demo { rerun } => cmd_demo(rerun),
         Cmd::Train { config, out, resume, init, data, epochs, max_steps, export, half } => {
             cmd_train(config, &out, resume, init, data, epochs, max_steps, export, half)

@@ -1,8 +1,9 @@
 //! Pruning decisions: latency tables (every conv of the network and of its pruned versions is
 //! priced, the file round-trips, a table from another target is refused), the sensitivity
 //! sweep (one point per group and ratio, unpruned widths give the unpruned mIoU, thresholds
-//! give plans) and width plans end to end through the CLI (`sensitivity`, `prune --plan`,
-//! `latency-table`), with one line and exit 2 for a plan made for another network.
+//! give plans), NetAdapt, AMC (every episode within budget, priced costs equal the built
+//! networks', seeded runs repeat) and width plans end to end through the CLI (`sensitivity`,
+//! `prune --plan`, `latency-table`, `amc`), with one line and exit 2 for bad input.
 
 mod common;
 
@@ -245,4 +246,149 @@ fn sensitivity_plan_and_latency_table_from_the_command_line() {
     let (code, _, err) = run(&["--threads", "3", "latency-table", "--table", &s(&table), "--check", &model]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("threads"), "{err}");
+}
+
+/// The tiny scan and its labels as an eval set.
+fn tiny_eval() -> EvalSet {
+    let lm = LearningMap::load(&repo("data/semantickitti/semantic-kitti.yaml")).expect("yaml");
+    let gt: Vec<u32> = read_label(&repo(TINY_LABELS), None).expect("labels").iter().map(|&r| lm.to_train(r)).collect();
+    EvalSet::new(vec![prepare_file(&repo(TINY), None, VoxelizeMode::Mean).expect("scan")], vec![gt]).expect("eval")
+}
+
+#[test]
+fn amc_holds_every_episode_to_the_budget_and_is_reproducible() {
+    use sparseconv::bench::conv_flops;
+    use sparseconv::pipeline::Model;
+    use sparseconv::prune::amc::{search, AmcOptions, Budget, Env, Reward};
+    let ck = Checkpoint::load(&repo(MODEL)).expect("model");
+    let e = engine();
+    let eval = tiny_eval();
+    let table = model_table(&e, &ck);
+    let small = |budget, target, seed| {
+        let mut o = AmcOptions::new(budget, target, 3, 3);
+        o.ddpg.hidden = 16;
+        o.ddpg.batch = 16;
+        // The table's grid.
+        (o.round_to, o.min_width) = (16, 16);
+        o.seed = seed;
+        o
+    };
+    for budget in [Budget::Flops, Budget::Latency] {
+        let env = Env::new(ArchKind::MinkUNet, &ck, budget, Some(&table), &eval, &e).expect("env");
+        let o = small(budget, 0.5, 1);
+        let s = search(&env, &o, |_| {}).expect("search");
+        assert_eq!(s.episodes.len(), 6);
+        for ep in &s.episodes {
+            assert!(ep.cost_ratio <= 0.5 + 1e-9, "{budget:?} episode {}: cost {}", ep.index, ep.cost_ratio);
+            assert!((ep.reward + (1.0 - ep.miou)).abs() < 1e-12, "reward is -error");
+            // Every width on the grid: multiples of 8 at or above lbound, or the full width.
+            for (&w, g) in ep.widths.iter().zip(&env.groups) {
+                assert!(
+                    w == g.width || (w % 16 == 0 && w as f64 >= 0.2 * g.width as f64 && w >= 16),
+                    "{w} of {}",
+                    g.width
+                );
+            }
+            // The priced cost is the pruned network's own: traced FLOPs, or the table's
+            // prediction of the built network.
+            let pruned = env.prune(&ep.widths).expect("prune");
+            let desc = NetDesc::from_checkpoint(ArchKind::MinkUNet, &pruned, 19).expect("desc");
+            let cost = env.cost(budget, &ep.widths).expect("cost");
+            match budget {
+                Budget::Flops => {
+                    let m = Model::from_desc(&pruned, &desc).expect("model");
+                    e.start_trace();
+                    m.forward(&e, &eval.scans[0].voxels).expect("forward");
+                    let traced: f64 = e.take_trace().iter().map(|t| conv_flops(t.pairs, t.cin, t.cout)).sum();
+                    assert!((traced - cost).abs() <= 1e-9 * traced, "FLOPs {cost} vs traced {traced}");
+                }
+                Budget::Latency => {
+                    let p = table.predict(&desc).expect("predict");
+                    assert!((p - cost).abs() <= 1e-9 * p, "predicted {cost} vs the built network's {p}");
+                }
+            }
+        }
+        assert!(s.episodes.iter().all(|ep| ep.reward <= s.episodes[s.best].reward));
+        // Same seed, same episodes; another seed explores elsewhere.
+        assert_eq!(search(&env, &o, |_| {}).expect("again").to_csv(), s.to_csv(), "{budget:?}");
+        assert_ne!(search(&env, &small(budget, 0.5, 2), |_| {}).expect("seed 2").to_csv(), s.to_csv());
+        // The cost-weighted reward.
+        let lc = AmcOptions { reward: Reward::ErrorLogCost, ..small(budget, 0.5, 1) };
+        let ep = &search(&env, &lc, |_| {}).expect("log cost").episodes[0];
+        let units = env.cost(budget, &ep.widths).expect("cost") * if budget == Budget::Latency { 1e6 } else { 1.0 };
+        assert!((ep.reward + (1.0 - ep.miou) * units.ln()).abs() < 1e-9);
+        // A budget below the narrowest network is one clear error.
+        let err = search(&env, &small(budget, 0.01, 1), |_| {}).expect_err("unreachable").to_string();
+        assert!(err.contains("narrowest network"), "{err}");
+    }
+    let err = Env::new(ArchKind::MinkUNet, &ck, Budget::Latency, None, &eval, &e).err().map(|e| e.to_string());
+    assert!(err.unwrap_or_default().contains("latency table"));
+}
+
+#[test]
+fn amc_from_the_command_line_writes_a_policy_prune_applies() {
+    let model = s(&repo(MODEL));
+    let dir = tmp("amc");
+    let _ = std::fs::remove_dir_all(&dir);
+    let tiny = s(&repo(TINY));
+    let labels = s(&repo(TINY_LABELS));
+    let common = [
+        "--target",
+        "0.6",
+        "--warmup",
+        "2",
+        "--episodes",
+        "2",
+        "--hidden",
+        "16",
+        "--eval",
+        &tiny,
+        "--labels",
+        &labels,
+        "--scan",
+        &tiny,
+        "--rounds",
+        "1",
+    ];
+    let mut args = vec!["amc", &model, "--out"];
+    let out_dir = s(&dir);
+    args.push(&out_dir);
+    args.extend(common);
+    let npy = s(&repo("data/open3dml/points_000700.npy"));
+    args.extend(["--finetune-steps", "1", "--data", &npy, "--crop", "8"]);
+    let (code, out, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("4 episodes") && out.contains("uniform keep") && out.contains("unpruned mIoU"), "{out}");
+    let csv = std::fs::read_to_string(dir.join("amc.csv")).expect("amc.csv");
+    assert_eq!(csv.lines().count(), 5, "header and 4 episodes:\n{csv}");
+    let cmp = std::fs::read_to_string(dir.join("compare.csv")).expect("compare.csv");
+    assert_eq!(cmp.lines().count(), 3, "header, amc, uniform:\n{cmp}");
+    for f in ["amc.safetensors", "uniform.safetensors", "amc_ft.safetensors", "uniform_ft.safetensors"] {
+        assert!(dir.join(f).exists(), "{f}");
+    }
+    let pruned = tmp("amc_planned.safetensors");
+    let plan = s(&dir.join("policy.plan"));
+    let (code, out, err) =
+        run(&["prune", &model, "--plan", &plan, "--runs", "0", "--scan", &tiny, "--out", &s(&pruned)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("to planned widths"), "{out}");
+    // The plan's widths are the saved network's.
+    let a = Checkpoint::load(&pruned).expect("planned");
+    let b = Checkpoint::load(&dir.join("amc.safetensors")).expect("amc");
+    for (name, t) in a.tensors() {
+        assert_eq!(Some(&t.shape), b.tensors().get(name).map(|t| &t.shape), "{name}");
+    }
+    for (bad, what) in [(["--budget", "params"], "--budget"), (["--reward", "acc"], "--reward")] {
+        let mut args = vec!["amc", &model, "--out", &out_dir];
+        args.extend(common);
+        args.extend(bad);
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(what) && err.lines().count() == 1, "{err}");
+    }
+    let mut args = vec!["amc", &model, "--out", &out_dir, "--budget", "latency"];
+    args.extend(common);
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--table"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! CLI commands that live in their own files (the older ones are still in `main.rs`), and
 //! what they share.
 
+pub mod amc;
 pub mod latency_table;
 pub mod netadapt;
 pub mod plot;
@@ -61,4 +62,46 @@ pub fn bundled(rel: &str) -> PathBuf {
 /// The bundled SemanticKITTI yaml (learning map).
 pub fn default_yaml() -> PathBuf {
     bundled("data/semantickitti/semantic-kitti.yaml")
+}
+
+/// The bundled SemanticKITTI scan.
+pub fn bundled_scan() -> PathBuf {
+    bundled("data/semantickitti/sequences/00/velodyne/000000.bin")
+}
+
+/// `--eval`/`--labels` as an eval set, or the bundled SemanticKITTI scan and its labels.
+pub fn eval_or_bundled(scans: &[PathBuf], labels: &[PathBuf]) -> Result<sparseconv::prune::sensitivity::EvalSet> {
+    if scans.is_empty() && labels.is_empty() {
+        return eval_set(&[bundled_scan()], &[bundled("data/semantickitti/sequences/00/labels/000000.label")]);
+    }
+    eval_set(scans, labels)
+}
+
+/// Fine-tuning scans from `--data` (default: the three bundled labelled scans), each cropped to
+/// `crop` metres around its centre when `crop > 0`.
+pub fn fine_tune_scans(data: &[PathBuf], crop: f32) -> Result<Vec<sparseconv::train::data::Sample>> {
+    let data = if data.is_empty() {
+        vec![
+            bundled("data/semantickitti"),
+            bundled("data/open3dml/points_000700.npy"),
+            bundled("data/open3dml/points_000750.npy"),
+        ]
+    } else {
+        data.to_vec()
+    };
+    let train = sparseconv::train::trainer::load_samples(&data)?;
+    if crop <= 0.0 {
+        return Ok(train);
+    }
+    if !crop.is_finite() {
+        return Err(Error::invalid("--crop", "must be a finite radius in metres"));
+    }
+    let cropped: Vec<_> = train.iter().map(|s| s.crop(crop)).collect();
+    if let Some(i) = cropped.iter().position(|s| s.labels.is_empty()) {
+        return Err(Error::invalid(
+            "--crop",
+            format!("a {crop} m crop leaves training scan {} ({} points) empty", i + 1, train[i].labels.len()),
+        ));
+    }
+    Ok(cropped)
 }

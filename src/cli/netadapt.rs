@@ -9,12 +9,11 @@ use sparseconv::nn::checkpoint::Checkpoint;
 use sparseconv::pipeline::Model;
 use sparseconv::prune::latency::LatencyTable;
 use sparseconv::prune::netadapt::{NetAdapt, NetAdaptOptions};
-use sparseconv::train::trainer::load_samples;
-use sparseconv::{Device, Engine, Error, Grouping, Result};
+use sparseconv::{Device, Engine, Grouping, Result};
 
 use super::prune::arch_of;
 use super::rounds::{alternate, median};
-use super::{bundled, eval_set};
+use super::{bundled_scan, eval_or_bundled, fine_tune_scans};
 
 /// `netadapt`'s arguments.
 #[derive(clap::Args)]
@@ -92,33 +91,9 @@ pub fn run(a: NetAdaptArgs) -> Result<()> {
     let ck = Checkpoint::load(&a.model)?;
     let kind = arch_of(&ck, None)?;
     let table = LatencyTable::load(&a.table)?;
-    let kitti = bundled("data/semantickitti/sequences/00/velodyne/000000.bin");
-    let (eval_scans, eval_labels) = if a.eval.is_empty() {
-        (vec![kitti.clone()], vec![bundled("data/semantickitti/sequences/00/labels/000000.label")])
-    } else {
-        (a.eval.clone(), a.labels.clone())
-    };
-    let eval = eval_set(&eval_scans, &eval_labels)?;
-    let data = if a.data.is_empty() {
-        vec![
-            bundled("data/semantickitti"),
-            bundled("data/open3dml/points_000700.npy"),
-            bundled("data/open3dml/points_000750.npy"),
-        ]
-    } else {
-        a.data.clone()
-    };
-    let mut train = load_samples(&data)?;
-    if let Some(r) = o.crop {
-        let cropped: Vec<_> = train.iter().map(|s| s.crop(r)).collect();
-        if let Some(i) = cropped.iter().position(|s| s.labels.is_empty()) {
-            return Err(Error::invalid(
-                "--crop",
-                format!("a {r} m crop leaves training scan {} ({} points) empty", i + 1, train[i].labels.len()),
-            ));
-        }
-        train = cropped;
-    }
+    let kitti = bundled_scan();
+    let eval = eval_or_bundled(&a.eval, &a.labels)?;
+    let train = fine_tune_scans(&a.data, a.crop)?;
     let e = Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto);
     let na = NetAdapt { kind, table: &table, eval: &eval, train, latency_scan: kitti.clone(), engine: &e };
     let t0 = Instant::now();

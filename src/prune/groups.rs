@@ -55,3 +55,30 @@ pub fn groups(desc: &NetDesc) -> Result<Vec<Group>> {
         })
         .collect())
 }
+
+/// The groups a conv reads and writes: `(input groups, output groups)` per conv in
+/// [`NetDesc::convs`] order (several inputs where a concat feeds it).
+pub fn conv_links(desc: &NetDesc, groups: &[Group]) -> Vec<(Vec<usize>, Vec<usize>)> {
+    desc.convs()
+        .iter()
+        .map(|c| {
+            let rank = c.kernel_shape().len();
+            let on = |axis: usize| -> Vec<usize> {
+                groups
+                    .iter()
+                    .filter(|g| {
+                        g.slots.iter().any(|s| s.kind == SlotKind::Weight && s.tensor == c.kernel && s.axis == axis)
+                    })
+                    .map(|g| g.id)
+                    .collect()
+            };
+            (on(rank - 2), on(rank - 1))
+        })
+        .collect()
+}
+
+/// Every conv's `(cin, cout)` when group `g` keeps `widths[g]` channels.
+pub fn conv_shapes(links: &[(Vec<usize>, Vec<usize>)], widths: &[usize]) -> Vec<(usize, usize)> {
+    let sum = |ids: &[usize]| ids.iter().map(|&g| widths[g]).sum::<usize>();
+    links.iter().map(|(i, o)| (sum(i), sum(o))).collect()
+}

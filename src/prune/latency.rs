@@ -309,6 +309,20 @@ impl LatencyTable {
         Ok(self.fixed + self.scale * self.convs(desc)?.iter().sum::<f64>())
     }
 
+    /// Predicted end-to-end seconds of `desc` with its convs reshaped to `shapes` (`(cin, cout)`
+    /// per conv, [`NetDesc::convs`] order): candidate widths priced without building them.
+    pub fn predict_shapes(&self, desc: &NetDesc, shapes: &[(usize, usize)]) -> Result<f64> {
+        let convs = desc.convs();
+        if shapes.len() != convs.len() {
+            return Err(Error::invalid("latency table", format!("{} shapes for {} convs", shapes.len(), convs.len())));
+        }
+        let mut sum = 0.0;
+        for ((c, (s, _)), &(cin, cout)) in convs.into_iter().zip(desc.conv_maps()).zip(shapes) {
+            sum += self.conv(LayerKey::of(c, s).with(cin, cout))?;
+        }
+        Ok(self.fixed + self.scale * sum)
+    }
+
     /// The table as CSV with a commented header.
     pub fn to_csv(&self) -> String {
         let mut s = format!(

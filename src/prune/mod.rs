@@ -11,6 +11,9 @@
 //! - [`sensitivity`]: one group pruned at a time, mIoU and latency per ratio; width plans.
 //! - [`plan`]: width plans, the file `prune --plan` applies.
 //! - [`netadapt`]: NetAdapt, latency-driven iterative narrowing with short fine-tunes.
+//! - [`amc`] with [`ddpg`]: AMC, a DDPG agent choosing per-group keep ratios under a FLOPs or
+//!   latency budget.
+//! - [`finetune`]: the short fine-tune every search and comparison gives its networks.
 //!
 //! A pruned network is a checkpoint with narrower tensors under the same names; its widths are
 //! read back from the shapes, so `segment`, `eval`, `bench`, `train` and the library load it
@@ -26,7 +29,10 @@
 //! # Ok::<(), sparseconv::Error>(())
 //! ```
 
+pub mod amc;
 pub mod channel;
+pub mod ddpg;
+pub mod finetune;
 pub mod groups;
 pub mod importance;
 pub mod latency;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::channel;
+use super::finetune::FineTune;
 use super::groups::{self, Group};
 use super::importance::{self, Criterion};
 use super::latency::LatencyTable;
@@ -28,7 +29,6 @@ use crate::nn::checkpoint::{save, Checkpoint};
 use crate::pipeline::{self, Model};
 use crate::plan::Grouping;
 use crate::train::data::Sample;
-use crate::train::trainer::{TrainConfig, Trainer};
 
 /// Knobs of a NetAdapt run.
 #[derive(Debug, Clone)]
@@ -152,30 +152,9 @@ fn checkpoint(
 }
 
 impl NetAdapt<'_> {
-    fn config(&self, o: &NetAdaptOptions, steps: usize) -> TrainConfig {
-        TrainConfig {
-            arch: self.kind.name().into(),
-            // Placeholder paths: the scans are passed in memory.
-            data: vec![PathBuf::from("<in memory>")],
-            epochs: steps.div_ceil(self.train.len().max(1)).max(1),
-            lr: o.lr,
-            warmup: 0,
-            schedule: "constant".into(),
-            seed: o.seed,
-            ..TrainConfig::default()
-        }
-    }
-
     /// Fine-tune `ck` for `steps` steps; returns the tuned weights.
     fn fine_tune(&self, ck: &Checkpoint, o: &NetAdaptOptions, steps: usize) -> Result<Checkpoint> {
-        if steps == 0 {
-            return Ok(checkpoint(ck.tensors().clone(), ck.metadata()));
-        }
-        let mut t = Trainer::from_checkpoint(self.config(o, steps), ck, self.train.clone(), Vec::new())?;
-        for _ in 0..steps {
-            t.train_step()?;
-        }
-        Ok(checkpoint(t.params().tensors(), ck.metadata()))
+        FineTune { steps, lr: o.lr, seed: o.seed }.run(self.kind, ck, &self.train)
     }
 
     fn model(&self, ck: &Checkpoint) -> Result<(NetDesc, Model)> {

@@ -1,0 +1,64 @@
+//! Short fine-tunes of pruned networks on scans in memory: what NetAdapt runs per proposal and
+//! after its last iteration, and what AMC and the comparisons give every policy alike (AdamW at
+//! a constant rate, no warm-up, the masks and structure of the checkpoint kept).
+
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+use crate::nn::arch::ArchKind;
+use crate::nn::checkpoint::Checkpoint;
+use crate::train::data::Sample;
+use crate::train::trainer::{TrainConfig, Trainer};
+
+/// How long and how fast.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FineTune {
+    /// Optimizer steps (one scan each).
+    pub steps: usize,
+    /// Learning rate (AdamW, constant).
+    pub lr: f64,
+    /// Seed of the order and augmentation.
+    pub seed: u64,
+}
+
+impl FineTune {
+    /// Reject a rate no run can use.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::invalid("--lr", "must be positive"));
+        }
+        Ok(())
+    }
+
+    fn config(&self, kind: ArchKind, scans: usize) -> TrainConfig {
+        TrainConfig {
+            arch: kind.name().into(),
+            // Placeholder path: the scans are passed in memory.
+            data: vec![PathBuf::from("<in memory>")],
+            epochs: self.steps.div_ceil(scans.max(1)).max(1),
+            lr: self.lr,
+            warmup: 0,
+            schedule: "constant".into(),
+            seed: self.seed,
+            ..TrainConfig::default()
+        }
+    }
+
+    /// `ck` after `steps` steps on `train` (a copy of `ck` for zero steps), with `ck`'s metadata.
+    pub fn run(&self, kind: ArchKind, ck: &Checkpoint, train: &[Sample]) -> Result<Checkpoint> {
+        self.validate()?;
+        let tensors = if self.steps == 0 {
+            ck.tensors().clone()
+        } else {
+            if train.is_empty() {
+                return Err(Error::invalid("--data", "no fine-tuning scans"));
+            }
+            let mut t = Trainer::from_checkpoint(self.config(kind, train.len()), ck, train.to_vec(), Vec::new())?;
+            for _ in 0..self.steps {
+                t.train_step()?;
+            }
+            t.params().tensors()
+        };
+        Ok(Checkpoint::from_tensors("<fine-tuned>", tensors, ck.metadata().clone()))
+    }
+}
