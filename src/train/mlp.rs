@@ -82,7 +82,7 @@ impl Mlp {
     /// Outputs for `x` (`rows × inputs`), and what backward needs.
     pub fn forward(&self, x: &[f32]) -> Result<(Vec<f32>, Cache)> {
         let cin = self.inputs();
-        if x.is_empty() || x.len() % cin != 0 {
+        if x.is_empty() || !x.len().is_multiple_of(cin) {
             return Err(Error::invalid("mlp", format!("{} inputs is not a whole number of rows of {cin}", x.len())));
         }
         let rows = x.len() / cin;
