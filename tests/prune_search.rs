@@ -392,3 +392,55 @@ fn amc_from_the_command_line_writes_a_policy_prune_applies() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--table"), "{err}");
 }
+
+/// Adaptive BatchNorm: afterwards the inference network (running statistics, folded) gives the
+/// training-mode forward's logits (batch statistics) on the calibration scan, and the result
+/// does not depend on the statistics it started from.
+#[test]
+fn adaptive_batchnorm_makes_running_statistics_the_batch_statistics() {
+    use sparseconv::pipeline::Model;
+    use sparseconv::prune::channel::{ChannelOptions, Selection};
+    use sparseconv::prune::finetune::adaptive_bn;
+    use sparseconv::train::data::load_semantickitti;
+    use sparseconv::train::net::TrainNet;
+    use sparseconv::voxel::voxelize_batch;
+    let ck = Checkpoint::load(&repo(MODEL)).expect("model");
+    let o = ChannelOptions { ratio: 0.5, selection: Selection::Local, round_to: 8, min_width: 8 };
+    let pruned = prune_channels(&ck, ArchKind::MinkUNet, Criterion::L1, &o, &[], 0).expect("prune").checkpoint();
+    let lm = LearningMap::load(&repo("data/semantickitti/semantic-kitti.yaml")).expect("yaml");
+    // Enough voxels on the coarsest map that n/(n−1) is small.
+    let scan = load_semantickitti(
+        &repo("data/semantickitti/sequences/00/velodyne/000000.bin"),
+        &repo("data/semantickitti/sequences/00/labels/000000.label"),
+        &lm,
+    )
+    .expect("bundled scan")
+    .crop(15.0);
+    let cal = adaptive_bn(ArchKind::MinkUNet, &pruned, std::slice::from_ref(&scan)).expect("adaptive bn");
+    let e = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic);
+    let vox = voxelize_batch(std::slice::from_ref(&scan.points), sparseconv::pipeline::VOXEL_SIZE).expect("voxels");
+    let mut net = TrainNet::load_arch("minkunet", &cal, 0.5, 19).expect("train net");
+    let (train_logits, _) = net.forward(&e, vox.tensor.clone()).expect("train forward");
+    let desc = NetDesc::from_checkpoint(ArchKind::MinkUNet, &cal, 19).expect("desc");
+    let infer = Model::from_desc(&cal, &desc).expect("model").forward(&e, &vox.tensor).expect("inference");
+    // Unbiased (running) against biased (batch) variance differ by n/(n−1) per layer.
+    let err = rel_err(&infer, &train_logits);
+    assert!(err < 1e-2, "inference after adaptive BN vs training-mode logits: {err}");
+    let before = Model::from_desc(&pruned, &desc).expect("model").forward(&e, &vox.tensor).expect("inference");
+    assert!(rel_err(&before, &train_logits) > 10.0 * err, "the pruned network's own statistics were already right");
+    // Start from other running statistics: the same result.
+    let mut t = pruned.tensors().clone();
+    for (name, v) in t.iter_mut() {
+        if name.ends_with("running_mean") {
+            v.data.iter_mut().for_each(|x| *x += 1.0);
+        }
+    }
+    let other = Checkpoint::from_tensors("<shifted>", t, pruned.metadata().clone());
+    let again = adaptive_bn(ArchKind::MinkUNet, &other, std::slice::from_ref(&scan)).expect("again");
+    for (name, v) in cal.tensors() {
+        if name.contains("running") {
+            let w = &again.tensors()[name].data;
+            assert!(rel_err(&v.data, w) < 1e-4, "{name}");
+        }
+    }
+}

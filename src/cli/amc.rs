@@ -93,6 +93,10 @@ pub struct AmcArgs {
     /// Alternating timing rounds per compared network (3 runs each).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    /// Recalibrate each episode's BatchNorm statistics on this many fine-tuning scans (cropped
+    /// as --crop) before evaluating it (adaptive BatchNorm; 0: evaluate as pruned).
+    #[arg(long, default_value_t = 3)]
+    pub calibrate: usize,
     /// Other pruned models of the same network (NetAdapt's, a sensitivity plan's) to put in
     /// the comparison, fine-tuned the same way.
     #[arg(long, num_args = 1..)]
@@ -117,7 +121,7 @@ pub fn run(a: AmcArgs) -> Result<()> {
     let kind = arch_of(&ck, None)?;
     let table = a.table.as_deref().map(LatencyTable::load).transpose()?;
     let eval = eval_or_bundled(&a.eval, &a.labels)?;
-    let train = if ft.steps > 0 { fine_tune_scans(&a.data, a.crop)? } else { Vec::new() };
+    let train = if ft.steps > 0 || a.calibrate > 0 { fine_tune_scans(&a.data, a.crop)? } else { Vec::new() };
     let compared: Vec<(String, Checkpoint)> = a
         .compare
         .iter()
@@ -132,7 +136,8 @@ pub fn run(a: AmcArgs) -> Result<()> {
     // Heuristic grouping: every episode has new widths, and tuning each would cost more than
     // the evaluation; the mIoU does not depend on it.
     let e = Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Heuristic);
-    let env = Env::new(kind, &ck, budget, table.as_ref(), &eval, &e)?;
+    let calibration: Vec<_> = train.iter().take(a.calibrate).cloned().collect();
+    let env = Env::new(kind, &ck, budget, table.as_ref(), &eval, &e)?.with_calibration(calibration);
     println!(
         "AMC on {}: {} prunable groups of {}, budget {} at {:.0}% of {}, {} warm-up + {} episodes",
         a.model.display(),
@@ -192,7 +197,7 @@ pub fn run(a: AmcArgs) -> Result<()> {
         entries.push((name.clone(), format!("compare_{name}"), c));
     }
     let base_model = Model::from_checkpoint(&ck, None, None)?.0;
-    let base_miou = env.evaluate(&ck)?;
+    let base_miou = env.miou(&ck)?;
     let base_flops = env.flops(&env.full_widths());
     let scan = a.scan.clone().unwrap_or_else(bundled_scan);
     let mut report = String::from(
@@ -211,7 +216,7 @@ pub fn run(a: AmcArgs) -> Result<()> {
         if ft.steps > 0 {
             save(&a.out.join(format!("{stem}_ft.safetensors")), tuned.tensors(), tuned.metadata().clone(), false)?;
         }
-        let after = if ft.steps > 0 { env.evaluate(&tuned)? } else { before };
+        let after = if ft.steps > 0 { env.miou(&tuned)? } else { before };
         let desc = NetDesc::from_checkpoint(kind, &tuned, sparseconv::io::kitti::NUM_CLASSES)?;
         let groups = sparseconv::prune::groups::groups(&desc)?;
         let widths: Vec<usize> = groups.iter().map(|g| g.width).collect();

@@ -11,6 +11,10 @@
 //!   the group, FLOPs removed so far, FLOPs of the groups still to come, previous action.
 //! - **Action wall**: a step's keep ratio is lowered until the budget can still be met with
 //!   every later group at the lower bound, so every episode's network meets the budget.
+//! - **Evaluation**: a network pruned without fine-tuning keeps BatchNorm statistics its lost
+//!   channels shaped, and its mIoU collapses almost whatever is pruned (5–12% on MinkUNet
+//!   cr = 0.5 against 48% unpruned), too flat a signal to learn from; with calibration scans
+//!   each episode's network first gets adaptive BatchNorm (EagleEye, Li et al. ECCV 2020).
 //! - **Exploration**: uniform random actions for the warm-up episodes, then the actor's action
 //!   plus truncated normal noise of width σ, σ multiplied by `sigma_decay` after each episode.
 //!
@@ -21,6 +25,7 @@ use std::fmt::Write as _;
 
 use super::channel::{self, ChannelOptions, Selection};
 use super::ddpg::{Ddpg, DdpgOptions, Transition};
+use super::finetune::adaptive_bn;
 use super::groups::{self, Group};
 use super::importance::{self, Criterion};
 use super::latency::LatencyTable;
@@ -32,6 +37,7 @@ use crate::io::kitti::NUM_CLASSES;
 use crate::nn::arch::{ArchKind, NetDesc};
 use crate::nn::checkpoint::Checkpoint;
 use crate::pipeline::Model;
+use crate::train::data::Sample;
 
 /// What the budget counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +209,7 @@ pub struct Env<'a> {
     table: Option<&'a LatencyTable>,
     eval: &'a EvalSet,
     engine: &'a Engine,
+    calibration: Vec<Sample>,
     /// Prunable groups, in the order the agent visits them.
     pub steps: Vec<usize>,
     static_features: Vec<[f64; 8]>,
@@ -301,6 +308,7 @@ impl<'a> Env<'a> {
             table,
             eval,
             engine,
+            calibration: Vec::new(),
             steps,
             static_features,
             step_flops,
@@ -394,8 +402,24 @@ impl<'a> Env<'a> {
         Ok(Checkpoint::from_tensors("<amc>", tensors, self.ck.metadata().clone()))
     }
 
-    /// mIoU of `ck` on the evaluation scans.
+    /// Recalibrate every pruned network's BatchNorm statistics on these scans before it is
+    /// evaluated ([`adaptive_bn`]; none: evaluate as pruned).
+    pub fn with_calibration(mut self, scans: Vec<Sample>) -> Self {
+        self.calibration = scans;
+        self
+    }
+
+    /// mIoU of pruned `ck` on the evaluation scans (after adaptive BatchNorm when the
+    /// environment has calibration scans).
     pub fn evaluate(&self, ck: &Checkpoint) -> Result<f64> {
+        if self.calibration.is_empty() {
+            return self.miou(ck);
+        }
+        self.miou(&adaptive_bn(self.kind, ck, &self.calibration)?)
+    }
+
+    /// mIoU of `ck` on the evaluation scans, as it is.
+    pub fn miou(&self, ck: &Checkpoint) -> Result<f64> {
         let desc = NetDesc::from_checkpoint(self.kind, ck, NUM_CLASSES)?;
         let m = Model::from_desc(ck, &desc)?;
         Ok(self.eval.evaluate(self.engine, &m)?.0)

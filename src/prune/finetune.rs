@@ -1,14 +1,22 @@
 //! Short fine-tunes of pruned networks on scans in memory: what NetAdapt runs per proposal and
 //! after its last iteration, and what AMC and the comparisons give every policy alike (AdamW at
-//! a constant rate, no warm-up, the masks and structure of the checkpoint kept).
+//! a constant rate, no warm-up, the masks and structure of the checkpoint kept), and adaptive
+//! BatchNorm, which evaluations of pruned networks without fine-tuning run first.
 
 use std::path::PathBuf;
 
+use crate::device::{Device, Engine};
 use crate::error::{Error, Result};
+use crate::io::kitti::NUM_CLASSES;
+use crate::kmap::MapBuilder;
 use crate::nn::arch::ArchKind;
 use crate::nn::checkpoint::Checkpoint;
+use crate::pipeline::VOXEL_SIZE;
+use crate::plan::Grouping;
 use crate::train::data::Sample;
+use crate::train::net::TrainNet;
 use crate::train::trainer::{TrainConfig, Trainer};
+use crate::voxel::voxelize_batch;
 
 /// How long and how fast.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,4 +69,19 @@ impl FineTune {
         };
         Ok(Checkpoint::from_tensors("<fine-tuned>", tensors, ck.metadata().clone()))
     }
+}
+
+/// `ck` with every BatchNorm's running statistics taken from its own activations on `scans`
+/// ([`TrainNet::recalibrate_bn`]; EagleEye's adaptive BatchNorm).
+pub fn adaptive_bn(kind: ArchKind, ck: &Checkpoint, scans: &[Sample]) -> Result<Checkpoint> {
+    let mut net = TrainNet::load_arch(kind.name(), ck, 0.5, NUM_CLASSES).map_err(|e| e.in_file(ck.path()))?;
+    let inputs = scans
+        .iter()
+        .map(|s| Ok(voxelize_batch(std::slice::from_ref(&s.points), VOXEL_SIZE)?.tensor))
+        .collect::<Result<Vec<_>>>()?;
+    let e = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic);
+    net.recalibrate_bn(&e, inputs)?;
+    let mut tensors = ck.tensors().clone();
+    tensors.extend(net.params.tensors());
+    Ok(Checkpoint::from_tensors("<adaptive bn>", tensors, ck.metadata().clone()))
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::ops::{batchnorm_backward, batchnorm_train_fused, linear_backward, relu_backward, BnCache};
+use super::ops::{batchnorm_backward, batchnorm_train_fused, linear_backward, relu_backward, BnCache, BN_MOMENTUM};
 use crate::device::{ConvWeight, Engine};
 use crate::error::{Error, Result};
 use crate::io::tensors::Tensor;
@@ -580,6 +580,44 @@ impl TrainNet {
         }
         let (d, _) = st.resample.backward(p, g, e, &t.resample, du, true)?;
         Ok((d.ok_or_else(|| Error::invalid("backward", "missing input gradient"))?, ds))
+    }
+
+    /// Adaptive BatchNorm (Li et al., "EagleEye", ECCV 2020): every BatchNorm's running
+    /// statistics replaced by the batch statistics the network's own activations have on
+    /// `inputs` (one training-mode pass each, averaged over the inputs; later layers see
+    /// batch-normalized inputs, as in training). A pruned network evaluated after this is judged
+    /// on the channels it kept, not on statistics its lost channels shaped.
+    pub fn recalibrate_bn(&mut self, e: &Engine, inputs: Vec<SparseTensor>) -> Result<()> {
+        if inputs.is_empty() {
+            return Err(Error::invalid("batchnorm recalibration", "no scans"));
+        }
+        let stats: Vec<usize> = (0..self.params.len()).filter(|&i| self.params.role(i) == Role::RunningStat).collect();
+        let old: Vec<Vec<f32>> = stats.iter().map(|&i| self.params.values[i].clone()).collect();
+        let mut sum: Vec<Vec<f64>> = old.iter().map(|v| vec![0.0; v.len()]).collect();
+        let n = inputs.len() as f64;
+        for x in inputs {
+            self.forward(e, x)?;
+            // One pass moved each statistic to (1 − m)·old + m·batch: solve for the batch's.
+            for ((k, &i), o) in stats.iter().enumerate().zip(&old) {
+                let v = &mut self.params.values[i];
+                for ((a, &new), &prev) in sum[k].iter_mut().zip(v.iter()).zip(o) {
+                    *a += (new as f64 - (1.0 - BN_MOMENTUM) * prev as f64) / BN_MOMENTUM;
+                }
+                v.copy_from_slice(o);
+            }
+        }
+        for (k, &i) in stats.iter().enumerate() {
+            for (v, &a) in self.params.values[i].iter_mut().zip(&sum[k]) {
+                *v = (a / n) as f32;
+            }
+        }
+        // A variance cannot be negative; rounding of a near-zero one can make it so.
+        for &i in &stats {
+            if self.params.name(i).ends_with("running_var") {
+                self.params.values[i].iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+        Ok(())
     }
 
     /// Training forward: logits `[N, classes]` in `x`'s row order, and the tape for
