@@ -178,9 +178,15 @@ enum Cmd {
         /// Continue the run saved in this checkpoint (with its stored config unless --config).
         #[arg(long, conflicts_with = "init")]
         resume: Option<PathBuf>,
-        /// Start from these weights (and their `mask.*` tensors) instead of a fresh init.
+        /// Start from these weights instead of a fresh init: a pruned network keeps its
+        /// structure, and its `mask.*` tensors, sparse-format and offset-pruned kernels keep
+        /// their zeros exactly.
         #[arg(long)]
         init: Option<PathBuf>,
+        /// Multiply the learning rate by this (default: 0.1 with --init, the usual rate for
+        /// fine-tuning a trained or pruned network; 1 otherwise).
+        #[arg(long)]
+        lr_scale: Option<f64>,
         /// Training data (overrides the config): SemanticKITTI roots or points_*.npy files.
         #[arg(long, num_args = 1..)]
         data: Vec<PathBuf>,
@@ -314,8 +320,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Netadapt(args) => cli::netadapt::run(args),
         Cmd::Amc(args) => cli::amc::run(args),
         Cmd::Demo { rerun } => cmd_demo(rerun),
-        Cmd::Train { config, out, resume, init, data, epochs, max_steps, export, half } => {
-            cmd_train(config, &out, resume, init, data, epochs, max_steps, export, half)
+        Cmd::Train { config, out, resume, init, lr_scale, data, epochs, max_steps, export, half } => {
+            cmd_train(config, &out, resume, init, lr_scale, data, epochs, max_steps, export, half)
         }
         Cmd::InitWeights { output, arch, cr, seed } => {
             let ck = sparseconv::nn::checkpoint::Checkpoint::random(seed);
@@ -1059,6 +1065,7 @@ fn cmd_train(
     out: &Path,
     resume: Option<PathBuf>,
     init: Option<PathBuf>,
+    lr_scale: Option<f64>,
     data: Vec<PathBuf>,
     epochs: Option<usize>,
     max_steps: Option<usize>,
@@ -1079,6 +1086,14 @@ fn cmd_train(
         if let Some(e) = epochs {
             c.epochs = e;
         }
+        let scale = lr_scale.unwrap_or(if init.is_some() { 0.1 } else { 1.0 });
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(Error::invalid("--lr-scale", format!("must be positive, got {scale}")));
+        }
+        c.lr *= scale;
+    }
+    if resume.is_some() && lr_scale.is_some() {
+        return Err(Error::invalid("--lr-scale", "a resumed run keeps its stored rate"));
     }
     let mut t = match &resume {
         Some(r) => {
@@ -1094,12 +1109,13 @@ fn cmd_train(
     let (per_epoch, total) = t.steps();
     let stop = max_steps.map_or(total, |m| (t.step + m).min(total));
     eprintln!(
-        "training {} cr={} on {} scans: {} steps ({} epochs x {per_epoch}), {} parameters, from step {}",
+        "training {} cr={} on {} scans: {} steps ({} epochs x {per_epoch}), lr {:e}, {} parameters, from step {}",
         t.config.arch,
         t.config.cr,
         t.train_scans(),
         total,
         t.config.epochs,
+        t.config.lr,
         t.params().trainable_count(),
         t.step
     );

@@ -144,6 +144,31 @@ fn weight_sparse_models_are_written_and_segment() {
         assert!(out.contains("on the GPU they run dense"), "{out}");
         let ck = Checkpoint::load(&pruned).expect("pruned file");
         assert_eq!(ck.metadata().get("format.up1.1.0.net.0.kernel").map(String::as_str), Some(fmt), "{fmt}");
+        if fmt != "element" {
+            continue;
+        }
+        // Fine-tuning from it: a tenth of the rate, and every pruned weight stays exactly zero.
+        let (dir, export) = (tmp("train_sparse"), tmp("trained_sparse.safetensors"));
+        let (code, _, err) = run(&[
+            "train",
+            "--init",
+            &s(&pruned),
+            "--data",
+            &s(&repo("data/semantickitti")),
+            "--max-steps",
+            "1",
+            "--out",
+            &s(&dir),
+            "--export",
+            &s(&export),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("lr 2e-4"), "the default 2e-3 scaled by 0.1: {err}");
+        let tuned = Checkpoint::load(&export).expect("exported");
+        let name = "up1.1.0.net.0.kernel";
+        let (a, b) = (&ck.get(name).expect("pruned").data, &tuned.get(name).expect("tuned").data);
+        assert!(a.iter().zip(b).all(|(&p, &t)| p != 0.0 || t == 0.0), "a pruned weight grew back");
+        assert!(a.iter().zip(b).any(|(&p, &t)| p != t), "the kept weights trained");
     }
 }
 

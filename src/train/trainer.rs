@@ -19,7 +19,7 @@ use crate::io::kitti::{LearningMap, NUM_CLASSES};
 use crate::io::tensors::Tensor;
 use crate::kmap::MapBuilder;
 use crate::metrics::Confusion;
-use crate::nn::checkpoint::{save, Checkpoint};
+use crate::nn::checkpoint::{save, Checkpoint, KEPT_OFFSETS, SPARSE_FORMAT};
 use crate::pipeline::{prepare_points, segment, Model, Timings, VoxelizeMode, VOXEL_SIZE};
 use crate::plan::Grouping;
 use crate::voxel::{voxelize_batch, PointCloud};
@@ -459,7 +459,16 @@ impl Trainer {
                     None => Ok(None),
                 }
             };
-            if let Some(m) = get(MASK)? {
+            // A sparse-format or offset-pruned kernel keeps its zeros as a mask: fine-tuning
+            // must not grow back what the pruned network skips.
+            let structural = p.role(i) == Role::Kernel
+                && [SPARSE_FORMAT, KEPT_OFFSETS].iter().any(|k| ck.metadata().contains_key(&format!("{k}{name}")));
+            let mask = match get(MASK)? {
+                Some(m) => Some(m),
+                None if structural => Some(p.values[i].clone()),
+                None => None,
+            };
+            if let Some(m) = mask {
                 let mask: Vec<u8> = m.iter().map(|&v| u8::from(v != 0.0)).collect();
                 for (w, &k) in p.values[i].iter_mut().zip(&mask) {
                     if k == 0 {
