@@ -157,6 +157,10 @@ enum Cmd {
     /// (evaluated without fine-tuning); its best policy is then compared with uniform pruning
     /// at the same budget after the same fine-tune.
     Amc(cli::amc::AmcArgs),
+    /// Iterative magnitude pruning: prune the smallest conv weights globally, train, repeat on
+    /// an AGP, fixed or geometric schedule; each round fine-tunes, rewinds to an early step
+    /// (lottery tickets) or re-initializes; resumable per round.
+    Imp(cli::imp::ImpArgs),
     /// Segment the bundled SemanticKITTI scan with the bundled model: class counts, IoU against
     /// the bundled labels, time taken, and a rerun recording (with the `rerun` feature).
     Demo {
@@ -319,6 +323,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::LatencyTable(args) => cli::latency_table::run(args),
         Cmd::Netadapt(args) => cli::netadapt::run(args),
         Cmd::Amc(args) => cli::amc::run(args),
+        Cmd::Imp(args) => cli::imp::run(args),
         Cmd::Demo { rerun } => cmd_demo(rerun),
         Cmd::Train { config, out, resume, init, lr_scale, data, epochs, max_steps, export, half } => {
             cmd_train(config, &out, resume, init, lr_scale, data, epochs, max_steps, export, half)

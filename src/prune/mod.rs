@@ -13,6 +13,8 @@
 //! - [`netadapt`]: NetAdapt, latency-driven iterative narrowing with short fine-tunes.
 //! - [`amc`] with [`ddpg`]: AMC, a DDPG agent choosing per-group keep ratios under a FLOPs or
 //!   latency budget.
+//! - [`iterative`]: iterative global magnitude pruning on a schedule (AGP, fixed, geometric),
+//!   each round fine-tuning, rewinding (lottery tickets) or re-initializing.
 //! - [`finetune`]: the short fine-tune every search and comparison gives its networks.
 //!
 //! A pruned network is a checkpoint with narrower tensors under the same names; its widths are
@@ -35,6 +37,7 @@ pub mod ddpg;
 pub mod finetune;
 pub mod groups;
 pub mod importance;
+pub mod iterative;
 pub mod latency;
 pub mod netadapt;
 pub mod offset;
