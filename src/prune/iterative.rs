@@ -30,6 +30,9 @@ use crate::train::data::Sample;
 use crate::train::net::TrainNet;
 use crate::train::trainer::{TrainConfig, Trainer};
 
+/// Named weights.
+type Tensors = BTreeMap<String, Tensor<f32>>;
+
 /// How sparsity grows over the rounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Schedule {
@@ -243,7 +246,7 @@ impl Imp<'_> {
         o: &ImpOptions,
         steps: usize,
         at: Option<usize>,
-    ) -> Result<(BTreeMap<String, Tensor<f32>>, Option<BTreeMap<String, Tensor<f32>>>)> {
+    ) -> Result<(Tensors, Option<Tensors>)> {
         let mut snap = None;
         if steps == 0 {
             return Ok((ck.tensors().clone(), at.map(|_| ck.tensors().clone())));
