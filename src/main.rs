@@ -161,6 +161,9 @@ enum Cmd {
     /// an AGP, fixed or geometric schedule; each round fine-tunes, rewinds to an early step
     /// (lottery tickets) or re-initializes; resumable per round.
     Imp(cli::imp::ImpArgs),
+    /// BatchNorm |γ| quantiles and a histogram PNG for one or more models (network slimming:
+    /// train with `l1: {"@bn": λ}`, then `prune --criterion bn`).
+    BnGamma(cli::gamma::GammaArgs),
     /// Segment the bundled SemanticKITTI scan with the bundled model: class counts, IoU against
     /// the bundled labels, time taken, and a rerun recording (with the `rerun` feature).
     Demo {
@@ -324,6 +327,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Netadapt(args) => cli::netadapt::run(args),
         Cmd::Amc(args) => cli::amc::run(args),
         Cmd::Imp(args) => cli::imp::run(args),
+        Cmd::BnGamma(args) => cli::gamma::run(args),
         Cmd::Demo { rerun } => cmd_demo(rerun),
         Cmd::Train { config, out, resume, init, lr_scale, data, epochs, max_steps, export, half } => {
             cmd_train(config, &out, resume, init, lr_scale, data, epochs, max_steps, export, half)

@@ -148,3 +148,17 @@ fn imp_from_the_command_line() {
         assert!(err.contains(what) && err.lines().count() == 1, "{err}");
     }
 }
+
+#[test]
+fn bn_gamma_reports_quantiles_and_draws_a_histogram() {
+    let png = tmp("gamma.png");
+    let model = arg(&repo(MODEL));
+    let (code, out, err) = run_cli(&["bn-gamma", &model, "--out", &arg(&png)]);
+    assert_eq!(code, 0, "{err}");
+    // Every BatchNorm of every conv: 3072 channels in MinkUNet cr = 0.5.
+    assert!(out.contains(" 3072 ") && out.contains("median"), "{out}");
+    assert_eq!(&std::fs::read(&png).expect("png")[..8], b"\x89PNG\r\n\x1a\n");
+    let (code, _, err) = run_cli(&["bn-gamma", &arg(&tmp("missing.safetensors")), "--out", &arg(&png)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("missing.safetensors") && err.lines().count() == 1, "{err}");
+}

@@ -106,3 +106,61 @@ pub fn sensitivity(s: &Sweep, miou_png: &Path, latency_png: &Path) -> Result<()>
         None,
     )
 }
+
+/// Histograms (as lines, one per model) of log10 |γ| over every BatchNorm: network slimming's
+/// "before and after" picture.
+pub fn gamma_histograms(models: &[(String, Vec<f32>)], path: &Path) -> Result<()> {
+    font();
+    const BINS: usize = 60;
+    let (lo, hi) = (-6.0f64, 1.0f64);
+    let bin = |v: f32| -> usize {
+        let l = (v.abs() as f64).max(1e-30).log10().clamp(lo, hi - 1e-9);
+        ((l - lo) / (hi - lo) * BINS as f64) as usize
+    };
+    let mut hists = Vec::new();
+    for (_, g) in models {
+        let mut h = vec![0f64; BINS];
+        for &v in g {
+            h[bin(v)] += 1.0;
+        }
+        let n = g.len().max(1) as f64;
+        hists.push(h.iter().map(|c| 100.0 * c / n).collect::<Vec<f64>>());
+    }
+    let top = hists.iter().flatten().copied().fold(1.0, f64::max) * 1.05;
+    let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(path, e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("BatchNorm |γ| (network slimming)", ("sans-serif", 26))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(lo..hi, 0.0..top)
+        .map_err(|e| fail(path, e))?;
+    chart
+        .configure_mesh()
+        .x_desc("log10 |γ| (values below 1e-6 in the first bin)")
+        .y_desc("% of channels")
+        .label_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| fail(path, e))?;
+    for (i, ((name, _), h)) in models.iter().zip(&hists).enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let w = (hi - lo) / BINS as f64;
+        let pts: Vec<(f64, f64)> =
+            h.iter().enumerate().flat_map(|(b, &c)| [(lo + b as f64 * w, c), (lo + (b + 1) as f64 * w, c)]).collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .map_err(|e| fail(path, e))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()
+        .map_err(|e| fail(path, e))?;
+    root.present().map_err(|e| fail(path, e))?;
+    Ok(())
+}
