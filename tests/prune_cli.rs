@@ -90,24 +90,29 @@ fn a_pruned_model_segments_benches_and_trains() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("speed-up of model over baseline") && out.contains("16/16/16/32"), "{out}");
 
-    let dir = tmp("train");
     let export = tmp("trained.safetensors");
+    train_one_step(&pruned, "train", &export);
+    let (m, _) = Model::load(&export, None, None).expect("trained pruned model loads");
+    assert_eq!(m.desc().widths_summary(), "16/16/16/32/64/64/32/32/32", "training keeps the pruned structure");
+}
+
+/// `train --init MODEL` for one step on the bundled scan, exported; returns its stderr.
+fn train_one_step(model: &std::path::Path, out: &str, export: &std::path::Path) -> String {
     let (code, _, err) = run(&[
         "train",
         "--init",
-        &s(&pruned),
+        &s(model),
         "--data",
         &s(&repo("data/semantickitti")),
         "--max-steps",
         "1",
         "--out",
-        &s(&dir),
+        &s(&tmp(out)),
         "--export",
-        &s(&export),
+        &s(export),
     ]);
     assert_eq!(code, 0, "{err}");
-    let (m, _) = Model::load(&export, None, None).expect("trained pruned model loads");
-    assert_eq!(m.desc().widths_summary(), "16/16/16/32/64/64/32/32/32", "training keeps the pruned structure");
+    err
 }
 
 #[test]
@@ -148,21 +153,8 @@ fn weight_sparse_models_are_written_and_segment() {
             continue;
         }
         // Fine-tuning from it: a tenth of the rate, and every pruned weight stays exactly zero.
-        let (dir, export) = (tmp("train_sparse"), tmp("trained_sparse.safetensors"));
-        let (code, _, err) = run(&[
-            "train",
-            "--init",
-            &s(&pruned),
-            "--data",
-            &s(&repo("data/semantickitti")),
-            "--max-steps",
-            "1",
-            "--out",
-            &s(&dir),
-            "--export",
-            &s(&export),
-        ]);
-        assert_eq!(code, 0, "{err}");
+        let export = tmp("trained_sparse.safetensors");
+        let err = train_one_step(&pruned, "train_sparse", &export);
         assert!(err.contains("lr 2e-4"), "the default 2e-3 scaled by 0.1: {err}");
         let tuned = Checkpoint::load(&export).expect("exported");
         let name = "up1.1.0.net.0.kernel";
