@@ -38,7 +38,7 @@ impl FineTune {
         Ok(())
     }
 
-    fn config(&self, kind: ArchKind, scans: usize) -> TrainConfig {
+    fn config(&self, kind: ArchKind, scans: usize, cosine: bool) -> TrainConfig {
         TrainConfig {
             arch: kind.name().into(),
             // Placeholder path: the scans are passed in memory.
@@ -46,10 +46,17 @@ impl FineTune {
             epochs: self.steps.div_ceil(scans.max(1)).max(1),
             lr: self.lr,
             warmup: 0,
-            schedule: "constant".into(),
+            schedule: if cosine { "cosine".into() } else { "constant".into() },
             seed: self.seed,
             ..TrainConfig::default()
         }
+    }
+
+    /// A trainer from `ck` (its masks held) on `train`, its rate constant or decaying by a
+    /// cosine over `steps`; the caller steps it.
+    pub fn trainer(&self, kind: ArchKind, ck: &Checkpoint, train: &[Sample], cosine: bool) -> Result<Trainer> {
+        self.validate()?;
+        Trainer::from_checkpoint(self.config(kind, train.len(), cosine), ck, train.to_vec(), Vec::new())
     }
 
     /// `ck` after `steps` steps on `train` (a copy of `ck` for zero steps), with `ck`'s metadata.
@@ -61,7 +68,7 @@ impl FineTune {
             if train.is_empty() {
                 return Err(Error::invalid("--data", "no fine-tuning scans"));
             }
-            let mut t = Trainer::from_checkpoint(self.config(kind, train.len()), ck, train.to_vec(), Vec::new())?;
+            let mut t = self.trainer(kind, ck, train, false)?;
             for _ in 0..self.steps {
                 t.train_step()?;
             }

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::Path;
 
+use super::finetune::FineTune;
 use super::sensitivity::EvalSet;
 use crate::device::Engine;
 use crate::error::{Error, Result};
@@ -28,7 +29,6 @@ use crate::nn::checkpoint::{save, Checkpoint, SPARSE_FORMAT};
 use crate::pipeline::Model;
 use crate::train::data::Sample;
 use crate::train::net::TrainNet;
-use crate::train::trainer::{TrainConfig, Trainer};
 
 /// Named weights.
 type Tensors = BTreeMap<String, Tensor<f32>>;
@@ -226,19 +226,6 @@ pub struct Imp<'a> {
 }
 
 impl Imp<'_> {
-    fn config(&self, o: &ImpOptions, steps: usize) -> TrainConfig {
-        TrainConfig {
-            arch: self.kind.name().into(),
-            data: vec![std::path::PathBuf::from("<in memory>")],
-            epochs: steps.div_ceil(self.train.len().max(1)).max(1),
-            lr: o.lr,
-            warmup: 0,
-            schedule: if o.cosine { "cosine".into() } else { "constant".into() },
-            seed: o.seed,
-            ..TrainConfig::default()
-        }
-    }
-
     /// Train `ck` (masks held) for `steps`; `snapshot` gets the weights after `at` steps.
     fn train(
         &self,
@@ -251,7 +238,7 @@ impl Imp<'_> {
         if steps == 0 {
             return Ok((ck.tensors().clone(), at.map(|_| ck.tensors().clone())));
         }
-        let mut t = Trainer::from_checkpoint(self.config(o, steps), ck, self.train.clone(), Vec::new())?;
+        let mut t = FineTune { steps, lr: o.lr, seed: o.seed }.trainer(self.kind, ck, &self.train, o.cosine)?;
         for s in 0..steps {
             if at == Some(s) {
                 snap = Some(t.params().tensors());
