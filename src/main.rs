@@ -170,6 +170,10 @@ enum Cmd {
         /// Where to write the rerun recording.
         #[arg(long, default_value = "demo.rrd")]
         rerun: PathBuf,
+        /// Weights to run instead of the bundled model (a pruned model, say:
+        /// `data/models/minkunet_cr0.5_pruned.safetensors`).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// Train a segmentation network (MinkUNet) on labelled scans; writes a resumable checkpoint
     /// that `segment --model` also loads, a per-step log, and optionally inference weights.
@@ -328,7 +332,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Amc(args) => cli::amc::run(args),
         Cmd::Imp(args) => cli::imp::run(args),
         Cmd::BnGamma(args) => cli::gamma::run(args),
-        Cmd::Demo { rerun } => cmd_demo(rerun),
+        Cmd::Demo { rerun, model } => cmd_demo(rerun, model),
         Cmd::Train { config, out, resume, init, lr_scale, data, epochs, max_steps, export, half } => {
             cmd_train(config, &out, resume, init, lr_scale, data, epochs, max_steps, export, half)
         }
@@ -560,11 +564,11 @@ fn engine_builder_name(e: &Engine) -> String {
     format!("{:?}", e.builder())
 }
 
-fn cmd_demo(rerun: PathBuf) -> Result<()> {
+fn cmd_demo(rerun: PathBuf, model: Option<PathBuf>) -> Result<()> {
     let with_rerun = cfg!(feature = "rerun");
     cmd_segment(SegmentArgs {
         scan: bundled("data/semantickitti/sequences/00/velodyne/000000.bin"),
-        model: None,
+        model,
         arch: None,
         cr: None,
         device: "cpu".into(),
@@ -581,7 +585,7 @@ fn cmd_demo(rerun: PathBuf) -> Result<()> {
         println!("(built without the `rerun` feature: no recording written; `cargo run --release --features rerun -- demo` writes demo.rrd)");
     }
     println!(
-        "note: the bundled model was trained on this scan (and two others): the IoU above is training-set accuracy"
+        "note: the bundled models were trained on this scan (and two others): the IoU above is training-set accuracy"
     );
     Ok(())
 }

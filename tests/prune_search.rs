@@ -17,8 +17,10 @@ use sparseconv::pipeline::{prepare_file, VoxelizeMode};
 use sparseconv::prune::channel::{ChannelOptions, Selection};
 use sparseconv::prune::importance::Criterion;
 use sparseconv::prune::latency::LatencyTable;
+use sparseconv::prune::plan::ConvCut;
 use sparseconv::prune::sensitivity::{sweep, EvalSet};
 use sparseconv::prune::{groups::groups, prune_channels, prune_channels_to, ChannelTarget};
+use sparseconv::sparse_weights::Format;
 use sparseconv::{Device, Engine, Grouping, MapBuilder};
 
 const MODEL: &str = "data/models/minkunet_cr0.5.safetensors";
@@ -443,4 +445,144 @@ fn adaptive_batchnorm_makes_running_statistics_the_batch_statistics() {
             assert!(rel_err(&v.data, w) < 1e-4, "{name}");
         }
     }
+}
+
+#[test]
+fn cut_prices_interpolate_between_measured_offset_counts() {
+    let e = engine();
+    let ck = Checkpoint::load(&repo(MODEL)).expect("model");
+    let desc = NetDesc::from_checkpoint(ArchKind::MinkUNet, &ck, 19).expect("desc");
+    let mut t = model_table(&e, &ck);
+    t.measure_cuts(&e, &ck, ArchKind::MinkUNet, &repo(TINY), &[0.5], &[(Format::Element, vec![0.9])], 1, |_, _| {})
+        .expect("cuts");
+    let conv = desc.convs().into_iter().find(|c| c.spec.volume() == 27).expect("a 3x3x3 conv").kernel.clone();
+    assert!(t.cuts.iter().any(|c| c.0 == conv && c.3 == ConvCut::Offsets { kept: 13, of: 27 }));
+    assert!(t.cuts.iter().any(|c| c.0 == conv && c.3 == ConvCut::Sparse(Format::Element, 0.9)));
+    // Cuts that cost nothing: a conv with k offsets kept costs the dense time in proportion
+    // to how far k is from 13 (the measured count) towards 27.
+    for c in t.cuts.iter_mut() {
+        c.4 = 0.0;
+    }
+    let full = t.predict(&desc).expect("dense");
+    let at =
+        |kept: usize| full - t.predict_cuts(&desc, &[(conv.clone(), ConvCut::Offsets { kept, of: 27 })]).expect("cut");
+    let (d13, d20, d27) = (at(13), at(20), at(27));
+    assert!(d13 > 0.0, "13 offsets cost nothing in this table: the conv's dense time is saved");
+    assert!((d20 - d13 * 7.0 / 14.0).abs() < 1e-12 * full.max(1.0), "{d20} vs {}", d13 * 7.0 / 14.0);
+    assert!(d27.abs() < 1e-12, "all offsets kept is the dense conv");
+    // A cut the table never measured is an error naming what to measure.
+    let err = t.predict_cuts(&desc, &[(conv.clone(), ConvCut::Sparse(Format::Block, 0.5))]).unwrap_err().to_string();
+    assert!(err.contains("--sparse"), "{err}");
+    let back = LatencyTable::load(&{
+        let p = tmp("cuts.csv");
+        t.save(&p).expect("save");
+        p
+    })
+    .expect("load");
+    assert_eq!(back.cuts.len(), t.cuts.len());
+}
+
+#[test]
+fn offset_and_sparse_sensitivity_make_plans_prune_applies() {
+    let model = s(&repo(MODEL));
+    let table = tmp("cut_table.csv");
+    let (code, out, err) = run(&[
+        "latency-table",
+        &model,
+        "--scan",
+        &s(&repo(TINY)),
+        "--step",
+        "16",
+        "--reps",
+        "1",
+        "--offsets",
+        "0.5",
+        "--sparse",
+        "element",
+        "--sparsities",
+        "0.9",
+        "--out",
+        &s(&table),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cuts"), "{out}");
+    let text = std::fs::read_to_string(&table).expect("table");
+    assert!(text.contains("conv,cin,cout,cut,ms") && text.contains("offsets 13 of 27"), "{text}");
+    assert!(text.contains("sparse element 0.9"), "{text}");
+    for (granularity, ratio) in [("offset", "0.5"), ("element", "0.9")] {
+        let dir = tmp(&format!("sens_{granularity}"));
+        let (code, out, err) = run(&[
+            "sensitivity",
+            &model,
+            "--eval",
+            &s(&repo(TINY)),
+            "--labels",
+            &s(&repo(TINY_LABELS)),
+            "--granularity",
+            granularity,
+            "--ratios",
+            ratio,
+            "--table",
+            &s(&table),
+            "--threshold",
+            "100",
+            "--out",
+            &s(&dir),
+        ]);
+        assert_eq!(code, 0, "{granularity}: {err}");
+        assert!(out.contains("convs x 1 ratios") && out.contains("conv cuts"), "{out}");
+        let plan = dir.join("plan.txt");
+        let text = std::fs::read_to_string(&plan).expect("plan");
+        let cuts: Vec<&str> = text.lines().filter(|l| l.starts_with("conv ")).collect();
+        assert!(cuts.len() > 10, "{text}");
+        let pruned = tmp(&format!("planned_{granularity}.safetensors"));
+        let (code, _, err) = run(&[
+            "prune",
+            &model,
+            "--plan",
+            &s(&plan),
+            "--runs",
+            "0",
+            "--scan",
+            &s(&repo(TINY)),
+            "--out",
+            &s(&pruned),
+        ]);
+        assert_eq!(code, 0, "{granularity}: {err}");
+        let ck = Checkpoint::load(&pruned).expect("pruned");
+        for l in &cuts {
+            let name = l.split_whitespace().nth(1).expect("name");
+            let t = &ck.tensors()[name];
+            let zeros = t.data.iter().filter(|&&v| v == 0.0).count() as f64 / t.data.len() as f64;
+            match granularity {
+                "offset" => {
+                    let kept = ck.metadata()[&format!("kept_offsets.{name}")].split(',').count();
+                    assert!(l.ends_with(&format!("offsets {kept} of {}", t.shape[0])), "{l}: {kept} kept");
+                    assert!(zeros >= 1.0 - kept as f64 / t.shape[0] as f64 - 1e-9, "{l}: {zeros}");
+                }
+                _ => {
+                    assert_eq!(ck.metadata()[&format!("format.{name}")], "element", "{l}");
+                    assert!((zeros - 0.9).abs() < 0.01, "{l}: {zeros} zeros");
+                }
+            }
+        }
+        // The table prices the pruned file from its metadata.
+        let (code, out, err) = run(&["latency-table", "--table", &s(&table), "--check", &s(&pruned), "--runs", "1"]);
+        assert_eq!(code, 0, "{granularity}: {err}");
+        assert!(out.contains("predicted"), "{out}");
+    }
+    let (code, _, err) = run(&[
+        "sensitivity",
+        &model,
+        "--eval",
+        &s(&repo(TINY)),
+        "--labels",
+        &s(&repo(TINY_LABELS)),
+        "--granularity",
+        "filter",
+        "--out",
+        &s(&tmp("sens_bad")),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--granularity") && err.lines().count() == 1, "{err}");
 }

@@ -7,7 +7,7 @@ use std::sync::Once;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 
-use sparseconv::prune::sensitivity::Sweep;
+use sparseconv::prune::sensitivity::{Granularity, Sweep};
 use sparseconv::{Error, Result};
 
 static FONT: Once = Once::new();
@@ -33,7 +33,7 @@ fn lines(
     reference: Option<(f64, &str)>,
 ) -> Result<()> {
     font();
-    let groups: Vec<usize> = s.groups.iter().filter(|g| g.prunable).map(|g| g.id).collect();
+    let groups: Vec<usize> = s.units.iter().map(|u| u.id).collect();
     let ys: Vec<f64> = s.points.iter().map(&y).chain(reference.map(|r| r.0)).collect();
     let (lo, hi) = ys.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
     let (lo, hi) = if lo.is_finite() && hi > lo { (lo, hi) } else { (0.0, 1.0) };
@@ -52,7 +52,7 @@ fn lines(
         .map_err(|e| fail(path, e))?;
     chart
         .configure_mesh()
-        .x_desc("fraction of the group's channels removed")
+        .x_desc(format!("fraction of the {} removed", s.granularity.unit()))
         .y_desc(y_label)
         .label_style(("sans-serif", 16))
         .draw()
@@ -72,13 +72,15 @@ fn lines(
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(|e| fail(path, e))?;
     }
     // The legend beside the chart: 33 groups do not fit inside it.
-    for (i, &g) in groups.iter().enumerate() {
+    for (i, u) in s.units.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let name = s.groups[g].name().trim_end_matches(".kernel").trim_end_matches(".weight");
-        let yy = 30 + i as i32 * 25;
+        let name = u.name.trim_end_matches(".kernel").trim_end_matches(".weight");
+        // Up to 35 names at 25 px; more (one per conv) closer together.
+        let step = (860 / s.units.len().max(1) as i32).clamp(12, 25);
+        let yy = 30 + i as i32 * step;
         legend_area.draw(&Rectangle::new([(10, yy), (34, yy + 12)], color.filled())).map_err(|e| fail(path, e))?;
         legend_area
-            .draw(&Text::new(format!("{name} ({})", s.groups[g].width), (42, yy - 2), ("sans-serif", 15)))
+            .draw(&Text::new(format!("{name} ({})", u.of), (42, yy - 2), ("sans-serif", (step - 10).clamp(10, 15))))
             .map_err(|e| fail(path, e))?;
     }
     root.present().map_err(|e| fail(path, e))?;
@@ -91,7 +93,11 @@ pub fn sensitivity(s: &Sweep, miou_png: &Path, latency_png: &Path) -> Result<()>
     lines(
         s,
         miou_png,
-        "Sensitivity: mIoU with one group pruned (no fine-tuning)",
+        if s.granularity == Granularity::Channel {
+            "Sensitivity: mIoU with one group pruned (no fine-tuning)"
+        } else {
+            "Sensitivity: mIoU with one conv pruned (no fine-tuning)"
+        },
         "mIoU (%)",
         |p| p.miou * 100.0,
         Some((base, &format!("unpruned {base:.1}%"))),
@@ -100,7 +106,7 @@ pub fn sensitivity(s: &Sweep, miou_png: &Path, latency_png: &Path) -> Result<()>
     lines(
         s,
         latency_png,
-        "Latency saved with one group pruned (latency table, this machine)",
+        "Latency saved with one unit pruned (latency table, this machine)",
         "predicted time saved (ms)",
         |p| (b - p.predicted) * 1e3,
         None,

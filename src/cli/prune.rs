@@ -13,9 +13,7 @@ use sparseconv::prune::channel::{ChannelOptions, Selection};
 use sparseconv::prune::groups::groups;
 use sparseconv::prune::importance::Criterion;
 use sparseconv::prune::offset::OffsetScope;
-use sparseconv::prune::{
-    prune_channels, prune_channels_to, prune_offsets, prune_sparse, ChannelTarget, Pruned, WidthPlan,
-};
+use sparseconv::prune::{prune_channels, prune_offsets, prune_sparse, prune_to_plan, Pruned, WidthPlan};
 use sparseconv::sparse_weights::Format;
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
@@ -48,8 +46,9 @@ pub struct PruneArgs {
     /// map, so the map itself loses them (they are then not even searched for).
     #[arg(long)]
     pub per_map: bool,
-    /// A width plan (`sensitivity --threshold`) to apply instead of --ratio: every group
-    /// keeps the planned number of channels, chosen by --criterion.
+    /// A width plan (`sensitivity --threshold`, `amc`) to apply instead of --ratio: every
+    /// group keeps the planned number of channels, chosen by --criterion, then the plan's
+    /// per-conv cuts (offsets, sparse formats) are applied.
     #[arg(long, conflicts_with_all = ["ratio", "global"])]
     pub plan: Option<PathBuf>,
     /// Kept widths are multiples of this (16: what the AVX-512 microkernel wants).
@@ -108,7 +107,7 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
     let ratio = match (a.ratio, a.granularity.as_str()) {
         (Some(r), _) => r,
         (None, "nm") => 0.0,
-        (None, "channel") if a.plan.is_some() => 0.0,
+        (None, _) if a.plan.is_some() => 0.0,
         (None, _) => return Err(Error::invalid("--ratio", "give the fraction to remove")),
     };
     let selection = if a.global { Selection::Global } else { Selection::Local };
@@ -118,14 +117,9 @@ pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
         return Err(Error::invalid("--out", "give the file to write the pruned weights to"));
     }
     let pruned = match a.granularity.as_str() {
-        "channel" if a.plan.is_some() => {
-            let plan = WidthPlan::load(a.plan.as_deref().unwrap_or(Path::new("")))?;
-            let desc = NetDesc::from_checkpoint(kind, &ck, classes)?;
-            let widths = plan.widths(kind, &groups(&desc)?)?;
-            prune_channels_to(&ck, kind, criterion, ChannelTarget::Widths(&widths), &a.data, a.seed)?
-        }
         _ if a.plan.is_some() => {
-            return Err(Error::invalid("--plan", "width plans prune channels: use --granularity channel"));
+            let plan = WidthPlan::load(a.plan.as_deref().unwrap_or(Path::new("")))?;
+            prune_to_plan(&ck, kind, criterion, &plan, &a.data, a.seed)?
         }
         "channel" => prune_channels(&ck, kind, criterion, &opts, &a.data, a.seed)?,
         "offset" if criterion == Criterion::L1 => {

@@ -10,8 +10,9 @@ use sparseconv::pipeline::Model;
 use sparseconv::prune::channel::{ChannelOptions, Selection};
 use sparseconv::prune::importance::Criterion;
 use sparseconv::prune::latency::LatencyTable;
-use sparseconv::prune::sensitivity::sweep;
-use sparseconv::prune::{prune_channels_to, ChannelTarget};
+use sparseconv::prune::plan::ConvCut;
+use sparseconv::prune::prune_to_plan;
+use sparseconv::prune::sensitivity::{sweep, sweep_convs, Granularity};
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
 use super::prune::arch_of;
@@ -28,7 +29,9 @@ pub struct SensitivityArgs {
     /// Their labels (SemanticKITTI .label or Open3D-ML labels_*.npy), in the same order.
     #[arg(long, num_args = 1.., required = true)]
     pub labels: Vec<PathBuf>,
-    /// What is pruned one unit at a time: `channel` (dependency groups).
+    /// What is pruned one unit at a time: `channel` (the channels of one dependency group),
+    /// `offset` (kernel offsets of one conv, by L1), or `element`, `block`, `N:M` (weights of
+    /// one conv in that sparse format, by magnitude).
     #[arg(long, default_value = "channel")]
     pub granularity: String,
     /// Channel ranking: l1, l2, bn or random.
@@ -51,6 +54,11 @@ pub struct SensitivityArgs {
     /// width per group, and evaluates that plan.
     #[arg(long)]
     pub threshold: Option<f64>,
+    /// Instead of a fixed threshold, the smallest one whose plan the latency table predicts at
+    /// least this much faster than the unpruned network (sensitivity-guided pruning to a
+    /// latency budget): writes `plan.txt` and evaluates it.
+    #[arg(long, conflicts_with = "threshold")]
+    pub target_speedup: Option<f64>,
     /// Architecture (default: the file's metadata).
     #[arg(long)]
     pub arch: Option<String>,
@@ -81,13 +89,11 @@ pub fn parse_ratios(s: &str) -> Result<Vec<f64>> {
 
 /// Run the command.
 pub fn run(a: SensitivityArgs) -> Result<()> {
-    if a.granularity != "channel" {
-        return Err(Error::invalid(
-            "--granularity",
-            format!("the sweep prunes channel groups only so far, got `{}`", a.granularity),
-        ));
-    }
+    let granularity = Granularity::parse(&a.granularity)?;
     let criterion: Criterion = a.criterion.parse()?;
+    if granularity != Granularity::Channel && criterion != Criterion::L1 {
+        return Err(Error::invalid("--criterion", "offsets and sparse formats are ranked by l1 magnitude only"));
+    }
     let ratios = parse_ratios(&a.ratios)?;
     let opts = ChannelOptions { ratio: 0.0, selection: Selection::Local, round_to: a.round_to, min_width: a.min_width };
     opts.validate()?;
@@ -96,38 +102,67 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
             return Err(Error::invalid("--threshold", format!("must be a non-negative mIoU drop in points, got {t}")));
         }
     }
+    if let Some(x) = a.target_speedup {
+        if !(x.is_finite() && x > 1.0) {
+            return Err(Error::invalid("--target-speedup", format!("must be a number above 1, got {x}")));
+        }
+    }
     let ck = Checkpoint::load(&a.model)?;
     let kind = arch_of(&ck, a.arch.as_deref())?;
     let eval = eval_set(&a.eval, &a.labels)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let e = Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto);
     let t0 = Instant::now();
-    let table = match &a.table {
+    let scan = bundled("data/semantickitti/sequences/00/velodyne/000000.bin");
+    let mut table = match &a.table {
         Some(p) => LatencyTable::load(p)?,
         None => {
-            let scan = bundled("data/semantickitti/sequences/00/velodyne/000000.bin");
             println!("measuring a latency table on {} (width step {}) ...", scan.display(), a.round_to);
             let t = LatencyTable::measure(&e, &ck, kind, &scan, a.round_to, 3, |_, _| {})?;
             t.save(&a.out.join("latency_table.csv"))?;
             t
         }
     };
+    // Finer cuts are priced from measured cut entries: measure the sweep's own if the table
+    // has none of this kind.
+    let has = |t: &LatencyTable| {
+        t.cuts.iter().any(|c| match (c.3, granularity) {
+            (ConvCut::Offsets { .. }, Granularity::Offset) => true,
+            (ConvCut::Sparse(f, _), Granularity::Sparse(g)) => f == g,
+            _ => false,
+        })
+    };
+    if granularity != Granularity::Channel && !has(&table) {
+        println!("measuring every conv's time at the sweep's {} on {} ...", a.granularity, scan.display());
+        let (offs, sparse) = match granularity {
+            Granularity::Sparse(f) => (Vec::new(), vec![(f, ratios.clone())]),
+            _ => (ratios.clone(), Vec::new()),
+        };
+        table.check_target(&e)?;
+        table.measure_cuts(&e, &ck, kind, &scan, &offs, &sparse, 3, |_, _| {})?;
+        table.save(&a.out.join("latency_table.csv"))?;
+    }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} pruned networks evaluated {elapsed}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let s = sweep(&ck, kind, criterion, &ratios, &opts, &eval, &e, &table, |done, total| {
+    let tick = |done: usize, total: usize| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
-    })?;
+    };
+    let s = match granularity {
+        Granularity::Channel => sweep(&ck, kind, criterion, &ratios, &opts, &eval, &e, &table, tick)?,
+        g => sweep_convs(&ck, kind, g, &ratios, &eval, &e, &table, tick)?,
+    };
     bar.finish_and_clear();
     let csv = a.out.join("sensitivity.csv");
     std::fs::write(&csv, s.to_csv()).map_err(|e| Error::io(&csv, e))?;
     plot::sensitivity(&s, &a.out.join("sensitivity.png"), &a.out.join("latency.png"))?;
     println!(
-        "{} groups x {} ratios on {} scans in {:.0} s: unpruned mIoU {:.1}%, predicted {:.1} ms; wrote {}, sensitivity.png, latency.png",
-        s.groups.iter().filter(|g| g.prunable).count(),
+        "{} {} x {} ratios on {} scans in {:.0} s: unpruned mIoU {:.1}%, predicted {:.1} ms; wrote {}, sensitivity.png, latency.png",
+        s.units.len(),
+        if granularity == Granularity::Channel { "groups" } else { "convs" },
         ratios.len(),
         eval.scans.len(),
         t0.elapsed().as_secs_f64(),
@@ -135,22 +170,30 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
         s.base.1 * 1e3,
         csv.display()
     );
-    if let Some(t) = a.threshold {
-        let plan = s.plan(t / 100.0)?;
+    let chosen = match (a.threshold, a.target_speedup) {
+        (Some(t), _) => Some((t, s.plan(t / 100.0)?)),
+        (None, Some(x)) => {
+            let (t, plan, _) = s.plan_for_latency(&table, s.base.1 / x)?;
+            Some((t * 100.0, plan))
+        }
+        (None, None) => None,
+    };
+    if let Some((t, plan)) = chosen {
         let path = a.out.join("plan.txt");
         plan.save(&path)?;
-        let widths: Vec<usize> = plan.groups.iter().map(|g| g.1).collect();
-        let p = prune_channels_to(&ck, kind, criterion, ChannelTarget::Widths(&widths), &[], 0)?;
-        let m = Model::from_desc(&p.checkpoint(), &p.after)?;
+        let p = prune_to_plan(&ck, kind, criterion, &plan, &[], 0)?;
+        let pck = p.checkpoint();
+        let m = Model::from_desc(&pck, &p.after)?;
         let (miou, _) = eval.evaluate(&e, &m)?;
         println!(
-            "plan for a drop of at most {t} points per group: widths {} -> {}; all together mIoU {:.1}% (unpruned {:.1}%), predicted {:.1} ms -> {:.1} ms; wrote {}",
+            "plan for a drop of at most {t:.2} points per unit: widths {} -> {}, {} conv cuts; all together mIoU {:.1}% (unpruned {:.1}%), predicted {:.1} ms -> {:.1} ms; wrote {}",
             p.before.widths_summary(),
             p.after.widths_summary(),
+            plan.convs.len(),
             miou * 100.0,
             s.base.0 * 100.0,
             s.base.1 * 1e3,
-            table.predict(&p.after)? * 1e3,
+            table.predict_checkpoint(&pck, &p.after)? * 1e3,
             path.display()
         );
     }

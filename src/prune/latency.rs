@@ -8,6 +8,12 @@
 //! measured unpruned network and its narrowest version on the grid.
 //!
 //! Widths off the grid are priced by bilinear interpolation between the nearest measured ones.
+//!
+//! Finer cuts are measured per conv at its own widths ([`LatencyTable::measure_cuts`]): kept
+//! offset counts (the offsets with the largest L1 of the model's own kernel, since which offsets
+//! go decides how many pairs are skipped) and sparse formats at given sparsities (the model's
+//! kernel magnitude-pruned, run by whichever CPU kernel times faster, as in the network).
+//! Counts and sparsities between measured ones are interpolated linearly.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,13 +23,15 @@ use std::time::Instant;
 
 use super::groups;
 use super::importance::Criterion;
-use super::{prune_channels_to, ChannelTarget};
+use super::plan::ConvCut;
+use super::{offset, prune_channels_to, ChannelTarget};
 use crate::device::{ConvWeight, Device, Engine};
 use crate::error::{Error, Result};
 use crate::kmap::KernelSpec;
 use crate::nn::arch::{ArchKind, ConvDesc, NetDesc};
-use crate::nn::checkpoint::Checkpoint;
+use crate::nn::checkpoint::{Checkpoint, KEPT_OFFSETS, SPARSE_FORMAT};
 use crate::pipeline::{self, Model};
+use crate::sparse_weights::Format;
 use crate::tensor::{CoordSet, SparseTensor};
 
 /// One conv shape on one kernel map.
@@ -79,6 +87,9 @@ pub struct LatencyTable {
     pub scale: f64,
     /// Median seconds per conv shape.
     pub entries: BTreeMap<LayerKey, f64>,
+    /// Median seconds of convs with a finer cut, at the widths `(cin, cout)` they were
+    /// measured at: `(kernel name, cin, cout, cut, seconds)`.
+    pub cuts: Vec<(String, usize, usize, ConvCut, f64)>,
 }
 
 /// Multiples of `step` up to `width`, and `width` itself.
@@ -122,8 +133,33 @@ struct Timer<'a> {
     reps: usize,
 }
 
-impl Timer<'_> {
+impl<'a> Timer<'a> {
+    /// The coordinate sets of every stage of `desc` on `scan`, and its voxel count.
+    fn new(e: &'a Engine, desc: &NetDesc, scan: &Path, reps: usize) -> Result<(Self, usize)> {
+        let prepared = pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?;
+        let mut coords = BTreeMap::from([(1, prepared.voxels.coord_set().clone())]);
+        let mut cur = prepared.voxels.coord_set().clone();
+        for st in &desc.stages {
+            cur = e.kernel_map(&cur, st.resample.spec)?.out_coords.clone();
+            coords.insert(cur.stride(), cur.clone());
+        }
+        Ok((Self { e, coords, reps }, prepared.voxels.len()))
+    }
+
     fn seconds(&self, k: LayerKey) -> Result<f64> {
+        let vol = (k.size as usize).pow(3);
+        let w = ConvWeight::new(
+            filler(vol * k.cin * k.cout, 2).iter().map(|v| v * 0.1).collect(),
+            vol,
+            k.cin,
+            k.cout,
+            Some(vec![0.0; k.cout]),
+        )?;
+        self.seconds_with(k, &w)
+    }
+
+    /// Median seconds of conv `k` with the weights `w` (for cut kernels).
+    fn seconds_with(&self, k: LayerKey, w: &ConvWeight) -> Result<f64> {
         let spec = KernelSpec::new(k.size, k.stride, 1)?;
         let at = |s: i32| {
             self.coords
@@ -137,14 +173,6 @@ impl Timer<'_> {
             (at(k.map_stride)?, None)
         };
         let x = SparseTensor::new(input.clone(), filler(input.len() * k.cin, 1), k.cin)?;
-        let vol = spec.volume();
-        let w = ConvWeight::new(
-            filler(vol * k.cin * k.cout, 2).iter().map(|v| v * 0.1).collect(),
-            vol,
-            k.cin,
-            k.cout,
-            Some(vec![0.0; k.cout]),
-        )?;
         let map = match &target {
             Some(t) => self.e.transposed_map(&input, t, spec)?,
             None => self.e.kernel_map(&input, spec)?,
@@ -153,7 +181,7 @@ impl Timer<'_> {
         // The first run tunes the layer's plan (as the network's first scan does).
         for i in 0..=self.reps {
             self.e.start_trace();
-            std::hint::black_box(self.e.conv_fused(&map, &x, &w, None, true)?);
+            std::hint::black_box(self.e.conv_fused(&map, &x, w, None, true)?);
             let t = self.e.take_trace().first().map_or(0.0, |l| l.seconds);
             if i > 0 {
                 times.push(t);
@@ -161,6 +189,27 @@ impl Timer<'_> {
         }
         Ok(median(&mut times))
     }
+}
+
+/// The finer cuts a pruned checkpoint carries: offsets kept per conv and sparse formats (at
+/// the kernel's fraction of zeros).
+pub fn checkpoint_cuts(ck: &Checkpoint, desc: &NetDesc) -> Result<Vec<(String, ConvCut)>> {
+    let mut cuts = Vec::new();
+    for c in desc.convs() {
+        if let Some(list) = ck.metadata().get(&format!("{KEPT_OFFSETS}{}", c.kernel)) {
+            let kept = list.split(',').filter(|x| !x.trim().is_empty()).count();
+            cuts.push((c.kernel.clone(), ConvCut::Offsets { kept, of: c.spec.volume() }));
+        } else if let Some(f) = ck.metadata().get(&format!("{SPARSE_FORMAT}{}", c.kernel)) {
+            let f = Format::parse(f)?;
+            let t = ck
+                .tensors()
+                .get(&c.kernel)
+                .ok_or_else(|| Error::tensor(c.kernel.as_str(), "missing from the model"))?;
+            let zeros = t.data.iter().filter(|&&v| v == 0.0).count() as f64 / t.data.len().max(1) as f64;
+            cuts.push((c.kernel.clone(), ConvCut::Sparse(f, zeros)));
+        }
+    }
+    Ok(cuts)
 }
 
 impl LatencyTable {
@@ -185,14 +234,7 @@ impl LatencyTable {
             ck.metadata().get("classes").and_then(|v| v.parse().ok()).unwrap_or(crate::io::kitti::NUM_CLASSES);
         let desc = &NetDesc::from_checkpoint(kind, ck, classes)?;
         let model = Model::from_desc(ck, desc)?;
-        let prepared = pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?;
-        let mut coords = BTreeMap::from([(1, prepared.voxels.coord_set().clone())]);
-        let mut cur = prepared.voxels.coord_set().clone();
-        for st in &desc.stages {
-            cur = e.kernel_map(&cur, st.resample.spec)?.out_coords.clone();
-            coords.insert(cur.stride(), cur.clone());
-        }
-        let timer = Timer { e, coords, reps };
+        let (timer, voxels) = Timer::new(e, desc, scan, reps)?;
         let mut wanted: Vec<LayerKey> = Vec::new();
         for (c, (s, _)) in desc.convs().into_iter().zip(desc.conv_maps()) {
             let k = LayerKey::of(c, s);
@@ -214,10 +256,11 @@ impl LatencyTable {
         let mut table = Self {
             device: device_name(e.device()).into(),
             threads: rayon::current_num_threads(),
-            voxels: prepared.voxels.len(),
+            voxels,
             fixed: 0.0,
             scale: 1.0,
             entries,
+            cuts: Vec::new(),
         };
         // The narrowest network on the grid: every prunable group at its smallest grid width.
         let gs = groups::groups(desc)?;
@@ -246,6 +289,157 @@ impl LatencyTable {
             ((tb - sb).max(0.0), 1.0)
         };
         Ok(table)
+    }
+
+    /// Measure finer cuts of every conv of the network in `ck` at its own widths, on `scan`
+    /// (the scan the table was measured on): `offset_ratios` of the offsets removed (convs of
+    /// more than one offset; the smallest by L1 first), and each sparse format at each of its
+    /// sparsities. Replaces any cuts measured before.
+    #[allow(clippy::too_many_arguments)]
+    pub fn measure_cuts(
+        &mut self,
+        e: &Engine,
+        ck: &Checkpoint,
+        kind: ArchKind,
+        scan: &Path,
+        offset_ratios: &[f64],
+        sparse: &[(Format, Vec<f64>)],
+        reps: usize,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<()> {
+        self.check_target(e)?;
+        let classes =
+            ck.metadata().get("classes").and_then(|v| v.parse().ok()).unwrap_or(crate::io::kitti::NUM_CLASSES);
+        let desc = &NetDesc::from_checkpoint(kind, ck, classes)?;
+        let (timer, voxels) = Timer::new(e, desc, scan, reps.max(1))?;
+        if voxels != self.voxels {
+            return Err(Error::invalid(
+                "latency table",
+                format!("measured on a scan of {} voxels, the cuts' scan has {voxels}", self.voxels),
+            ));
+        }
+        let mut wanted: Vec<(usize, ConvCut)> = Vec::new();
+        let convs = desc.convs();
+        for (i, c) in convs.iter().enumerate() {
+            let vol = c.spec.volume();
+            if vol > 1 {
+                let mut kept: Vec<usize> =
+                    offset_ratios.iter().map(|r| (vol - ((vol as f64) * r).round() as usize).max(1)).collect();
+                kept.sort_unstable();
+                kept.dedup();
+                wanted
+                    .extend(kept.into_iter().filter(|&k| k < vol).map(|k| (i, ConvCut::Offsets { kept: k, of: vol })));
+            }
+            for (f, ss) in sparse {
+                let fits = match f {
+                    Format::Block => c.cout.is_multiple_of(crate::sparse_weights::BLOCK),
+                    Format::NM(_, m) => c.cin.is_multiple_of(*m as usize),
+                    Format::Element => true,
+                };
+                if fits {
+                    wanted.extend(ss.iter().map(|&s| (i, ConvCut::Sparse(*f, s))));
+                }
+            }
+        }
+        let maps = desc.conv_maps();
+        let mut cuts = Vec::with_capacity(wanted.len());
+        for (n, (i, cut)) in wanted.iter().enumerate() {
+            let c = convs[*i];
+            let k = LayerKey::of(c, maps[*i].0);
+            let t = ck
+                .tensors()
+                .get(&c.kernel)
+                .ok_or_else(|| Error::tensor(c.kernel.as_str(), "missing from the model"))?;
+            let mut kernel = t.data.clone();
+            let vol = c.spec.volume();
+            let w = match *cut {
+                ConvCut::Offsets { kept, .. } => {
+                    let keep = offset::largest(t, kept);
+                    let per = c.cin * c.cout;
+                    for o in (0..vol).filter(|o| keep.binary_search(o).is_err()) {
+                        kernel[o * per..(o + 1) * per].fill(0.0);
+                    }
+                    ConvWeight::new(kernel, vol, c.cin, c.cout, Some(vec![0.0; c.cout]))?
+                }
+                ConvCut::Sparse(f, sp) => {
+                    crate::sparse_weights::prune_kernel(&mut kernel, c.cin, c.cout, f, sp);
+                    ConvWeight::new(kernel, vol, c.cin, c.cout, Some(vec![0.0; c.cout]))?.with_format(f)?
+                }
+            };
+            cuts.push((c.kernel.clone(), c.cin, c.cout, *cut, timer.seconds_with(k, &w)?));
+            progress(n + 1, wanted.len());
+        }
+        self.cuts = cuts;
+        Ok(())
+    }
+
+    /// Predicted seconds of conv `c` (on the map of tensor stride `map_stride`) with `cut`:
+    /// the measured cut entries of that conv interpolated at the cut, scaled by the dense
+    /// table's ratio between the conv's widths and those the cuts were measured at.
+    fn cut_seconds(&self, c: &ConvDesc, map_stride: i32, cut: ConvCut) -> Result<f64> {
+        let mine: Vec<&(String, usize, usize, ConvCut, f64)> = self
+            .cuts
+            .iter()
+            .filter(|e| {
+                e.0 == c.kernel
+                    && match (e.3, cut) {
+                        (ConvCut::Offsets { .. }, ConvCut::Offsets { .. }) => true,
+                        (ConvCut::Sparse(a, _), ConvCut::Sparse(b, _)) => a == b,
+                        _ => false,
+                    }
+            })
+            .collect();
+        let (x, what) = match cut {
+            ConvCut::Offsets { kept, .. } => (kept as f64, "offset counts".to_string()),
+            ConvCut::Sparse(f, s) => (s, format!("{} sparsities", f.name())),
+        };
+        let at = |e: &ConvCut| match *e {
+            ConvCut::Offsets { kept, .. } => kept as f64,
+            ConvCut::Sparse(_, s) => s,
+        };
+        let k = LayerKey::of(c, map_stride);
+        let (cin, cout) = mine.first().map(|e| (e.1, e.2)).ok_or_else(|| {
+            Error::invalid(
+                "latency table",
+                format!("no {what} measured for `{}`: measure the table with --offsets / --sparse", c.kernel),
+            )
+        })?;
+        // The dense conv at the measured widths is the end point "nothing cut".
+        let full = self.conv(k.with(cin, cout))?;
+        let mut pts: Vec<(f64, f64)> = mine.iter().map(|e| (at(&e.3), e.4)).collect();
+        pts.push(match cut {
+            ConvCut::Offsets { of, .. } => (of as f64, full),
+            ConvCut::Sparse(..) => (0.0, full),
+        });
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let lo = pts.iter().rev().find(|p| p.0 <= x).copied();
+        let hi = pts.iter().find(|p| p.0 >= x).copied();
+        let t = match (lo, hi) {
+            (Some(a), Some(b)) if b.0 > a.0 => a.1 + (b.1 - a.1) * (x - a.0) / (b.0 - a.0),
+            (Some(a), _) | (None, Some(a)) => a.1,
+            (None, None) => full,
+        };
+        let scale = if (c.cin, c.cout) == (cin, cout) { 1.0 } else { self.conv(k)? / full };
+        Ok(t * scale)
+    }
+
+    /// Predicted end-to-end seconds of `desc` with the per-conv `cuts` (kernel name, cut).
+    pub fn predict_cuts(&self, desc: &NetDesc, cuts: &[(String, ConvCut)]) -> Result<f64> {
+        let mut sum = 0.0;
+        for (c, (s, _)) in desc.convs().into_iter().zip(desc.conv_maps()) {
+            sum += match cuts.iter().find(|(n, _)| n == &c.kernel) {
+                Some((_, cut)) => self.cut_seconds(c, s, *cut)?,
+                None => self.conv(LayerKey::of(c, s))?,
+            };
+        }
+        Ok(self.fixed + self.scale * sum)
+    }
+
+    /// Predicted end-to-end seconds of the network in `ck` (described by `desc`): its widths,
+    /// its offset-pruned convs (`kept_offsets.*` metadata) and its sparse-format convs
+    /// (`format.*`, at the kernel's own fraction of zeros).
+    pub fn predict_checkpoint(&self, ck: &Checkpoint, desc: &NetDesc) -> Result<f64> {
+        self.predict_cuts(desc, &checkpoint_cuts(ck, desc)?)
     }
 
     /// Check that the table was measured where it is used.
@@ -346,6 +540,12 @@ impl LatencyTable {
                 t * 1e3
             );
         }
+        if !self.cuts.is_empty() {
+            s.push_str("conv,cin,cout,cut,ms\n");
+            for (name, cin, cout, cut, t) in &self.cuts {
+                let _ = writeln!(s, "{name},{cin},{cout},{},{:.4}", cut.to_text(), t * 1e3);
+            }
+        }
         s
     }
 
@@ -364,6 +564,8 @@ impl LatencyTable {
         let mut header: BTreeMap<&str, &str> = BTreeMap::new();
         let mut entries = BTreeMap::new();
         let mut saw_columns = false;
+        let mut in_cuts = false;
+        let mut cuts = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if let Some(h) = line.strip_prefix("# ") {
                 if let Some((k, v)) = h.split_once(' ') {
@@ -372,6 +574,27 @@ impl LatencyTable {
                 continue;
             }
             if line.trim().is_empty() {
+                continue;
+            }
+            if saw_columns && line.trim() == "conv,cin,cout,cut,ms" {
+                in_cuts = true;
+                continue;
+            }
+            if in_cuts {
+                let f: Vec<&str> = line.split(',').collect();
+                let bad = || format!("line {}: expected `conv,cin,cout,cut,ms`, got `{line}`", i + 1);
+                if f.len() != 5 {
+                    return Err(bad());
+                }
+                let (cin, cout): (usize, usize) =
+                    (f[1].trim().parse().map_err(|_| bad())?, f[2].trim().parse().map_err(|_| bad())?);
+                let cut = ConvCut::parse(&f[3].split_whitespace().collect::<Vec<_>>())
+                    .map_err(|e| format!("line {}: {e}", i + 1))?;
+                let ms: f64 = f[4].trim().parse().map_err(|_| bad())?;
+                if !(ms.is_finite() && ms >= 0.0) {
+                    return Err(format!("line {}: time {ms} ms", i + 1));
+                }
+                cuts.push((f[0].trim().to_string(), cin, cout, cut, ms / 1e3));
                 continue;
             }
             if !saw_columns {
@@ -427,7 +650,7 @@ impl LatencyTable {
         if !(scale.is_finite() && scale > 0.0) {
             return Err(format!("scale: {scale}"));
         }
-        Ok(Self { device, threads, voxels, fixed: ms("fixed_ms")?, scale, entries })
+        Ok(Self { device, threads, voxels, fixed: ms("fixed_ms")?, scale, entries, cuts })
     }
 }
 
@@ -444,12 +667,24 @@ mod tests {
         for (ci, co, ms) in [(16, 16, 1.0), (16, 32, 2.0), (32, 16, 3.0), (32, 32, 4.0)] {
             entries.insert(k.with(ci, co), ms);
         }
-        let t = LatencyTable { device: "cpu".into(), threads: 2, voxels: 10, fixed: 0.5, scale: 1.0, entries };
+        let mut t = LatencyTable {
+            device: "cpu".into(),
+            threads: 2,
+            voxels: 10,
+            fixed: 0.5,
+            scale: 1.0,
+            entries,
+            cuts: Vec::new(),
+        };
         assert_eq!(t.conv(k.with(24, 24)).unwrap(), 2.5);
         assert_eq!(t.conv(k.with(16, 32)).unwrap(), 2.0);
         assert!(t.conv(k.with(64, 16)).is_err(), "outside the grid");
+        t.cuts.push(("a.kernel".into(), 16, 16, ConvCut::Offsets { kept: 7, of: 27 }, 0.4e-3));
+        t.cuts.push(("a.kernel".into(), 16, 16, ConvCut::Sparse(Format::Element, 0.9), 0.3e-3));
         let back = LatencyTable::parse(&t.to_csv()).unwrap();
         assert_eq!(back.entries.len(), 4);
+        assert_eq!(back.cuts.len(), 2);
+        assert_eq!(back.cuts[1].3, ConvCut::Sparse(Format::Element, 0.9));
         assert!((back.fixed - 0.5).abs() < 1e-6);
         assert!(LatencyTable::parse("map_stride,kernel,stride,transposed,cin,cout,ms\n1,3,1,0,16,16,x\n").is_err());
     }

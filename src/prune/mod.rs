@@ -9,7 +9,8 @@
 //! - [`sparsity`]: element, 1×16 block and N:M weight sparsity, run by the CPU sparse kernels.
 //! - [`latency`]: per-conv latency tables measured on the target, to price candidate widths.
 //! - [`sensitivity`]: one group pruned at a time, mIoU and latency per ratio; width plans.
-//! - [`plan`]: width plans, the file `prune --plan` applies.
+//! - [`plan`]: width plans (with optional per-conv offset and sparse-format cuts), the file
+//!   `prune --plan` applies.
 //! - [`netadapt`]: NetAdapt, latency-driven iterative narrowing with short fine-tunes.
 //! - [`amc`] with [`ddpg`]: AMC, a DDPG agent choosing per-group keep ratios under a FLOPs or
 //!   latency budget.
@@ -48,7 +49,7 @@ pub mod sparsity;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::io::tensors::Tensor;
 use crate::nn::arch::{ArchKind, NetDesc};
 use crate::nn::checkpoint::{save, Checkpoint};
@@ -222,6 +223,73 @@ pub fn prune_sparse(
     );
     let notes = report.skipped.iter().map(|(n, why)| format!("left dense: {n} ({why})")).collect();
     Ok(Pruned { after: before.clone(), before, groups, plan, offsets: OffsetPlan::new(), tensors, metadata, notes })
+}
+
+/// Apply a [`WidthPlan`]: every group keeps its planned channels (chosen by `criterion`), then
+/// every conv cut of the plan (offsets by L1, or sparse formats by magnitude) is applied to the
+/// narrowed network.
+pub fn prune_to_plan(
+    ck: &Checkpoint,
+    kind: ArchKind,
+    criterion: Criterion,
+    plan: &plan::WidthPlan,
+    data: &[PathBuf],
+    seed: u64,
+) -> Result<Pruned> {
+    let classes = ck.metadata().get("classes").and_then(|v| v.parse().ok()).unwrap_or(crate::io::kitti::NUM_CLASSES);
+    let desc = NetDesc::from_checkpoint(kind, ck, classes)?;
+    let widths = plan.widths(kind, &groups::groups(&desc)?)?;
+    plan.check_convs(&desc)?;
+    let mut p = prune_channels_to(ck, kind, criterion, ChannelTarget::Widths(&widths), data, seed)?;
+    if plan.convs.is_empty() {
+        return Ok(p);
+    }
+    let (tensors, meta) = cut_convs(&p.after, &p.tensors, &plan.convs)?;
+    p.offsets = plan
+        .convs
+        .iter()
+        .filter_map(|(n, c)| match c {
+            plan::ConvCut::Offsets { .. } => meta
+                .get(&format!("{}{n}", offset::KEPT_OFFSETS))
+                .map(|v| (n.clone(), v.split(',').filter_map(|x| x.parse().ok()).collect())),
+            plan::ConvCut::Sparse(..) => None,
+        })
+        .collect();
+    p.tensors = tensors;
+    p.metadata.extend(meta);
+    let how = p.metadata.get("pruned").cloned().unwrap_or_default();
+    p.metadata.insert("pruned".into(), format!("{how}; {} conv cuts", plan.convs.len()));
+    Ok(p)
+}
+
+/// Apply per-conv cuts to the tensors of `desc`: offsets kept by L1 of their slices, or the
+/// kernel magnitude-pruned into a sparse format. Returns the tensors (with masks) and the
+/// metadata entries (kept offsets, formats).
+pub fn cut_convs(
+    desc: &NetDesc,
+    tensors: &BTreeMap<String, Tensor<f32>>,
+    cuts: &[(String, plan::ConvCut)],
+) -> Result<(offset::Tensors, HashMap<String, String>)> {
+    let convs = desc.convs();
+    let mut offsets = OffsetPlan::new();
+    let mut out = tensors.clone();
+    let mut meta = HashMap::new();
+    for (name, cut) in cuts {
+        let c = convs.iter().find(|c| &c.kernel == name).ok_or_else(|| Error::tensor(name.as_str(), "no such conv"))?;
+        match *cut {
+            plan::ConvCut::Offsets { kept, .. } => {
+                let t = tensors.get(name).ok_or_else(|| Error::tensor(name.as_str(), "missing from the model"))?;
+                offsets.insert(name.clone(), offset::largest(t, kept));
+            }
+            plan::ConvCut::Sparse(f, s) => {
+                let (k, v) = sparsity::prune_one(&mut out, name, c.cin, c.cout, f, s)?;
+                meta.insert(k, v);
+            }
+        }
+    }
+    let (out, listed) = offset::apply(&offsets, &out)?;
+    meta.extend(listed);
+    Ok((out, meta))
 }
 
 /// The source's architecture metadata, for a pruned file.

@@ -27,6 +27,16 @@ fn slice_l1(t: &Tensor<f32>) -> Vec<f64> {
     t.data.chunks(per).map(|c| c.iter().map(|v| v.abs() as f64).sum()).collect()
 }
 
+/// The `kept` offsets of kernel `t` (`[K, ...]`) with the largest L1 slices, ascending.
+pub fn largest(t: &Tensor<f32>, kept: usize) -> Vec<usize> {
+    let m = slice_l1(t);
+    let mut idx: Vec<usize> = (0..m.len()).collect();
+    idx.sort_by(|&a, &b| m[b].total_cmp(&m[a]).then(a.cmp(&b)));
+    idx.truncate(kept.max(1));
+    idx.sort_unstable();
+    idx
+}
+
 /// Which convs lose the same offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OffsetScope {

@@ -4,9 +4,14 @@
 //! widths (a [`WidthPlan`]). The per-layer sweep of Li et al. ("Pruning Filters for Efficient
 //! ConvNets", ICLR 2017) and NNI's sensitivity pruner, with latency beside accuracy.
 //!
+//! Finer granularities sweep one conv at a time instead ([`sweep_convs`]): a ratio of its
+//! kernel offsets removed (by L1), or of its weights zeroed in a sparse format; each point is
+//! priced with the table's measured cuts, and a threshold turns them into per-conv cuts of a
+//! plan.
+//!
 //! Scores are computed once; kernel maps and tuned plans are reused across every pruned
 //! network (the scans and their coordinates do not change); ratios that round to the same
-//! width are evaluated once.
+//! width (or offset count) are evaluated once, and only the pruned unit's tensors change.
 
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -15,13 +20,14 @@ use super::channel::{self, ChannelOptions};
 use super::groups::{self, Group};
 use super::importance::{self, Criterion};
 use super::latency::LatencyTable;
-use super::plan::WidthPlan;
+use super::plan::{ConvCut, WidthPlan};
 use crate::device::Engine;
 use crate::error::{Error, Result};
 use crate::metrics::Confusion;
-use crate::nn::arch::{ArchKind, NetDesc};
+use crate::nn::arch::{ArchKind, ConvDesc, NetDesc};
 use crate::nn::checkpoint::Checkpoint;
 use crate::pipeline::{self, Model, Prepared};
+use crate::sparse_weights::Format;
 
 /// Labelled scans to evaluate on.
 pub struct EvalSet {
@@ -67,18 +73,62 @@ impl EvalSet {
     }
 }
 
-/// One pruned group at one ratio.
+/// What a sweep prunes one unit at a time.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Granularity {
+    /// Channels of one dependency group.
+    Channel,
+    /// Kernel offsets of one conv.
+    Offset,
+    /// Weights of one conv, kept in a sparse format.
+    Sparse(Format),
+}
+
+impl Granularity {
+    /// `channel`, `offset`, `element`, `block` or `N:M`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "channel" => Ok(Self::Channel),
+            "offset" => Ok(Self::Offset),
+            _ => Format::parse(s).map(Self::Sparse).map_err(|_| {
+                Error::invalid("--granularity", format!("expected channel, offset, element, block or N:M, got `{s}`"))
+            }),
+        }
+    }
+
+    /// What one unit is, for axis labels.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Self::Channel => "channels of the group",
+            Self::Offset => "kernel offsets of the conv",
+            Self::Sparse(_) => "weights of the conv",
+        }
+    }
+}
+
+/// One unit swept: a dependency group or a conv.
+#[derive(Debug, Clone)]
+pub struct Unit {
+    /// Group index, or conv index ([`NetDesc::convs`] order).
+    pub id: usize,
+    /// Group name or conv kernel name.
+    pub name: String,
+    /// Channels, offsets or weights before pruning.
+    pub of: usize,
+}
+
+/// One pruned unit at one ratio.
 #[derive(Debug, Clone)]
 pub struct Point {
-    /// Group index.
+    /// Unit index ([`Unit::id`]).
     pub group: usize,
-    /// Group name.
+    /// Unit name.
     pub name: String,
     /// Fraction asked to remove.
     pub ratio: f64,
-    /// Channels kept (after rounding) of `of`.
+    /// Channels, offsets or nonzero weights kept (after rounding) of `of`.
     pub width: usize,
-    /// Channels before.
+    /// Channels, offsets or weights before.
     pub of: usize,
     /// mIoU without fine-tuning.
     pub miou: f64,
@@ -95,10 +145,16 @@ pub struct Sweep {
     pub arch: ArchKind,
     /// The unpruned network's mIoU, predicted and measured seconds.
     pub base: (f64, f64, f64),
-    /// Every (group, ratio).
+    /// What was pruned.
+    pub granularity: Granularity,
+    /// Every (unit, ratio).
     pub points: Vec<Point>,
-    /// The groups swept over (all groups of the network, for the plan).
+    /// The units swept.
+    pub units: Vec<Unit>,
+    /// All groups of the network (for the plan).
     pub groups: Vec<Group>,
+    /// The unpruned network.
+    pub desc: NetDesc,
 }
 
 /// Sweep every prunable group of `ck` over `ratios` (widths rounded by `opts`), ranking
@@ -169,7 +225,118 @@ pub fn sweep(
             progress(points.len(), total);
         }
     }
-    Ok(Sweep { arch: kind, base, points, groups })
+    let units = groups
+        .iter()
+        .filter(|g| g.prunable)
+        .map(|g| Unit { id: g.id, name: g.name().to_string(), of: g.width })
+        .collect();
+    Ok(Sweep { arch: kind, granularity: Granularity::Channel, base, points, units, groups, desc })
+}
+
+/// The cut of `ratio` at `granularity` for conv `c`, and the units it keeps of how many.
+fn conv_cut(c: &ConvDesc, granularity: Granularity, ratio: f64) -> Option<(ConvCut, usize, usize)> {
+    let vol = c.spec.volume();
+    let weights = vol * c.cin * c.cout;
+    match granularity {
+        Granularity::Channel => None,
+        Granularity::Offset if vol > 1 => {
+            let kept = (vol - ((vol as f64) * ratio).round() as usize).max(1);
+            Some((ConvCut::Offsets { kept, of: vol }, kept, vol))
+        }
+        Granularity::Offset => None,
+        Granularity::Sparse(f) => {
+            let fits = match f {
+                Format::Block => c.cout.is_multiple_of(crate::sparse_weights::BLOCK),
+                Format::NM(_, m) => c.cin.is_multiple_of(m as usize),
+                Format::Element => true,
+            };
+            let kept = match f {
+                Format::NM(n, m) => weights / m as usize * n as usize,
+                _ => weights - ((weights as f64) * ratio).round() as usize,
+            };
+            fits.then_some((ConvCut::Sparse(f, ratio), kept, weights))
+        }
+    }
+}
+
+/// Sweep every conv of `ck` the `granularity` applies to (offsets: convs of more than one
+/// offset; sparse formats: the convs the format fits) over `ratios`, one conv at a time.
+/// Needs a table with the matching cuts ([`LatencyTable::measure_cuts`]).
+#[allow(clippy::too_many_arguments)]
+pub fn sweep_convs(
+    ck: &Checkpoint,
+    kind: ArchKind,
+    granularity: Granularity,
+    ratios: &[f64],
+    eval: &EvalSet,
+    e: &Engine,
+    table: &LatencyTable,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Sweep> {
+    if granularity == Granularity::Channel {
+        return Err(Error::invalid("--granularity", "channel groups are swept by `sweep`"));
+    }
+    if ratios.is_empty() || ratios.iter().any(|r| !(0.0..1.0).contains(r)) {
+        return Err(Error::invalid("--ratios", "give ratios in [0, 1)"));
+    }
+    table.check_target(e)?;
+    let classes = ck.metadata().get("classes").and_then(|v| v.parse().ok()).unwrap_or(crate::io::kitti::NUM_CLASSES);
+    let desc = NetDesc::from_checkpoint(kind, ck, classes)?;
+    let groups = groups::groups(&desc)?;
+    let base_model = Model::from_desc(ck, &desc)?;
+    eval.evaluate(e, &base_model)?;
+    let (base_miou, base_secs) = eval.evaluate(e, &base_model)?;
+    let base = (base_miou, table.predict(&desc)?, base_secs);
+    let convs = desc.convs();
+    let mut units = Vec::new();
+    let mut todo = Vec::new();
+    for (i, c) in convs.iter().enumerate() {
+        let cuts: Vec<(f64, ConvCut, usize, usize)> =
+            ratios.iter().filter_map(|&r| conv_cut(c, granularity, r).map(|(cut, k, of)| (r, cut, k, of))).collect();
+        if let Some(&(_, _, _, of)) = cuts.first() {
+            units.push(Unit { id: i, name: c.kernel.clone(), of });
+            todo.push((i, cuts));
+        }
+    }
+    if todo.is_empty() {
+        return Err(Error::invalid("--granularity", "no conv of this network can be pruned this way"));
+    }
+    let total: usize = todo.iter().map(|t| t.1.len()).sum();
+    let mut points = Vec::with_capacity(total);
+    for (i, cuts) in todo {
+        let c = convs[i];
+        let mut seen: Vec<(usize, f64, f64, f64)> = Vec::new();
+        for (r, cut, kept, of) in cuts {
+            let v = if kept == of {
+                base
+            } else if let Some(&(_, m, p, t)) = seen.iter().find(|s| s.0 == kept) {
+                (m, p, t)
+            } else {
+                let one = [(c.kernel.clone(), cut)];
+                let (tensors, meta) = super::cut_convs(&desc, ck.tensors(), &one)?;
+                let mut md = ck.metadata().clone();
+                md.extend(meta);
+                let pck = Checkpoint::from_tensors("<sensitivity>", tensors, md);
+                let m = Model::from_desc(&pck, &desc)?;
+                let (miou, secs) = eval.evaluate(e, &m)?;
+                let v = (miou, table.predict_cuts(&desc, &one)?, secs);
+                seen.push((kept, v.0, v.1, v.2));
+                v
+            };
+            points.push(Point {
+                group: i,
+                name: c.kernel.clone(),
+                ratio: r,
+                width: kept,
+                of,
+                miou: v.0,
+                predicted: v.1,
+                measured: v.2,
+            });
+            progress(points.len(), total);
+        }
+    }
+    Ok(Sweep { arch: kind, granularity, base, points, units, groups, desc })
 }
 
 impl Sweep {
@@ -203,6 +370,22 @@ impl Sweep {
         if !(threshold.is_finite() && threshold >= 0.0) {
             return Err(Error::invalid("--threshold", format!("must be a non-negative mIoU drop, got {threshold}")));
         }
+        if self.granularity != Granularity::Channel {
+            let full: Vec<usize> = self.groups.iter().map(|g| g.width).collect();
+            let mut plan = WidthPlan::new(self.arch, &self.groups, &full)?;
+            for u in &self.units {
+                let best = self
+                    .points
+                    .iter()
+                    .filter(|p| p.group == u.id && p.miou >= self.base.0 - threshold && p.width < p.of)
+                    .max_by(|a, b| a.ratio.total_cmp(&b.ratio));
+                let c = self.desc.convs()[u.id];
+                if let Some((cut, _, _)) = best.and_then(|p| conv_cut(c, self.granularity, p.ratio)) {
+                    plan.convs.push((u.name.clone(), cut));
+                }
+            }
+            return Ok(plan);
+        }
         let widths: Vec<usize> = self
             .groups
             .iter()
@@ -216,5 +399,46 @@ impl Sweep {
             })
             .collect();
         WidthPlan::new(self.arch, &self.groups, &widths)
+    }
+
+    /// The sensitivity-guided plan for a latency budget: the smallest per-group mIoU drop
+    /// threshold whose plan (see [`Sweep::plan`]) the table predicts at or under `target`
+    /// seconds, with that threshold and the prediction. Thresholds are tried at every drop the
+    /// sweep saw, smallest first, so the plan gives up as little accuracy per group as the
+    /// budget allows (the per-layer allotment of NNI's sensitivity pruner, priced by latency
+    /// instead of parameters).
+    pub fn plan_for_latency(&self, table: &LatencyTable, target: f64) -> Result<(f64, WidthPlan, f64)> {
+        let desc = &self.desc;
+        if !(target.is_finite() && target > 0.0) {
+            return Err(Error::invalid("--target-speedup", format!("needs a positive latency target, got {target} s")));
+        }
+        let links = groups::conv_links(desc, &self.groups);
+        let mut drops: Vec<f64> = self.points.iter().map(|p| (self.base.0 - p.miou).max(0.0)).collect();
+        drops.push(0.0);
+        drops.sort_by(f64::total_cmp);
+        drops.dedup();
+        let mut best = None;
+        for t in drops {
+            let plan = self.plan(t)?;
+            let widths: Vec<usize> = plan.groups.iter().map(|g| g.1).collect();
+            let predicted = if plan.convs.is_empty() {
+                table.predict_shapes(desc, &groups::conv_shapes(&links, &widths))?
+            } else {
+                table.predict_cuts(desc, &plan.convs)?
+            };
+            best = Some((t, plan, predicted));
+            if predicted <= target {
+                return Ok(best.expect("just set"));
+            }
+        }
+        let narrowest = best.map(|b| b.2).unwrap_or(self.base.1);
+        Err(Error::invalid(
+            "--target-speedup",
+            format!(
+                "the sweep's narrowest widths are predicted at {:.1} ms, above the target {:.1} ms: add larger --ratios",
+                narrowest * 1e3,
+                target * 1e3
+            ),
+        ))
     }
 }

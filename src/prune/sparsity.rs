@@ -114,3 +114,27 @@ pub fn prune(
     }
     Ok((out, meta, report))
 }
+
+/// Zero `sparsity` of one conv's weights in `format` by magnitude (N:M: its own pattern), hold
+/// them with a `mask.*` tensor, and return the metadata entry naming the format.
+pub fn prune_one(
+    tensors: &mut Tensors,
+    kernel: &str,
+    cin: usize,
+    cout: usize,
+    format: Format,
+    sparsity: f64,
+) -> Result<(String, String)> {
+    if !(0.0..1.0).contains(&sparsity) {
+        return Err(Error::invalid("sparsity", format!("must be in [0, 1), got {sparsity}")));
+    }
+    let t = tensors.get_mut(kernel).ok_or_else(|| Error::tensor(kernel, "missing from the model"))?;
+    crate::sparse_weights::prune_kernel(&mut t.data, cin, cout, format, sparsity);
+    let shape = t.shape.clone();
+    let mut mask: Vec<f32> = t.data.iter().map(|&v| f32::from(u8::from(v != 0.0))).collect();
+    if let Some(old) = tensors.get(&format!("mask.{kernel}")).filter(|m| m.data.len() == mask.len()) {
+        mask.iter_mut().zip(&old.data).for_each(|(m, &o)| *m *= o);
+    }
+    tensors.insert(format!("mask.{kernel}"), Tensor { shape, data: mask });
+    Ok((format!("{SPARSE_FORMAT}{kernel}"), format.name()))
+}
