@@ -40,7 +40,7 @@ fn real_scan_conv_is_bit_identical_across_threads_and_groupings() {
                 let out =
                     pool(threads).install(|| conv_forward_ex(&map, plan, x.feats(), cin, &w, cout, epi).expect("conv"));
                 assert!(
-                    out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    same_bits(&out, &reference),
                     "k{k} s{s} {cin}->{cout}: {threads} threads, plan {label}: bits differ"
                 );
             }
@@ -69,7 +69,7 @@ fn output_tiled_matches_ungrouped_bits_when_tiles_are_not_256_rows() {
                 .install(|| conv_forward(&map, &Plan::output_tiled(&map), x.feats(), cin, &w, cout, Some(&bias)))
                 .expect("conv");
             assert!(
-                out.iter().zip(&reference).all(|(a, b)| a.to_bits() == b.to_bits()),
+                same_bits(&out, &reference),
                 "{cin}->{cout}, {threads} threads: output-tiled bits differ from ungrouped"
             );
         }
@@ -90,12 +90,12 @@ fn engines_agree_bitwise_on_random_clouds() {
     }
     for (label, o) in &outs[1..] {
         assert!(
-            o.iter().zip(&outs[0].1).all(|(a, b)| a.to_bits() == b.to_bits()),
+            same_bits(o, &outs[0].1),
             "{label} differs from {}",
             outs[0].0
         );
     }
     // Repeated runs of the tuned engine (which re-times plans on a new engine) also agree.
     let again = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Auto).conv(&x, &w, spec).expect("conv");
-    assert!(again.feats().iter().zip(&outs[0].1).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(same_bits(again.feats(), &outs[0].1));
 }

@@ -222,7 +222,7 @@ fn gpu_conv_matches_cpu_and_repeats_bit_for_bit() {
             let err = rel_err(&g1, &cpu);
             assert!(err < 1e-4, "{label}: relative error {err:e}");
             let g2 = run(Precision::F32).unwrap();
-            assert!(g1.iter().zip(&g2).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: second run differs");
+            assert!(same_bits(&g1, &g2), "{label}: second run differs");
             let h = run(Precision::F16).unwrap();
             let err = rel_err(&h, &cpu);
             assert!(err < 5e-3, "{label} f16: relative error {err:e} over the stated bound 5e-3");

@@ -150,8 +150,8 @@ fn backward_is_deterministic_across_threads() {
     let a = run(1);
     for t in [2, 3] {
         let b = run(t);
-        assert!(a.0.iter().zip(&b.0).all(|(p, q)| p.to_bits() == q.to_bits()), "dx differs with {t} threads");
-        assert!(a.1.iter().zip(&b.1).all(|(p, q)| p.to_bits() == q.to_bits()), "dW differs with {t} threads");
-        assert!(a.2.iter().zip(&b.2).all(|(p, q)| p.to_bits() == q.to_bits()), "db differs with {t} threads");
+        assert!(same_bits(&a.0, &b.0), "dx differs with {t} threads");
+        assert!(same_bits(&a.1, &b.1), "dW differs with {t} threads");
+        assert!(same_bits(&a.2, &b.2), "db differs with {t} threads");
     }
 }

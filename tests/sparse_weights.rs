@@ -64,7 +64,7 @@ fn sparse_kernels_match_the_dense_conv_of_the_masked_weights() {
             let err = rel_err(&one, &dense);
             assert!(err < 1e-5, "{label}: sparse vs dense masked: {err:e}");
             assert_eq!(one.len(), three.len(), "{label}");
-            assert!(one.iter().zip(&three).all(|(a, b)| a.to_bits() == b.to_bits()), "{label}: 1 vs 3 threads");
+            assert!(same_bits(&one, &three), "{label}: 1 vs 3 threads");
         }
     }
 }

@@ -42,9 +42,10 @@ pub fn build_map_keeping(
 /// A raw pointer that rayon tasks may share when each task writes a disjoint set of elements.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut<T>(pub *mut T);
-// SAFETY: users guarantee that concurrent tasks write disjoint elements.
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
+// SAFETY: users guarantee that concurrent tasks write disjoint elements; the elements move
+// between threads through the pointer, so they must themselves be `Send`.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+unsafe impl<T: Send> Sync for SharedMut<T> {}
 
 impl<T> SharedMut<T> {
     /// The pointer (a method, so closures capture the whole `Send` wrapper, not the field).

@@ -108,6 +108,11 @@ pub fn strategies() -> Vec<Strategy> {
     out
 }
 
+/// Same length and the same bits in every element (a truncated output is not "equal").
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// max |a - b| / max |b| (0 when both are empty or zero).
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
