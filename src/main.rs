@@ -110,9 +110,9 @@ enum Cmd {
         /// Weights; without them, synthetic weights of the same shapes (throughput only).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Architecture.
-        #[arg(long, default_value = "minkunet")]
-        arch: String,
+        /// Architecture (default: the weights' metadata; `minkunet` for synthetic weights).
+        #[arg(long)]
+        arch: Option<String>,
         /// Width factor (for synthetic weights; ignored with --model).
         #[arg(long, default_value_t = 0.5)]
         cr: f32,
@@ -323,7 +323,7 @@ fn run(cli: Cli) -> Result<()> {
             cmd_bench_baseline(&scans, model, &base, &device, warmup, runs, rounds)
         }
         Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers, .. } => {
-            cmd_bench(&scans, model, &arch, cr, &device, warmup, runs, json, layers)
+            cmd_bench(&scans, model, arch.as_deref(), cr, &device, warmup, runs, json, layers)
         }
         Cmd::Prune(args) => cli::prune::run(args, &bundled("data/semantickitti/sequences/00/velodyne/000000.bin")),
         Cmd::Sensitivity(args) => cli::sensitivity::run(args),
@@ -715,7 +715,7 @@ fn cmd_segment(a: SegmentArgs) -> Result<()> {
             );
         }
     }
-    let gt_train: Option<Vec<u32>> = gt.as_ref().map(|g| g.iter().map(|&r| lm.to_train(r)).collect());
+    let gt_train: Option<Vec<u32>> = gt.as_ref().zip(a.labels.as_deref()).map(|(g, path)| cli::train_ids(path, g, &lm));
     if let Some(gt) = &gt_train {
         print_iou(&sparseconv::metrics::Confusion::from_labels(&seg.point_labels, gt)?, &lm);
     }
@@ -811,7 +811,7 @@ fn cmd_eval(preds: &[PathBuf], model: Option<PathBuf>, labels: &[PathBuf], yaml:
     for (p, g) in preds.iter().zip(labels) {
         let gtt = ground_truth(g, &lm)?;
         let pt: Vec<u32> = if p.to_string_lossy().to_ascii_lowercase().ends_with(".label") {
-            read_label(p, Some(gtt.len()))?.iter().map(|&r| lm.to_train(r)).collect()
+            cli::train_ids(p, &read_label(p, Some(gtt.len()))?, &lm)
         } else {
             if net.is_none() {
                 net = Some(load_model(model.clone(), None, None)?.0);
@@ -833,7 +833,7 @@ fn cmd_eval(preds: &[PathBuf], model: Option<PathBuf>, labels: &[PathBuf], yaml:
 fn cmd_bench(
     scans: &[PathBuf],
     model: Option<PathBuf>,
-    arch: &str,
+    arch: Option<&str>,
     cr: f32,
     device: &str,
     warmup: usize,
@@ -851,15 +851,16 @@ fn cmd_bench(
     }
     let (model, cr, source) = match model {
         Some(p) => {
-            let (m, cr) = pipeline::Model::load(&p, Some(arch), None)?;
+            let (m, cr) = pipeline::Model::load(&p, arch, None)?;
             (m, cr, p.display().to_string())
         }
         None => {
             let ck = sparseconv::nn::checkpoint::Checkpoint::random(1);
-            let m = pipeline::Model::load_arch(arch, &ck, cr, NUM_CLASSES)?;
+            let m = pipeline::Model::load_arch(arch.unwrap_or("minkunet"), &ck, cr, NUM_CLASSES)?;
             (m, cr, "synthetic weights (throughput only)".to_string())
         }
     };
+    let arch = model.arch();
     let builder = device.map_builder();
     let engine = new_engine(device, builder, Grouping::Auto)?;
     let bar = indicatif::ProgressBar::new((scans.len() * (warmup + runs)) as u64);

@@ -89,11 +89,7 @@ fn engines_agree_bitwise_on_random_clouds() {
         }
     }
     for (label, o) in &outs[1..] {
-        assert!(
-            same_bits(o, &outs[0].1),
-            "{label} differs from {}",
-            outs[0].0
-        );
+        assert!(same_bits(o, &outs[0].1), "{label} differs from {}", outs[0].0);
     }
     // Repeated runs of the tuned engine (which re-times plans on a new engine) also agree.
     let again = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Auto).conv(&x, &w, spec).expect("conv");

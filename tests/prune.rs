@@ -234,7 +234,8 @@ fn a_conv_skips_zero_offsets_with_the_same_bits_on_every_strategy() {
         let removed: usize = [0usize, 5, 13, 22].iter().map(|&o| map.size(o)).sum();
         assert_eq!(ran, map.total_pairs() - removed, "{}: pairs run", st.label);
         assert_eq!(y.feats().len(), full.len(), "{}", st.label);
-        let same = y.feats().len() == full.len() && y.feats().iter().zip(&full).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
+        let same = y.feats().len() == full.len()
+            && y.feats().iter().zip(&full).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0));
         assert!(same, "{}: skipping zero offsets changed the result", st.label);
     }
 }

@@ -215,3 +215,35 @@ fn demo_segments_the_bundled_scan_with_the_bundled_model() {
     }
     assert!(out.contains("mIoU"), "{out}");
 }
+
+#[test]
+fn bench_reads_the_architecture_from_the_weights() {
+    let w = tmp("bench_spvcnn.safetensors");
+    let (code, _, err) = run(&["init-weights", &w.display().to_string(), "--arch", "spvcnn", "--cr", "0.25"]);
+    assert_eq!(code, 0, "{err}");
+    let scan = repo("data/tiny/sequences/00/velodyne/000000.bin").display().to_string();
+    let (code, out, err) =
+        run(&["bench", &scan, "--model", &w.display().to_string(), "--warmup", "0", "--runs", "1", "--json"]);
+    assert_eq!(code, 0, "SPVCNN weights without --arch: {err}");
+    assert!(out.contains("\"arch\":\"spvcnn\""), "{out}");
+    // An explicit --arch that contradicts the weights is still refused.
+    let (code, _, err) =
+        run(&["bench", &scan, "--model", &w.display().to_string(), "--arch", "minkunet", "--runs", "1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.lines().count() == 1, "{err}");
+}
+
+#[test]
+fn eval_warns_about_label_ids_the_learning_map_lacks() {
+    let mut raw = read_label(&repo("data/tiny/sequences/00/labels/000000.label"), None).expect("labels");
+    raw[..3].fill(999);
+    let gt = tmp("unknown_ids.label");
+    write_label(&gt, &raw).expect("write");
+    let s = |p: &PathBuf| p.display().to_string();
+    let (code, out, err) = run(&["eval", &s(&gt), "--labels", &s(&gt)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("mIoU"), "{out}");
+    assert!(err.contains("3 of 50 labels") && err.contains("missing from the learning map"), "{err}");
+    // Once per file: the prediction and the ground truth are the same file here.
+    assert_eq!(err.matches("warning").count(), 2, "{err}");
+}

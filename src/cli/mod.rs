@@ -16,11 +16,25 @@ use std::path::{Path, PathBuf};
 use sparseconv::io::kitti::{read_label, LearningMap, NUM_CLASSES};
 use sparseconv::{Device, Error, Result};
 
+/// Raw SemanticKITTI labels read from `path` as training ids, warning (once per file, with
+/// the count) about class ids the learning map does not know: they are scored as ignored.
+pub fn train_ids(path: &Path, raw: &[u32], lm: &LearningMap) -> Vec<u32> {
+    let (ids, unknown) = lm.to_train_counted(raw);
+    if unknown > 0 {
+        eprintln!(
+            "warning: {}: {unknown} of {} labels have class ids missing from the learning map; they are scored as ignored",
+            path.display(),
+            raw.len()
+        );
+    }
+    ids
+}
+
 /// Ground truth as training ids: SemanticKITTI `.label` (raw ids, mapped) or Open3D-ML
 /// `labels_*.npy` (training ids already).
 pub fn ground_truth(g: &Path, lm: &LearningMap) -> Result<Vec<u32>> {
     if !g.to_string_lossy().to_ascii_lowercase().ends_with(".npy") {
-        return Ok(read_label(g, None)?.iter().map(|&r| lm.to_train(r)).collect());
+        return Ok(train_ids(g, &read_label(g, None)?, lm));
     }
     let ids = sparseconv::io::npy::read_npy(g)?.to_i64().ok_or_else(|| Error::format(g, "labels must be integers"))?;
     ids.iter()

@@ -140,6 +140,22 @@ impl LearningMap {
         self.learning_map.get(&(raw & 0xFFFF)).copied().unwrap_or(0)
     }
 
+    /// Training ids of raw labels, and how many raw labels have a class id the learning map
+    /// does not know (mapped to 0, ignored in scoring: a caller should say so).
+    pub fn to_train_counted(&self, raw: &[u32]) -> (Vec<u32>, usize) {
+        let mut unknown = 0;
+        let ids = raw
+            .iter()
+            .map(|&r| {
+                self.learning_map.get(&(r & 0xFFFF)).copied().unwrap_or_else(|| {
+                    unknown += 1;
+                    0
+                })
+            })
+            .collect();
+        (ids, unknown)
+    }
+
     /// Raw class id of a training id.
     pub fn to_raw(&self, train: u32) -> u32 {
         self.inverse.get(train as usize).copied().unwrap_or(0)
