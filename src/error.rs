@@ -7,6 +7,7 @@ use std::path::PathBuf;
 /// Each variant carries the thing that was wrong (a file path, a tensor name, an
 /// operation) so that a CLI user gets one line that says what to fix.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]

@@ -70,3 +70,7 @@ pub use error::{Error, Result};
 pub use kmap::{KernelMap, KernelSpec, MapBuilder, MapKind};
 pub use plan::{Grouping, GroupingParams, Plan};
 pub use tensor::{CoordSet, SparseTensor};
+// Types most users need, reachable from the root.
+pub use gpu::conv::Precision;
+pub use pipeline::Model;
+pub use voxel::PointCloud;
