@@ -54,10 +54,30 @@ impl NpyArray {
     }
 }
 
+/// Check the header's `'shape': (…)` before the parser sizes anything from it: every
+/// dimension a number and their product representable (npyz multiplies them unchecked).
+fn check_shape_text(bytes: &[u8]) -> std::result::Result<(), String> {
+    let head = &bytes[..bytes.len().min(65_536 + 12)];
+    let text = String::from_utf8_lossy(head);
+    let Some(at) = text.find("'shape'") else { return Ok(()) };
+    let rest = &text[at..];
+    let (Some(open), Some(close)) = (rest.find('('), rest.find(')')) else { return Ok(()) };
+    if close < open {
+        return Ok(());
+    }
+    let mut n: u64 = 1;
+    for d in rest[open + 1..close].split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let d: u64 = d.trim_end_matches('L').parse().map_err(|_| format!("shape dimension `{d}` is not a count"))?;
+        n = n.checked_mul(d).ok_or_else(|| format!("shape {} is too large", &rest[open..=close]))?;
+    }
+    Ok(())
+}
+
 /// Read an `.npy` file.
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
     let bytes = read_file(path)?;
     let bad = |m: String| Error::format(path, m);
+    check_shape_text(&bytes).map_err(bad)?;
     let npy = NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a valid .npy file: {e}")))?;
     if npy.order() == Order::Fortran {
         return Err(bad("Fortran-ordered arrays are not supported (save with np.ascontiguousarray)".into()));
@@ -68,6 +88,17 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         other => return Err(bad(format!("unsupported dtype {}", other.descr()))),
     };
     let size = ts.size_field();
+    // The header's shape must fit in the file before anything is sized from it: a corrupt
+    // shape would otherwise overflow the element count or reserve memory the data lacks.
+    let need = npy
+        .shape()
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .and_then(|n| n.checked_mul(size as u64))
+        .ok_or_else(|| bad(format!("shape {:?} is too large", npy.shape())))?;
+    if need > bytes.len() as u64 {
+        return Err(bad(format!("shape {:?} needs {need} bytes of data, the file has {}", npy.shape(), bytes.len())));
+    }
     let read_err = |e: std::io::Error| Error::format(path, format!("truncated or corrupt data: {e}"));
     let values = match (ts.type_char(), size) {
         (TypeChar::Float, 4) => NpyValues::F32(npy.into_vec::<f32>().map_err(read_err)?),
