@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use cli::args::{ArchArg, DeviceArg, PointFormatArg, PrecisionArg, VoxelizeArg};
 
 mod cli;
 use cli::{bundled, check_device, default_yaml, ground_truth};
@@ -33,8 +34,8 @@ struct Cli {
     threads: Option<usize>,
     /// GPU storage precision of features and weights: `f32` (strict, default) or `f16` (packed
     /// halves, f32 accumulation; relative error below 5e-3 on the tested layers).
-    #[arg(long, global = true, default_value = "f32")]
-    precision: String,
+    #[arg(long, global = true, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -80,8 +81,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = GroupingArg::Auto)]
         grouping: GroupingArg,
         /// Device: `cpu`, or `gpu` (wgpu; SPARSECONV_ADAPTER picks the adapter by name).
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
         /// Output tensors (safetensors): `coords` and `feats`.
         #[arg(long)]
         output: PathBuf,
@@ -112,13 +113,13 @@ enum Cmd {
         model: Option<PathBuf>,
         /// Architecture (default: the weights' metadata; `minkunet` for synthetic weights).
         #[arg(long)]
-        arch: Option<String>,
+        arch: Option<ArchArg>,
         /// Width factor (for synthetic weights; ignored with --model).
         #[arg(long, default_value_t = 0.5)]
         cr: f32,
         /// Device.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
         /// Untimed warm-up runs per scan (the first also tunes the grouping).
         #[arg(long, default_value_t = 2)]
         warmup: usize,
@@ -221,8 +222,8 @@ enum Cmd {
         /// Output safetensors file.
         output: PathBuf,
         /// Architecture.
-        #[arg(long, default_value = "minkunet")]
-        arch: String,
+        #[arg(long, value_enum, default_value_t = ArchArg::MinkUNet)]
+        arch: ArchArg,
         /// Width factor.
         #[arg(long, default_value_t = 0.5)]
         cr: f32,
@@ -237,7 +238,7 @@ enum Cmd {
         scan: PathBuf,
         /// Override the format detected from the file name.
         #[arg(long)]
-        format: Option<String>,
+        format: Option<PointFormatArg>,
         /// Voxel size in metres.
         #[arg(long, default_value_t = 0.05)]
         voxel_size: f32,
@@ -248,8 +249,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = GroupingArg::Auto)]
         grouping: GroupingArg,
         /// Device: `cpu` or `gpu`.
-        #[arg(long, default_value = "cpu")]
-        device: String,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+        device: DeviceArg,
         /// Timed repetitions (after one warm-up that also tunes the grouping).
         #[arg(long, default_value_t = 5)]
         repeat: usize,
@@ -287,7 +288,18 @@ fn main() -> ExitCode {
     // and handing them back to the OS makes the next layer page-fault them in again.
     // SAFETY: setting an allocator option has no memory-safety preconditions.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -295,6 +307,17 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A clap error as the one line every other error gets: its message and, for a bad choice,
+/// the possible values; not the usage block.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -307,23 +330,22 @@ fn run(cli: Cli) -> Result<()> {
             .build_global()
             .map_err(|e| Error::invalid("--threads", e.to_string()))?;
     }
-    let precision = match cli.precision.as_str() {
-        "f32" => Precision::F32,
-        "f16" => Precision::F16,
-        other => return Err(Error::invalid("--precision", format!("expected f32 or f16, got `{other}`"))),
+    let precision = match cli.precision {
+        PrecisionArg::F32 => Precision::F32,
+        PrecisionArg::F16 => Precision::F16,
     };
     let _ = PRECISION.set(precision);
     match cli.cmd {
         Cmd::Conv { input, weight, kernel_size, stride, dilation, kmap, grouping, device, output } => {
-            cmd_conv(&input, &weight, kernel_size, stride, dilation, engine(kmap, grouping, &device)?, &output)
+            cmd_conv(&input, &weight, kernel_size, stride, dilation, engine(kmap, grouping, device.as_str())?, &output)
         }
         Cmd::Segment(args) => cmd_segment(args),
         Cmd::Eval { preds, model, labels, yaml } => cmd_eval(&preds, model, &labels, yaml),
         Cmd::Bench { scans, model, baseline: Some(base), rounds, warmup, runs, device, .. } => {
-            cmd_bench_baseline(&scans, model, &base, &device, warmup, runs, rounds)
+            cmd_bench_baseline(&scans, model, &base, device.as_str(), warmup, runs, rounds)
         }
         Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers, .. } => {
-            cmd_bench(&scans, model, arch.as_deref(), cr, &device, warmup, runs, json, layers)
+            cmd_bench(&scans, model, arch.map(ArchArg::as_str), cr, device.as_str(), warmup, runs, json, layers)
         }
         Cmd::Prune(args) => cli::prune::run(args, &bundled("data/semantickitti/sequences/00/velodyne/000000.bin")),
         Cmd::Sensitivity(args) => cli::sensitivity::run(args),
@@ -337,10 +359,11 @@ fn run(cli: Cli) -> Result<()> {
             cmd_train(config, &out, resume, init, lr_scale, data, epochs, max_steps, export, half)
         }
         Cmd::InitWeights { output, arch, cr, seed } => {
+            let arch = arch.as_str();
             let ck = sparseconv::nn::checkpoint::Checkpoint::random(seed);
-            pipeline::Model::load_arch(&arch, &ck, cr, NUM_CLASSES)?;
+            pipeline::Model::load_arch(arch, &ck, cr, NUM_CLASSES)?;
             let mut meta = std::collections::HashMap::new();
-            meta.insert("arch".to_string(), arch.clone());
+            meta.insert("arch".to_string(), arch.to_string());
             meta.insert("cr".to_string(), cr.to_string());
             meta.insert("classes".to_string(), NUM_CLASSES.to_string());
             meta.insert("voxel_size".to_string(), pipeline::VOXEL_SIZE.to_string());
@@ -350,8 +373,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Stack { scan, format, voxel_size, kmap, grouping, device, repeat } => {
-            let format = format.map(|f| f.parse::<PointFormat>()).transpose()?;
-            cmd_stack(&scan, format, voxel_size, engine(kmap, grouping, &device)?, repeat)
+            let format = format.map(|f| f.as_str().parse::<PointFormat>()).transpose()?;
+            cmd_stack(&scan, format, voxel_size, engine(kmap, grouping, device.as_str())?, repeat)
         }
     }
 }
@@ -571,9 +594,9 @@ fn cmd_demo(rerun: PathBuf, model: Option<PathBuf>) -> Result<()> {
         model,
         arch: None,
         cr: None,
-        device: "cpu".into(),
+        device: DeviceArg::Cpu,
         format: None,
-        voxelize: "mean".into(),
+        voxelize: VoxelizeArg::Mean,
         out_labels: None,
         logits: None,
         labels: Some(bundled("data/semantickitti/sequences/00/labels/000000.label")),
@@ -603,19 +626,19 @@ struct SegmentArgs {
     model: Option<PathBuf>,
     /// Architecture (default: from the weights' metadata).
     #[arg(long)]
-    arch: Option<String>,
+    arch: Option<ArchArg>,
     /// Width factor (default: from the weights).
     #[arg(long)]
     cr: Option<f32>,
     /// Device.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
     /// Point format, overriding the file name.
     #[arg(long)]
-    format: Option<String>,
+    format: Option<PointFormatArg>,
     /// Voxelization: `mean` (floor, mean features) or `spvnas` (rounded, first point).
-    #[arg(long, default_value = "mean")]
-    voxelize: String,
+    #[arg(long, value_enum, default_value_t = VoxelizeArg::Mean)]
+    voxelize: VoxelizeArg,
     /// Write SemanticKITTI `.label` predictions (raw class ids, one u32 per point).
     #[arg(long)]
     out_labels: Option<PathBuf>,
@@ -666,10 +689,10 @@ fn load_model(model: Option<PathBuf>, arch: Option<&str>, cr: Option<f32>) -> Re
 }
 
 fn cmd_segment(a: SegmentArgs) -> Result<()> {
-    let device = check_device(&a.device)?;
-    let format = a.format.map(|f| f.parse::<PointFormat>()).transpose()?;
-    let mode: pipeline::VoxelizeMode = a.voxelize.parse()?;
-    let (model, cr, mpath) = load_model(a.model, a.arch.as_deref(), a.cr)?;
+    let device = check_device(a.device.as_str())?;
+    let format = a.format.map(|f| f.as_str().parse::<PointFormat>()).transpose()?;
+    let mode: pipeline::VoxelizeMode = a.voxelize.as_str().parse()?;
+    let (model, cr, mpath) = load_model(a.model, a.arch.map(ArchArg::as_str), a.cr)?;
     let lm = LearningMap::load(&a.yaml.unwrap_or_else(default_yaml))?;
     // One scan: timing plan candidates would cost more than it saves.
     let builder = device.map_builder();

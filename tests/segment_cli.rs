@@ -136,7 +136,10 @@ fn bad_segment_eval_bench_input_exits_2_with_one_line() {
         (vec!["segment".into(), s(&tmp("nope.bin")), "--model".into(), s(&w)], "nope.bin"),
         (vec!["segment".into(), scan.clone(), "--model".into(), s(&tmp("nope.safetensors"))], "nope.safetensors"),
         (vec!["segment".into(), scan.clone(), "--model".into(), s(&repo(SCAN))], "not a valid safetensors"),
-        (vec!["segment".into(), scan.clone(), "--model".into(), s(&w), "--device".into(), "tpu".into()], "cpu or gpu"),
+        (
+            vec!["segment".into(), scan.clone(), "--model".into(), s(&w), "--device".into(), "tpu".into()],
+            "possible values: cpu, gpu",
+        ),
         (vec!["train".into(), "--out".into(), s(&tmp("run")), "--data".into(), s(&repo(SCAN))], "SemanticKITTI root"),
         (vec!["train".into(), "--out".into(), s(&tmp("run")), "--config".into(), s(&tmp("none.yaml"))], "none.yaml"),
         (

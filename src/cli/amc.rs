@@ -16,6 +16,7 @@ use sparseconv::prune::latency::LatencyTable;
 use sparseconv::prune::WidthPlan;
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
+use super::args::{BudgetArg, RewardArg};
 use super::prune::arch_of;
 use super::rounds::{alternate, median};
 use super::{bundled_scan, eval_or_bundled, fine_tune_scans};
@@ -27,15 +28,15 @@ pub struct AmcArgs {
     pub model: PathBuf,
     /// What the budget counts: conv FLOPs on the first evaluation scan, or the latency the
     /// table predicts.
-    #[arg(long, default_value = "flops")]
-    pub budget: String,
+    #[arg(long, value_enum, default_value_t = BudgetArg::Flops)]
+    pub budget: BudgetArg,
     /// Fraction of the unpruned cost to keep (0.5: half the FLOPs or half the latency).
     #[arg(long)]
     pub target: f64,
     /// Episode reward: `error` (−error; AMC's for a budget the action wall enforces) or
     /// `error-log-cost` (−error · ln cost; it also rewards going under the budget).
-    #[arg(long, default_value = "error")]
-    pub reward: String,
+    #[arg(long, value_enum, default_value_t = RewardArg::Error)]
+    pub reward: RewardArg,
     /// Latency table of the model on this machine (needed for `--budget latency`; with a FLOPs
     /// budget it adds predicted times to the comparison).
     #[arg(long)]

@@ -9,6 +9,7 @@ use sparseconv::nn::checkpoint::Checkpoint;
 use sparseconv::prune::iterative::{Imp, ImpOptions, Restart, Schedule};
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
+use super::args::{RestartArg, ScheduleArg};
 use super::prune::arch_of;
 use super::{bundled, eval_or_bundled, fine_tune_scans};
 
@@ -26,8 +27,8 @@ pub struct ImpArgs {
     #[arg(long)]
     pub final_sparsity: f64,
     /// How sparsity grows: agp, fixed, or geometric (--rate of what is left per round).
-    #[arg(long, default_value = "agp")]
-    pub schedule: String,
+    #[arg(long, value_enum, default_value_t = ScheduleArg::Agp)]
+    pub schedule: ScheduleArg,
     /// Rounds (agp and fixed).
     #[arg(long, default_value_t = 4)]
     pub rounds: usize,
@@ -35,8 +36,8 @@ pub struct ImpArgs {
     #[arg(long, default_value_t = 0.2)]
     pub rate: f64,
     /// What each round trains from: finetune, rewind (lottery tickets) or reinit.
-    #[arg(long, default_value = "finetune")]
-    pub restart: String,
+    #[arg(long, value_enum, default_value_t = RestartArg::Finetune)]
+    pub restart: RestartArg,
     /// Dense training steps before the first prune.
     #[arg(long, default_value_t = 0)]
     pub pretrain_steps: usize,

@@ -10,6 +10,7 @@ use sparseconv::prune::latency::LatencyTable;
 use sparseconv::sparse_weights::Format;
 use sparseconv::{Engine, Error, Grouping, Result};
 
+use super::args::DeviceArg;
 use super::rounds::{alternate, median};
 use super::sensitivity::parse_ratios;
 use super::{bundled, check_device};
@@ -20,8 +21,8 @@ pub struct LatencyTableArgs {
     /// The unpruned model whose convs are measured (default: the bundled one).
     pub model: Option<PathBuf>,
     /// Device to measure on: cpu or gpu.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
     /// Scan to measure on (default: the bundled SemanticKITTI scan).
     #[arg(long)]
     pub scan: Option<PathBuf>,
@@ -62,7 +63,7 @@ pub struct LatencyTableArgs {
 
 /// Run the command.
 pub fn run(a: LatencyTableArgs) -> Result<()> {
-    let device = check_device(&a.device)?;
+    let device = check_device(a.device.as_str())?;
     let e = Engine::new(device.clone(), device.map_builder(), Grouping::Auto);
     let scan = a.scan.clone().unwrap_or_else(|| bundled("data/semantickitti/sequences/00/velodyne/000000.bin"));
     let table = match (&a.table, &a.out) {

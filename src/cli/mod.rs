@@ -2,6 +2,7 @@
 //! what they share.
 
 pub mod amc;
+pub mod args;
 pub mod gamma;
 pub mod imp;
 pub mod latency_table;

@@ -17,6 +17,7 @@ use sparseconv::prune::{prune_channels, prune_offsets, prune_sparse, prune_to_pl
 use sparseconv::sparse_weights::Format;
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
+use super::args::{ArchArg, CriterionArg, PruneGranularityArg};
 use super::rounds::{alternate, median};
 
 /// `prune`'s arguments.
@@ -30,11 +31,11 @@ pub struct PruneArgs {
     /// What to remove: `channel` (whole channels of a dependency group), `offset` (whole
     /// kernel offsets of a conv), `element`, `block` (1×16) or `nm` (N:M along Cin, see --nm)
     /// weight sparsity; all but `channel` by L1 magnitude.
-    #[arg(long, default_value = "channel")]
-    pub granularity: String,
+    #[arg(long, value_enum, default_value_t = PruneGranularityArg::Channel)]
+    pub granularity: PruneGranularityArg,
     /// Channel importance: l1, l2, bn (BatchNorm γ), taylor (needs --data), random.
-    #[arg(long, default_value = "l1")]
-    pub criterion: String,
+    #[arg(long, value_enum, default_value_t = CriterionArg::L1)]
+    pub criterion: CriterionArg,
     /// Fraction of channels to remove, in [0, 1).
     #[arg(long)]
     pub ratio: Option<f64>,
@@ -68,7 +69,7 @@ pub struct PruneArgs {
     pub seed: u64,
     /// Architecture (default: the file's metadata, else minkunet).
     #[arg(long)]
-    pub arch: Option<String>,
+    pub arch: Option<ArchArg>,
     /// Where to write the pruned weights.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -97,7 +98,7 @@ pub fn arch_of(ck: &Checkpoint, flag: Option<&str>) -> Result<ArchKind> {
 /// Run the command; `default_scan` is the bundled scan.
 pub fn run(a: PruneArgs, default_scan: &Path) -> Result<()> {
     let ck = Checkpoint::load(&a.model)?;
-    let kind = arch_of(&ck, a.arch.as_deref())?;
+    let kind = arch_of(&ck, a.arch.map(ArchArg::as_str))?;
     let classes = sparseconv::io::kitti::NUM_CLASSES;
     if a.list_groups {
         let desc = NetDesc::from_checkpoint(kind, &ck, classes)?;

@@ -15,6 +15,7 @@ use sparseconv::prune::prune_to_plan;
 use sparseconv::prune::sensitivity::{sweep, sweep_convs, Granularity};
 use sparseconv::{Device, Engine, Error, Grouping, Result};
 
+use super::args::{ArchArg, CriterionArg};
 use super::prune::arch_of;
 use super::{bundled, eval_set, plot};
 
@@ -35,8 +36,8 @@ pub struct SensitivityArgs {
     #[arg(long, default_value = "channel")]
     pub granularity: String,
     /// Channel ranking: l1, l2, bn or random.
-    #[arg(long, default_value = "l1")]
-    pub criterion: String,
+    #[arg(long, value_enum, default_value_t = CriterionArg::L1)]
+    pub criterion: CriterionArg,
     /// Ratios as START:END:STEP or a comma list.
     #[arg(long, default_value = "0.1:0.9:0.1")]
     pub ratios: String,
@@ -61,7 +62,7 @@ pub struct SensitivityArgs {
     pub target_speedup: Option<f64>,
     /// Architecture (default: the file's metadata).
     #[arg(long)]
-    pub arch: Option<String>,
+    pub arch: Option<ArchArg>,
     /// Output directory (sensitivity.csv, sensitivity.png, latency.png, plan.txt).
     #[arg(long)]
     pub out: PathBuf,
@@ -108,7 +109,7 @@ pub fn run(a: SensitivityArgs) -> Result<()> {
         }
     }
     let ck = Checkpoint::load(&a.model)?;
-    let kind = arch_of(&ck, a.arch.as_deref())?;
+    let kind = arch_of(&ck, a.arch.map(ArchArg::as_str))?;
     let eval = eval_set(&a.eval, &a.labels)?;
     std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
     let e = Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto);
