@@ -38,7 +38,7 @@ fn main() {
     // a few hundred to a few thousand rows and grouping has something to win.
     let mut deep = x0.coord_set().clone();
     for _ in 0..3 {
-        deep = build_map(MapBuilder::Sort, &deep, down).expect("map").out_coords.clone();
+        deep = build_map(MapBuilder::Sort, &deep, down).expect("map").out_coords().clone();
     }
     let deep_map = build_map(MapBuilder::Sort, &deep, sub).expect("map");
     println!("# stride-8 k3 submanifold map: {} voxels, {} pairs", deep_map.n_out(), deep_map.total_pairs());

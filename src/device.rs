@@ -451,7 +451,7 @@ impl Engine {
         // Outside the cache closure, so its build time is counted once.
         let down = self.kernel_map_keeping(target, spec, keep.as_deref())?;
         self.cached(key, || {
-            if !same_coords(&down.out_coords, input) {
+            if !same_coords(down.out_coords(), input) {
                 return Err(Error::invalid(
                     "transposed conv",
                     format!(
@@ -466,7 +466,7 @@ impl Engine {
             }
             // Lazily: a GPU conv on it needs only the counts and the device tables.
             let mut up = down.transposed_lazy();
-            up.in_coords = input.clone();
+            up.share_in_coords(input.clone());
             if let Device::Gpu(g) = &self.device {
                 // The transposed conv's table, from the down map's on the device.
                 let ot = Self::device_output_tiled();
@@ -491,7 +491,7 @@ impl Engine {
             // GEMM -> scatter at 128 on the scan's k3 map (1.76 vs 2.2 ms at 91k voxels). The
             // grouped plan needs the map's counts and pairs on the host, a wait for the
             // device: worth it on large maps only.
-            return Ok(if w.cout >= 128 && map.kind == MapKind::Submanifold && map.n_out() >= 50_000 {
+            return Ok(if w.cout >= 128 && map.kind() == MapKind::Submanifold && map.n_out() >= 50_000 {
                 Plan::grouped(map, GroupingParams { tolerance: 0.5, max_rows: 1 << 20 })
             } else {
                 Self::device_output_tiled()
@@ -505,9 +505,9 @@ impl Engine {
             Grouping::Heuristic => Plan::output_tiled(map),
             Grouping::Auto => {
                 let key = LayerKey {
-                    kind: map.kind,
-                    spec: map.spec,
-                    in_stride: map.in_coords.stride(),
+                    kind: map.kind(),
+                    spec: map.spec(),
+                    in_stride: map.in_coords().stride(),
                     cin: w.cin,
                     cout: w.cout,
                 };
@@ -548,7 +548,7 @@ impl Engine {
         relu: bool,
     ) -> Result<SparseTensor> {
         if let Some(r) = residual {
-            if !same_coords(r.coord_set(), &map.out_coords) || r.channels() != w.cout {
+            if !same_coords(r.coord_set(), map.out_coords()) || r.channels() != w.cout {
                 return Err(Error::invalid(
                     "residual add",
                     format!(
@@ -573,7 +573,7 @@ impl Engine {
                 format!(
                     "kernel volume {} does not match kernel size {} (volume {})",
                     w.volume,
-                    map.spec.size,
+                    map.spec().size,
                     map.volume()
                 ),
             ));
@@ -592,12 +592,12 @@ impl Engine {
                     let skip: Vec<bool> = sw.offsets.iter().map(|o| *o == OffsetWeights::Empty).collect();
                     let plan = Plan::ungrouped(map).skipping(map, &skip);
                     let label = format!("sparse {} {:.2}", sw.format.name(), sw.density());
-                    (SparseTensor::new(map.out_coords.clone(), y, w.cout)?, plan, label)
+                    (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
                 } else {
                     let plan = self.dense_cpu_plan(map, x, w)?;
                     let y = cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, w.kernel(), w.cout, epi)?;
                     let label = plan.label();
-                    (SparseTensor::new(map.out_coords.clone(), y, w.cout)?, plan, label)
+                    (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
                 }
             }
             Device::Gpu(g) => {
@@ -614,8 +614,8 @@ impl Engine {
                 g.sync()?;
             }
             trace.push(LayerTrace {
-                kind: map.kind,
-                spec: map.spec,
+                kind: map.kind(),
+                spec: map.spec(),
                 n_in: map.n_in(),
                 n_out: map.n_out(),
                 pairs: if plan.groups.is_empty() { map.total_pairs() } else { plan.pairs(map) },
@@ -679,10 +679,10 @@ impl Engine {
     /// The cache key of a built map (a map kept for some offsets only has its own).
     fn map_key(map: &KernelMap) -> MapKey {
         MapKey {
-            input: map.in_coords.id(),
-            target: map.out_coords.id(),
-            kind: map.kind,
-            spec: map.spec,
+            input: map.in_coords().id(),
+            target: map.out_coords().id(),
+            kind: map.kind(),
+            spec: map.spec(),
             keep: map.kept_offsets().map(<[bool]>::to_vec),
         }
     }
@@ -754,7 +754,7 @@ impl Engine {
                 relu,
                 self.precision,
             )?;
-            return SparseTensor::new(map.out_coords.clone(), y, cout);
+            return SparseTensor::new(map.out_coords().clone(), y, cout);
         }
         use crate::gpu::DeviceFeats;
         // Inputs a GPU op produced are used in place; host features are uploaded.
@@ -771,7 +771,7 @@ impl Engine {
             GpuTables::WeightStationary(ws) => ws.run(ctx, (&xv, cin), (wv, cout), bias, rb, relu)?,
             GpuTables::Split => unreachable!("handled above"),
         };
-        SparseTensor::from_device(map.out_coords.clone(), Box::new(DeviceFeats::new(y, ctx.clone())), cout)
+        SparseTensor::from_device(map.out_coords().clone(), Box::new(DeviceFeats::new(y, ctx.clone())), cout)
     }
 
     /// Gradients of the conv of `map` (see [`cpu::conv::ConvGrads`]); the transposed map is

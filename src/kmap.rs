@@ -174,27 +174,69 @@ impl PairStore {
 #[derive(Debug, Clone)]
 pub struct KernelMap {
     /// What this map connects.
-    pub kind: MapKind,
+    kind: MapKind,
     /// Kernel geometry.
-    pub spec: KernelSpec,
+    spec: KernelSpec,
     /// Offsets in input-grid units (for `Up`: the offsets of the matching downsampling conv).
-    pub offsets: Vec<[i32; 3]>,
+    offsets: Vec<[i32; 3]>,
     /// Input coordinates.
-    pub in_coords: Arc<CoordSet>,
+    in_coords: Arc<CoordSet>,
     /// Output coordinates (shared with the input for submanifold maps).
-    pub out_coords: Arc<CoordSet>,
+    out_coords: Arc<CoordSet>,
     /// Per-offset counts and the pairs, possibly still on a device (see [`MapSource`]).
     pairs: PairStore,
     /// Offset whose map is the identity on all rows (the centre of a submanifold conv).
-    pub identity: Option<usize>,
+    identity: Option<usize>,
     /// Index of the offset `-δ` for each offset `δ`, where present (submanifold only).
-    pub mirror: Vec<Option<usize>>,
+    mirror: Vec<Option<usize>>,
     /// Offsets the map was built for, when built for a subset (offset-pruned convs): the
     /// others have no pairs, and a conv whose weights use them must not run on this map.
     kept: Option<Vec<bool>>,
 }
 
 impl KernelMap {
+    /// What this map connects.
+    pub fn kind(&self) -> MapKind {
+        self.kind
+    }
+
+    /// Kernel geometry.
+    pub fn spec(&self) -> KernelSpec {
+        self.spec
+    }
+
+    /// Offsets in input-grid units (for `Up`: the offsets of the matching downsampling conv).
+    pub fn offsets(&self) -> &[[i32; 3]] {
+        &self.offsets
+    }
+
+    /// Input coordinates.
+    pub fn in_coords(&self) -> &Arc<CoordSet> {
+        &self.in_coords
+    }
+
+    /// Replace the input coordinates by the same set held elsewhere (a transposed map takes
+    /// the caller's `Arc` so later layers find it by pointer); the rows must not change.
+    pub(crate) fn share_in_coords(&mut self, c: Arc<CoordSet>) {
+        debug_assert_eq!(c.len(), self.in_coords.len());
+        self.in_coords = c;
+    }
+
+    /// Output coordinates (shared with the input for submanifold maps).
+    pub fn out_coords(&self) -> &Arc<CoordSet> {
+        &self.out_coords
+    }
+
+    /// Offset whose map is the identity on all rows (the centre of a submanifold conv).
+    pub fn identity(&self) -> Option<usize> {
+        self.identity
+    }
+
+    /// Index of the offset `-δ` for each offset `δ`, where present (submanifold only).
+    pub fn mirror(&self) -> &[Option<usize>] {
+        &self.mirror
+    }
+
     /// Check conv operand shapes against the map (every backend runs this first).
     pub fn check_operands(&self, x: &[f32], cin: usize, w: &[f32], cout: usize, bias: Option<&[f32]>) -> Result<()> {
         let kv = self.volume();

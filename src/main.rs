@@ -504,7 +504,7 @@ fn cmd_stack(scan: &Path, format: Option<PointFormat>, voxel_size: f32, engine: 
         let mut cur = x0.coord_set().clone();
         for l in &layers {
             cur = match *l {
-                Layer::Conv(k, s, _, _) => engine.kernel_map(&cur, KernelSpec::new(k, s, 1)?)?.out_coords.clone(),
+                Layer::Conv(k, s, _, _) => engine.kernel_map(&cur, KernelSpec::new(k, s, 1)?)?.out_coords().clone(),
                 Layer::Up(_, _, target) => {
                     let t = coords_at[target].clone();
                     engine.transposed_map(&cur, &t, KernelSpec::new(2, 2, 1)?)?;
@@ -538,7 +538,7 @@ fn cmd_stack(scan: &Path, format: Option<PointFormat>, voxel_size: f32, engine: 
             if run > 0 {
                 per_layer[i].push(dt);
             } else {
-                summary.push((map.n_in(), map.n_out(), map.total_pairs(), w.cin, w.cout, map.kind, map.spec));
+                summary.push((map.n_in(), map.n_out(), map.total_pairs(), w.cin, w.cout, map.kind(), map.spec()));
             }
             outs.push(y.coord_set().clone());
             x = y;

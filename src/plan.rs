@@ -1,6 +1,7 @@
 //! Adaptive grouping of kernel offsets (TorchSparse, Tang et al., MLSys 2022): which offsets run
 //! as one batched GEMM, padded to the largest map of the group.
 
+use crate::error::{Error, Result};
 use crate::kmap::KernelMap;
 
 /// Knobs of the adaptive grouping.
@@ -53,6 +54,29 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Check a plan against the map it runs on: every offset exists, appears once, and fits
+    /// its group's padded rows. The kernels size their buffers from `padded_rows` and index
+    /// the weights by offset, so a plan built for another map (the fields are public) is
+    /// refused here rather than trusted.
+    pub fn check(&self, map: &KernelMap) -> Result<()> {
+        let kv = map.volume();
+        let mut seen = vec![false; kv];
+        for g in &self.groups {
+            for &k in &g.offsets {
+                if k >= kv || std::mem::replace(&mut seen[k], true) {
+                    return Err(Error::invalid("plan", format!("offset {k} is outside the map's {kv} or repeated")));
+                }
+                if map.size(k) > g.padded_rows && g.offsets.len() > 1 {
+                    return Err(Error::invalid(
+                        "plan",
+                        format!("offset {k} has {} pairs but its group pads to {}", map.size(k), g.padded_rows),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every non-empty offset alone.
     pub fn ungrouped(map: &KernelMap) -> Plan {
         let groups = map
@@ -77,13 +101,13 @@ impl Plan {
             let k = order[i];
             // A unit is an offset and, right after it in the order, its mirror.
             let mut unit = vec![k];
-            if let Some(m) = map.mirror[k] {
+            if let Some(m) = map.mirror()[k] {
                 if m != k && order.get(i + 1) == Some(&m) {
                     unit.push(m);
                 }
             }
             i += unit.len();
-            if Some(k) == map.identity {
+            if Some(k) == map.identity() {
                 groups.push(Group { offsets: unit, padded_rows: map.size(k) });
                 continue;
             }
@@ -112,8 +136,8 @@ impl Plan {
     pub fn output_tiled(map: &KernelMap) -> Plan {
         let order: Vec<usize> = map.canonical_order().into_iter().filter(|&k| map.size(k) > 0).collect();
         let mut groups = Vec::new();
-        let rest: Vec<usize> = order.iter().copied().filter(|&k| Some(k) != map.identity).collect();
-        if let Some(c) = map.identity.filter(|&c| map.size(c) > 0) {
+        let rest: Vec<usize> = order.iter().copied().filter(|&k| Some(k) != map.identity()).collect();
+        if let Some(c) = map.identity().filter(|&c| map.size(c) > 0) {
             groups.push(Group { offsets: vec![c], padded_rows: map.size(c) });
         }
         if !rest.is_empty() {

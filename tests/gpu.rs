@@ -39,8 +39,8 @@ fn arc_ctx() -> &'static Arc<GpuContext> {
 }
 
 fn same_map(label: &str, a: &KernelMap, b: &KernelMap) {
-    assert_eq!(a.offsets, b.offsets, "{label}: offsets");
-    assert_eq!(a.out_coords.coords(), b.out_coords.coords(), "{label}: output coordinates");
+    assert_eq!(a.offsets(), b.offsets(), "{label}: offsets");
+    assert_eq!(a.out_coords().coords(), b.out_coords().coords(), "{label}: output coordinates");
     for k in 0..a.volume() {
         assert_eq!(a.pairs(k), b.pairs(k), "{label}: offset {k}");
     }
@@ -200,7 +200,7 @@ fn gpu_conv_matches_cpu_and_repeats_bit_for_bit() {
     for (ci, (label, base, spec, transposed, cin, cout, bias, residual, relu)) in cases.into_iter().enumerate() {
         let map: Arc<KernelMap> = if transposed {
             let down = e.kernel_map(base.coord_set(), spec).unwrap();
-            e.transposed_map(&down.out_coords, base.coord_set(), spec).unwrap()
+            e.transposed_map(down.out_coords(), base.coord_set(), spec).unwrap()
         } else {
             e.kernel_map(base.coord_set(), spec).unwrap()
         };
@@ -269,7 +269,7 @@ fn minkunet_on_gpu_matches_cpu() {
     model.forward(&e, &x).unwrap();
     let m = e.kernel_map(x.coord_set(), KernelSpec::new(3, 1, 1).unwrap()).unwrap();
     assert!(!m.pairs_fetched(), "the stem's map fetched its pairs");
-    assert_eq!(m.in_idx(), build_map(MapBuilder::Hash, x.coord_set(), m.spec).unwrap().in_idx(), "fetched later");
+    assert_eq!(m.in_idx(), build_map(MapBuilder::Hash, x.coord_set(), m.spec()).unwrap().in_idx(), "fetched later");
     // Features stay on the device between layers; f16 storage converts them there.
     let e = Engine::new(dev.clone(), MapBuilder::Hash, Grouping::Auto).with_precision(Precision::F16);
     let g = model.forward(&e, &x).unwrap();

@@ -25,11 +25,11 @@ fn pairs_of(map: &KernelMap) -> Vec<Vec<(u32, u32)>> {
 }
 
 fn assert_same_map(a: &KernelMap, b: &KernelMap, what: &str) {
-    assert_eq!(a.out_coords.coords(), b.out_coords.coords(), "{what}: output coords");
+    assert_eq!(a.out_coords().coords(), b.out_coords().coords(), "{what}: output coords");
     assert_eq!(a.starts(), b.starts(), "{what}: per-offset sizes");
     assert_eq!(a.in_idx(), b.in_idx(), "{what}: input rows");
     assert_eq!(a.out_idx(), b.out_idx(), "{what}: output rows");
-    assert_eq!(a.identity, b.identity, "{what}: identity");
+    assert_eq!(a.identity(), b.identity(), "{what}: identity");
 }
 
 #[test]
@@ -46,9 +46,9 @@ fn builders_match_brute_force() {
             for builder in [MapBuilder::Hash, MapBuilder::Sort] {
                 let label = format!("{builder:?} k{k} s{s} d{d} ts{ts}");
                 let map = build_map(builder, x.coord_set(), spec).expect("map");
-                assert_eq!(map.out_coords.coords(), &outs[..], "{label}: output coords in key order");
+                assert_eq!(map.out_coords().coords(), &outs[..], "{label}: output coords in key order");
                 assert_eq!(pairs_of(&map), want, "{label}: pairs");
-                assert_eq!(map.kind, if s == 1 { MapKind::Submanifold } else { MapKind::Down }, "{label}");
+                assert_eq!(map.kind(), if s == 1 { MapKind::Submanifold } else { MapKind::Down }, "{label}");
                 built.push(map);
             }
             assert_same_map(&built[0], &built[1], &format!("hash vs sort k{k} s{s} d{d} ts{ts}"));
@@ -64,9 +64,9 @@ fn builders_match_brute_force() {
 fn symmetric_offsets_have_equal_sizes_and_transposed_pairs() {
     let x = random_tensor(77, 1, 8, 1, 0.3, 1);
     let map = build_map(MapBuilder::Sort, x.coord_set(), KernelSpec::new(3, 1, 1).expect("spec")).expect("map");
-    assert_eq!(map.identity, Some(13));
+    assert_eq!(map.identity(), Some(13));
     for k in 0..27 {
-        let m = map.mirror[k].expect("odd kernels are symmetric");
+        let m = map.mirror()[k].expect("odd kernels are symmetric");
         assert_eq!(m, 26 - k);
         let fwd: Vec<(u32, u32)> = pairs_of(&map)[k].clone();
         let mut back: Vec<(u32, u32)> = pairs_of(&map)[m].iter().map(|&(i, o)| (o, i)).collect();
@@ -110,9 +110,9 @@ fn engine_caches_maps_per_coordinate_set() {
     let down = KernelSpec::new(2, 2, 1).expect("spec");
     let d1 = e.kernel_map(x.coord_set(), down).expect("down");
     let d2 = e.kernel_map(x.coord_set(), down).expect("down");
-    assert!(Arc::ptr_eq(&d1.out_coords, &d2.out_coords), "downsampled coords are shared");
-    let up = e.transposed_map(&d1.out_coords, x.coord_set(), down).expect("up");
-    assert_eq!(up.kind, MapKind::Up);
+    assert!(Arc::ptr_eq(d1.out_coords(), d2.out_coords()), "downsampled coords are shared");
+    let up = e.transposed_map(d1.out_coords(), x.coord_set(), down).expect("up");
+    assert_eq!(up.kind(), MapKind::Up);
     assert_eq!(e.cached_maps(), 4);
     // A same-valued but separately built coordinate set is another key.
     let y = CoordSet::new(x.coords().to_vec(), 1).expect("coords");

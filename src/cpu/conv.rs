@@ -66,6 +66,7 @@ pub fn conv_forward_ex(
 ) -> Result<Vec<f32>> {
     let bias = epi.bias;
     map.check_operands(x, cin, w, cout, bias)?;
+    plan.check(map)?;
     if let Some(r) = epi.residual {
         if r.len() != map.n_out() * cout {
             return Err(Error::tensor(
@@ -85,17 +86,16 @@ pub fn conv_forward_ex(
     let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
     // A submanifold conv starts with its identity offset, which writes every output row:
     // build the output from it directly instead of zeroing memory first.
-    let first_is_identity = plan
-        .groups
-        .first()
-        .is_some_and(|g| g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity && map.size(g.offsets[0]) == n_out);
+    let first_is_identity = plan.groups.first().is_some_and(|g| {
+        g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity() && map.size(g.offsets[0]) == n_out
+    });
     let (mut out, skip) = if first_is_identity {
         (identity_init(x, cin, wk(plan.groups[0].offsets[0]), cout, n_out, t), 1)
     } else {
         (vec![0f32; n_out * cout], 0)
     };
     for (gi, g) in plan.groups.iter().enumerate().skip(skip) {
-        if g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity {
+        if g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity() {
             identity(x, cin, wk(g.offsets[0]), cout, &mut out, t, gi == 0);
         } else if g.offsets.len() == 1 {
             fused(map, g.offsets[0], x, cin, wk(g.offsets[0]), cout, &mut out, t);
@@ -339,7 +339,7 @@ fn output_tiled_layer(
     let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
     // The dense identity path needs every output row to be its own input row.
     let is_dense_identity = |g: &crate::plan::Group| {
-        g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity && map.size(g.offsets[0]) == n_out
+        g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity() && map.size(g.offsets[0]) == n_out
     };
     // Whole `t`-row chunks per task, aligned as in `identity`, so its GEMM calls are the same.
     let task_rows = (OUTPUT_TILE_ROWS / t).max(1) * t;
@@ -514,7 +514,7 @@ pub fn conv_backward(
             let (ins, outs) = map.pairs(k);
             let end = (start + CHUNK).min(ins.len());
             let mut acc = vec![0f32; cin * cout];
-            if map.identity == Some(k) {
+            if map.identity() == Some(k) {
                 // Pairs (r, r) for every row: the rows are contiguous, no gather needed.
                 gemm_at_b_acc(
                     end - start,

@@ -534,6 +534,7 @@ pub fn conv_forward_planned(
     precision: Precision,
 ) -> Result<Vec<f32>> {
     check_operands(map, x, cin, w, cout, bias, residual)?;
+    plan.check(map)?;
     let n_out = map.n_out();
     let ws = match plan.output_tiled || n_out == 0 || cout == 0 || map.total_pairs() == 0 {
         true => None,

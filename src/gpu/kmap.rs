@@ -268,7 +268,7 @@ fn sorted_map(
         ctx.submit(enc);
         let n_out = ctx.read(&GpuBuffer::<u32>::wrap(ctx, count, 1))?[0] as usize;
         let queries =
-            sort::KeyValues { hi: pkeys.hi.cast(n_out), lo: pkeys.lo.cast(n_out), val: pkeys.val.cast(n_out) };
+            sort::KeyValues { hi: pkeys.hi.view(n_out), lo: pkeys.lo.view(n_out), val: pkeys.val.view(n_out) };
         let (hi, lo) = (ctx.read(&queries.hi)?, ctx.read(&queries.lo)?);
         let coords: Vec<[i32; 4]> =
             hi.iter().zip(&lo).map(|(&h, &l)| coords::unpack((u64::from(h) << 32) | u64::from(l))).collect();
@@ -366,7 +366,7 @@ impl DevicePairs {
     }
 
     fn pairs(&self, ctx: &GpuContext, total: usize) -> Result<(Vec<u32>, Vec<u32>)> {
-        let (ins, outs) = (self.ins.clone_ref().cast::<u32>(total), self.outs.clone_ref().cast::<u32>(total));
+        let (ins, outs) = (self.ins.clone_ref().view::<u32>(total), self.outs.clone_ref().view::<u32>(total));
         let mut both = ctx.read_all(&[&ins, &outs])?.into_iter();
         Ok((both.next().unwrap_or_default(), both.next().unwrap_or_default()))
     }

@@ -372,14 +372,26 @@ impl<T: bytemuck::Pod> GpuBuffer<T> {
     }
 
     /// Another handle on the same storage that never returns it to the pool (the original
-    /// keeps that role); valid while the original lives.
-    pub fn clone_ref(&self) -> Self {
+    /// keeps that role). Crate-internal: wgpu keeps the storage alive while any handle lives,
+    /// but once the original goes back to the pool another buffer may be written into it, so
+    /// only code that drops the copy first may hold one.
+    pub(crate) fn clone_ref(&self) -> Self {
         Self { buf: self.buf.clone(), len: self.len, ctx: self.ctx, pool: None, _t: PhantomData }
     }
 
     /// The same storage seen as `len` values of `U` (the buffer moves, pool membership too).
-    pub fn cast<U: bytemuck::Pod>(mut self, len: usize) -> GpuBuffer<U> {
-        debug_assert!((len * std::mem::size_of::<U>()) as u64 <= self.buf.size());
+    /// Refused (`None`) when `len` values of `U` do not fit in the buffer.
+    pub fn cast<U: bytemuck::Pod>(self, len: usize) -> Option<GpuBuffer<U>> {
+        if len.checked_mul(std::mem::size_of::<U>()).is_none_or(|b| b as u64 > self.buf.size()) {
+            return None;
+        }
+        Some(self.view(len))
+    }
+
+    /// [`GpuBuffer::cast`] for lengths the crate derived from the buffer's own (a prefix of
+    /// it): a longer one is a bug here, so it panics rather than returning.
+    pub(crate) fn view<U: bytemuck::Pod>(mut self, len: usize) -> GpuBuffer<U> {
+        assert!((len * std::mem::size_of::<U>()) as u64 <= self.buf.size(), "GPU buffer view beyond its storage");
         GpuBuffer { buf: self.buf.clone(), len, ctx: self.ctx, pool: self.pool.take(), _t: PhantomData }
     }
 }

@@ -140,7 +140,7 @@ impl<'a> Timer<'a> {
         let mut coords = BTreeMap::from([(1, prepared.voxels.coord_set().clone())]);
         let mut cur = prepared.voxels.coord_set().clone();
         for st in &desc.stages {
-            cur = e.kernel_map(&cur, st.resample.spec)?.out_coords.clone();
+            cur = e.kernel_map(&cur, st.resample.spec)?.out_coords().clone();
             coords.insert(cur.stride(), cur.clone());
         }
         Ok((Self { e, coords, reps }, prepared.voxels.len()))

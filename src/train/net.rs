@@ -192,7 +192,7 @@ impl ConvBn {
         p.values[self.mean] = mean;
         p.values[self.var] = var;
         let (y, bn) = bn?;
-        let y = Arc::new(SparseTensor::new(map.out_coords.clone(), y, self.cout)?);
+        let y = Arc::new(SparseTensor::new(map.out_coords().clone(), y, self.cout)?);
         let tape = ConvBnTape { x: x.clone(), map, bn, y: self.relu.then(|| y.clone()), residual: residual.is_some() };
         Ok((y, tape))
     }
