@@ -585,9 +585,15 @@ impl Engine {
         let t0 = std::time::Instant::now();
         let (out, plan, label) = match &self.device {
             Device::Cpu => {
-                let epi = cpu::conv::Epilogue { bias: w.bias(), residual: residual.map(|r| r.feats()), relu };
+                // A map that came from a GPU is fetched here, where a lost device is an error.
+                map.fetch()?;
+                let epi = cpu::conv::Epilogue {
+                    bias: w.bias(),
+                    residual: residual.map(|r| r.try_feats()).transpose()?,
+                    relu,
+                };
                 if let Some(sw) = w.sparse().filter(|_| self.use_sparse(map, x, w, epi)) {
-                    let y = cpu::sparse::conv_sparse(map, x.feats(), w.cin, sw, epi)?;
+                    let y = cpu::sparse::conv_sparse(map, x.try_feats()?, w.cin, sw, epi)?;
                     // The pairs it runs: those of offsets with any nonzero weight.
                     let skip: Vec<bool> = sw.offsets.iter().map(|o| *o == OffsetWeights::Empty).collect();
                     let plan = Plan::ungrouped(map).skipping(map, &skip);
@@ -595,7 +601,7 @@ impl Engine {
                     (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
                 } else {
                     let plan = self.dense_cpu_plan(map, x, w)?;
-                    let y = cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, w.kernel(), w.cout, epi)?;
+                    let y = cpu::conv::conv_forward_ex(map, &plan, x.try_feats()?, w.cin, w.kernel(), w.cout, epi)?;
                     let label = plan.label();
                     (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
                 }
@@ -631,7 +637,7 @@ impl Engine {
     /// The dense CPU plan of a layer, without the offsets whose weights are all zero
     /// (offset-pruned layers: those pairs are never gathered or multiplied).
     fn dense_cpu_plan(&self, map: &KernelMap, x: &SparseTensor, w: &ConvWeight) -> Result<Plan> {
-        let plan = self.plan_for(map, x.feats(), w)?;
+        let plan = self.plan_for(map, x.try_feats()?, w)?;
         let zero = w.zero_offsets();
         Ok(if zero.iter().any(|&z| z) { plan.skipping(map, zero) } else { plan })
     }
@@ -659,10 +665,10 @@ impl Engine {
                         })
                         .fold(f64::INFINITY, f64::min)
                 };
-                let sparse = time(&|| cpu::sparse::conv_sparse(map, x.feats(), w.cin, sw, epi));
+                let sparse = time(&|| cpu::sparse::conv_sparse(map, x.try_feats()?, w.cin, sw, epi));
                 let dense = time(&|| {
                     let plan = self.dense_cpu_plan(map, x, w)?;
-                    cpu::conv::conv_forward_ex(map, &plan, x.feats(), w.cin, w.kernel(), w.cout, epi)
+                    cpu::conv::conv_forward_ex(map, &plan, x.try_feats()?, w.cin, w.kernel(), w.cout, epi)
                 });
                 sparse < dense
             }),
@@ -745,12 +751,12 @@ impl Engine {
                 ctx,
                 map,
                 plan,
-                x.feats(),
+                x.try_feats()?,
                 cin,
                 w.kernel(),
                 cout,
                 w.bias(),
-                residual.map(|r| r.feats()),
+                residual.map(|r| r.try_feats()).transpose()?,
                 relu,
                 self.precision,
             )?;
@@ -808,7 +814,7 @@ impl Engine {
                 Err(Error::invalid("conv backward", "training runs on the CPU only (the GPU backward is not built)"))
             }
             Device::Cpu => {
-                cpu::conv::conv_backward(map, &tmap, &dx_plan, x.feats(), w.cin, w.kernel(), w.cout, dy, need_dx)
+                cpu::conv::conv_backward(map, &tmap, &dx_plan, x.try_feats()?, w.cin, w.kernel(), w.cout, dy, need_dx)
             }
         }
     }
@@ -828,7 +834,7 @@ impl Engine {
                 return SparseTensor::from_device(a.coord_set().clone(), dev, c);
             }
         }
-        let f = cpu::elementwise::concat(a.feats(), a.channels(), b.feats(), b.channels());
+        let f = cpu::elementwise::concat(a.try_feats()?, a.channels(), b.try_feats()?, b.channels());
         SparseTensor::new(a.coord_set().clone(), f, c)
     }
 

@@ -151,6 +151,20 @@ impl PairStore {
         Self { starts: std::sync::OnceLock::new(), pairs: std::sync::OnceLock::new(), source: Some(source) }
     }
 
+    /// Fetch the counts and pairs from the device now, reporting a failure.
+    fn try_fetch(&self) -> Result<()> {
+        let Some(src) = &self.source else { return Ok(()) };
+        if self.starts.get().is_none() {
+            let s = src.starts()?;
+            let _ = self.starts.set(s);
+        }
+        if self.pairs.get().is_none() {
+            let p = src.pairs(self.starts().last().copied().unwrap_or(0))?;
+            let _ = self.pairs.set(p);
+        }
+        Ok(())
+    }
+
     fn starts(&self) -> &[usize] {
         self.starts.get_or_init(|| match &self.source {
             Some(s) => fetched(s.starts()),
@@ -342,7 +356,14 @@ impl KernelMap {
     pub fn n_out(&self) -> usize {
         self.out_coords.len()
     }
-    /// Pairs of offset `k`: `(in_idx, out_idx)` slices.
+    /// Bring a map built on a GPU to host memory now, with a failed copy (a lost device) as an
+    /// error; afterwards [`KernelMap::pairs`], [`KernelMap::starts`] and the rest cannot fail.
+    /// Maps built on the CPU are always on the host.
+    pub fn fetch(&self) -> Result<()> {
+        self.pairs.try_fetch()
+    }
+    /// Pairs of offset `k`: `(in_idx, out_idx)` slices (a GPU map is fetched first, panicking
+    /// if that fails: call [`KernelMap::fetch`] to get the error instead).
     pub fn pairs(&self, k: usize) -> (&[u32], &[u32]) {
         let st = self.pairs.starts();
         let r = st[k]..st[k + 1];

@@ -164,7 +164,7 @@ impl Model {
             Model::Spvcnn(m) => {
                 let coords = x.coords().iter().map(|c| [c[1] as f32, c[2] as f32, c[3] as f32]).collect();
                 let batch = x.coords().iter().map(|c| c[0]).collect();
-                let z = PointTensor::new(coords, batch, x.feats().to_vec(), x.channels())?;
+                let z = PointTensor::new(coords, batch, x.try_feats()?.to_vec(), x.channels())?;
                 m.forward(e, &z)
             }
         }

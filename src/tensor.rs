@@ -111,6 +111,14 @@ struct DeviceStore {
 }
 
 impl DeviceStore {
+    fn try_host(&self) -> Result<&[f32]> {
+        if let Some(v) = self.host.get() {
+            return Ok(v);
+        }
+        let v = self.dev.to_host()?;
+        Ok(self.host.get_or_init(|| v))
+    }
+
     fn host(&self) -> &[f32] {
         self.host.get_or_init(|| {
             // A failed copy means the device was lost: nothing sensible can continue.
@@ -174,11 +182,20 @@ impl SparseTensor {
         self.coords.coords()
     }
     /// Features, row-major `[N, C]`.
-    /// (Copied back from the GPU on first use when they live there.)
+    /// (Copied back from the GPU on first use when they live there; panics if that copy fails,
+    /// see [`SparseTensor::try_feats`].)
     pub fn feats(&self) -> &[f32] {
         match &self.feats {
             Storage::Host(v) => v,
             Storage::Device(d) => d.host(),
+        }
+    }
+    /// [`SparseTensor::feats`], with a failed copy back from the GPU (a lost device) as an
+    /// error instead of a panic: what every path a user reaches calls.
+    pub fn try_feats(&self) -> Result<&[f32]> {
+        match &self.feats {
+            Storage::Host(v) => Ok(v),
+            Storage::Device(d) => d.try_host(),
         }
     }
     /// Mutable features (coordinates are immutable and shared); features on a GPU move to host

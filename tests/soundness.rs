@@ -54,3 +54,38 @@ fn gpu_buffer_views_stay_inside_their_storage() {
     let b = ctx.scratch::<u32>("view", 100).expect("buffer");
     assert_eq!(b.cast::<f32>(50).map(|v| v.len()), Some(50));
 }
+
+/// Features "on a device" whose copy back always fails, as on a lost GPU.
+#[derive(Debug)]
+struct Lost(usize);
+
+impl sparseconv::tensor::DeviceFeatures for Lost {
+    fn len(&self) -> usize {
+        self.0
+    }
+    fn to_host(&self) -> sparseconv::Result<Vec<f32>> {
+        Err(sparseconv::Error::invalid("device", "lost"))
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[test]
+fn a_lost_device_is_an_error_on_every_user_path() {
+    let x = random_tensor(5, 1, 10, 1, 0.3, 4);
+    let lost = sparseconv::SparseTensor::from_device(x.coord_set().clone(), Box::new(Lost(x.len() * 4)), 4)
+        .expect("device tensor");
+    let err = lost.try_feats().unwrap_err().to_string();
+    assert!(err.contains("lost"), "{err}");
+    // A conv on the CPU reads the features through the fallible path.
+    let w = sparseconv::ConvWeight::new(vec![0.1; 27 * 4 * 2], 27, 4, 2, None).expect("weights");
+    let e = Engine::default();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        e.conv(&lost, &w, KernelSpec::new(3, 1, 1).expect("spec")).map(|_| ())
+    }));
+    assert!(matches!(r, Ok(Err(_))), "an error, not a panic or a result");
+    // A host map is always fetched.
+    let map = e.kernel_map(x.coord_set(), KernelSpec::new(3, 1, 1).expect("spec")).expect("map");
+    assert!(map.fetch().is_ok());
+}

@@ -182,6 +182,6 @@ impl MinkUNet {
             let skip = skips.pop().ok_or_else(|| Error::invalid("MinkUNet", "unbalanced skips"))?;
             h = self.up_stage(e, i, &h, &skip)?;
         }
-        self.classifier.forward(e, h.feats())
+        self.classifier.forward(e, h.try_feats()?)
     }
 }

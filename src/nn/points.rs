@@ -161,14 +161,15 @@ fn mean_rows(f: &[f32], c: usize, members: &[u32], starts: &[usize]) -> Vec<f32>
 pub fn voxel_to_point(x: &SparseTensor, z: &PointTensor) -> Result<Vec<f32>> {
     let c = x.channels();
     if on_voxels(x, z) {
-        return Ok(x.feats().to_vec());
+        return Ok(x.try_feats()?.to_vec());
     }
     let taps = trilinear_taps(x, z)?;
+    let xf = x.try_feats()?;
     let mut out = vec![0f32; z.len() * c];
     out.par_chunks_mut(c.max(1)).zip(&taps).for_each(|(row, (rows, w))| {
         for (&r, &wj) in rows.iter().zip(w) {
             if r != u32::MAX {
-                for (o, &v) in row.iter_mut().zip(&x.feats()[r as usize * c..(r as usize + 1) * c]) {
+                for (o, &v) in row.iter_mut().zip(&xf[r as usize * c..(r as usize + 1) * c]) {
                     *o += wj * v;
                 }
             }
