@@ -3,6 +3,9 @@
 
 pub mod amc;
 pub mod args;
+pub mod bench;
+pub mod conv;
+pub mod eval;
 pub mod gamma;
 pub mod imp;
 pub mod latency_table;
@@ -10,7 +13,10 @@ pub mod netadapt;
 pub mod plot;
 pub mod prune;
 pub mod rounds;
+pub mod segment;
 pub mod sensitivity;
+pub mod stack;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 

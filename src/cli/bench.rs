@@ -1,0 +1,255 @@
+//! `sparseconv bench`: throughput of the segmentation network, alone or against a baseline
+//! model in alternating rounds.
+
+use crate::cli::check_device;
+use crate::*;
+use sparseconv::bench::{conv_flops, Stats};
+use sparseconv::io::kitti::NUM_CLASSES;
+use sparseconv::pipeline;
+use sparseconv::{Device, Engine, Error, Grouping, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn cmd_bench(
+    scans: &[PathBuf],
+    model: Option<PathBuf>,
+    arch: Option<&str>,
+    cr: f32,
+    device: &str,
+    warmup: usize,
+    runs: usize,
+    json: bool,
+    layers: bool,
+) -> Result<()> {
+    let device = check_device(device)?;
+    let on_cpu = matches!(device, Device::Cpu);
+    if scans.is_empty() {
+        return Err(Error::invalid("bench", "give at least one scan"));
+    }
+    if runs == 0 {
+        return Err(Error::invalid("--runs", "must be at least 1"));
+    }
+    let (model, cr, source) = match model {
+        Some(p) => {
+            let (m, cr) = pipeline::Model::load(&p, arch, None)?;
+            (m, cr, p.display().to_string())
+        }
+        None => {
+            let ck = sparseconv::nn::checkpoint::Checkpoint::random(1);
+            let m = pipeline::Model::load_arch(arch.unwrap_or("minkunet"), &ck, cr, NUM_CLASSES)?;
+            (m, cr, "synthetic weights (throughput only)".to_string())
+        }
+    };
+    let arch = model.arch();
+    let builder = device.map_builder();
+    let engine = new_engine(device, builder, Grouping::Auto)?;
+    let bar = indicatif::ProgressBar::new((scans.len() * (warmup + runs)) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} runs {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if json || scans.len() * (warmup + runs) < 20 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let (mut vox, mut maps, mut conv, mut other, mut total) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut points, mut voxels) = (0usize, 0usize);
+    let mut layer_times: Vec<(sparseconv::device::LayerTrace, Vec<f64>)> = Vec::new();
+    // GPU dispatches and submits over the measured runs.
+    let mut gpu_work = (0u64, 0u64);
+    for scan in scans {
+        for r in 0..warmup + runs {
+            let mut t = pipeline::Timings::default();
+            if layers && r >= warmup {
+                engine.start_trace();
+            }
+            let c0 = gpu_counters(&engine);
+            let t0 = Instant::now();
+            let p = pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?;
+            t.voxelize = t0.elapsed().as_secs_f64();
+            let seg = pipeline::segment(&engine, &model, &p, &mut t)?;
+            std::hint::black_box(&seg.point_labels);
+            if r >= warmup {
+                let c1 = gpu_counters(&engine);
+                gpu_work = (gpu_work.0 + c1.0 - c0.0, gpu_work.1 + c1.1 - c0.1);
+                vox.push(t.voxelize);
+                maps.push(t.kernel_maps);
+                conv.push(t.conv);
+                other.push(t.other);
+                total.push(t.total());
+                points += p.points;
+                voxels += p.voxels.len();
+                for (i, l) in engine.take_trace().into_iter().enumerate() {
+                    if layer_times.len() <= i {
+                        layer_times.push((l.clone(), Vec::new()));
+                    }
+                    layer_times[i].1.push(l.seconds);
+                }
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let n = total.len() as f64;
+    let sum: f64 = total.iter().sum();
+    let st = |v: Vec<f64>| Stats::from_samples(v);
+    let (v, m, c, o, t) = (st(vox), st(maps), st(conv), st(other), st(total));
+    let threads = rayon::current_num_threads();
+    let device_name = match engine.device() {
+        Device::Cpu => "cpu".to_string(),
+        Device::Gpu(c) => format!("gpu {} ({:?})", c.describe(), engine.precision()),
+    };
+    if json {
+        println!(
+            "{{\"arch\":\"{arch}\",\"cr\":{cr},\"device\":\"{}\",\"threads\":{threads},\"scans\":{},\"runs\":{},\"scans_per_s\":{:.4},\"points_per_s\":{:.1},\"median_s\":{{\"voxelize\":{:.6},\"kernel_maps\":{:.6},\"conv\":{:.6},\"other\":{:.6},\"total\":{:.6}}},\"mad_s\":{{\"total\":{:.6}}}}}",
+            device_name.replace('"', "'"),
+            scans.len(),
+            t.runs,
+            n / sum,
+            points as f64 / sum,
+            v.median,
+            m.median,
+            c.median,
+            o.median,
+            t.median,
+            t.mad
+        );
+    } else {
+        println!(
+            "{arch} cr={cr} ({source}) on {device_name}, {threads} CPU threads: {} scans x {runs} runs, {:.0} points and {:.0} voxels per scan",
+            scans.len(),
+            points as f64 / n,
+            voxels as f64 / n
+        );
+        println!("{:<12} {:>10} {:>10} {:>10} {:>10}", "stage", "median ms", "mad ms", "min ms", "max ms");
+        for (name, s) in [("voxelize", v), ("kernel maps", m), ("conv", c), ("other", o), ("total", t)] {
+            println!(
+                "{:<12} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                name,
+                s.median * 1e3,
+                s.mad * 1e3,
+                s.min * 1e3,
+                s.max * 1e3
+            );
+        }
+        println!("{:.2} scans/s, {:.0} points/s (end to end: points in, labels out)", n / sum, points as f64 / sum);
+        if gpu_work.0 > 0 {
+            println!(
+                "GPU work per scan: {:.0} dispatches in {:.0} submits",
+                gpu_work.0 as f64 / n,
+                gpu_work.1 as f64 / n
+            );
+        }
+        if layers && !layer_times.is_empty() {
+            println!(
+                "{:<4} {:<28} {:>15} {:>8} {:>9} {:>8} {:>14} {:>9}",
+                "#", "conv", "rows in->out", "pairs", "ms", "GFLOP/s", "plan", "dense ms"
+            );
+            let (mut sum_ms, mut sum_dense) = (0.0, 0.0);
+            for (i, (l, ts)) in layer_times.into_iter().enumerate() {
+                let st = Stats::from_samples(ts);
+                sum_ms += st.median * 1e3;
+                // The floor: one dense GEMM [pairs, Cin] x [Cin, Cout] (same FLOPs, no gather,
+                // no scatter) on the same threads, timed here in the same run.
+                let dense = on_cpu.then(|| dense_floor_ms(l.pairs, l.cin, l.cout));
+                sum_dense += dense.unwrap_or(0.0);
+                println!(
+                    "{:<4} {:<28} {:>15} {:>8} {:>9.2} {:>8.1} {:>14} {:>9}",
+                    i + 1,
+                    format!("{:?} k{} s{} {}->{}", l.kind, l.spec.size, l.spec.stride, l.cin, l.cout),
+                    format!("{}->{}", l.n_in, l.n_out),
+                    l.pairs,
+                    st.median * 1e3,
+                    st.gflops(conv_flops(l.pairs, l.cin, l.cout)),
+                    l.plan,
+                    dense.map_or("-".to_string(), |d| format!("{d:.2}"))
+                );
+            }
+            if on_cpu {
+                println!("sum of conv medians: {sum_ms:.1} ms; the same FLOPs as dense GEMMs: {sum_dense:.1} ms");
+            } else {
+                println!("sum of conv medians: {sum_ms:.1} ms");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `bench --model M --baseline B`: both models in alternating rounds, the speed ratio per round.
+pub(crate) fn cmd_bench_baseline(
+    scans: &[PathBuf],
+    model: Option<PathBuf>,
+    baseline: &Path,
+    device: &str,
+    warmup: usize,
+    runs: usize,
+    rounds: usize,
+) -> Result<()> {
+    use cli::rounds::{alternate, median};
+    let model = model.ok_or_else(|| Error::invalid("--baseline", "needs --model"))?;
+    if scans.is_empty() {
+        return Err(Error::invalid("bench", "give at least one scan"));
+    }
+    if runs == 0 || rounds == 0 {
+        return Err(Error::invalid("--runs/--rounds", "must be at least 1"));
+    }
+    let device = check_device(device)?;
+    let (m, _) = pipeline::Model::load(&model, None, None)?;
+    let (b, _) = pipeline::Model::load(baseline, None, None)?;
+    let (em, eb) = (
+        new_engine(device.clone(), device.map_builder(), Grouping::Auto)?,
+        new_engine(device.clone(), device.map_builder(), Grouping::Auto)?,
+    );
+    let r = alternate(scans, &[(&eb, &b), (&em, &m)], warmup.max(1), runs, rounds, false)?;
+    let threads = rayon::current_num_threads();
+    println!(
+        "{} scans x {runs} runs x {rounds} alternating rounds, {threads} CPU threads, device {}",
+        scans.len(),
+        if device == Device::Cpu { "cpu" } else { "gpu" }
+    );
+    for (name, path, d, x) in [("baseline", baseline, b.desc(), &r[0]), ("model", model.as_path(), m.desc(), &r[1])] {
+        let rounds: Vec<String> = x.round_medians.iter().map(|v| format!("{:.1}", v * 1e3)).collect();
+        println!(
+            "{name:<9} {} ({} widths {}): median {:.1} ms; per round {} ms",
+            path.display(),
+            d.kind.name(),
+            d.widths_summary(),
+            median(&x.totals) * 1e3,
+            rounds.join(" ")
+        );
+    }
+    let ratios: Vec<String> =
+        r[0].round_medians.iter().zip(&r[1].round_medians).map(|(b, m)| format!("{:.2}x", b / m)).collect();
+    println!(
+        "speed-up of model over baseline: {:.2}x (per round {})",
+        median(&r[0].totals) / median(&r[1].totals),
+        ratios.join(" ")
+    );
+    Ok(())
+}
+
+/// Dispatches and submits of the engine's GPU context so far (zeros on the CPU).
+pub(crate) fn gpu_counters(engine: &Engine) -> (u64, u64) {
+    match engine.device() {
+        Device::Cpu => (0, 0),
+        Device::Gpu(c) => c.counters(),
+    }
+}
+
+/// Median of three timings of a dense `[m, k] x [k, n]` GEMM on the current rayon threads.
+pub(crate) fn dense_floor_ms(m: usize, k: usize, n: usize) -> f64 {
+    use sparseconv::cpu::gemm::gemm_parallel;
+    let a = sparseconv::bench::pseudo_random(m * k, 1, 1.0);
+    let b = sparseconv::bench::pseudo_random(k * n, 2, 1.0);
+    let mut c = vec![0f32; m * n];
+    let threads = rayon::current_num_threads();
+    let mut t: Vec<f64> = (0..3)
+        .map(|_| {
+            let s = std::time::Instant::now();
+            gemm_parallel(m, k, n, &a, &b, &mut c, threads);
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[1]
+}
