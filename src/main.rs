@@ -75,9 +75,9 @@ enum Cmd {
         /// Dilation.
         #[arg(long, default_value_t = 1)]
         dilation: u32,
-        /// Kernel-map builder.
-        #[arg(long, value_enum, default_value_t = KmapArg::Hash)]
-        kmap: KmapArg,
+        /// Kernel-map builder (default: the device's own, as every other command uses).
+        #[arg(long, value_enum)]
+        kmap: Option<KmapArg>,
         /// Offset grouping.
         #[arg(long, value_enum, default_value_t = GroupingArg::Auto)]
         grouping: GroupingArg,
@@ -243,9 +243,9 @@ enum Cmd {
         /// Voxel size in metres.
         #[arg(long, default_value_t = 0.05)]
         voxel_size: f32,
-        /// Kernel-map builder.
-        #[arg(long, value_enum, default_value_t = KmapArg::Sort)]
-        kmap: KmapArg,
+        /// Kernel-map builder (default: the device's own, as every other command uses).
+        #[arg(long, value_enum)]
+        kmap: Option<KmapArg>,
         /// Offset grouping.
         #[arg(long, value_enum, default_value_t = GroupingArg::Auto)]
         grouping: GroupingArg,
@@ -258,16 +258,18 @@ enum Cmd {
     },
 }
 
-fn engine(kmap: KmapArg, grouping: GroupingArg, device: &str) -> Result<Engine> {
+fn engine(kmap: Option<KmapArg>, grouping: GroupingArg, device: &str) -> Result<Engine> {
+    let device = check_device(device)?;
     let b = match kmap {
-        KmapArg::Hash => MapBuilder::Hash,
-        KmapArg::Sort => MapBuilder::Sort,
+        Some(KmapArg::Hash) => MapBuilder::Hash,
+        Some(KmapArg::Sort) => MapBuilder::Sort,
+        None => device.map_builder(),
     };
     let g = match grouping {
         GroupingArg::Auto => Grouping::Auto,
         GroupingArg::Off => Grouping::Off,
     };
-    new_engine(check_device(device)?, b, g)
+    new_engine(device, b, g)
 }
 
 static PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();

@@ -100,20 +100,25 @@ pub(crate) fn cmd_bench(
         Device::Gpu(c) => format!("gpu {} ({:?})", c.describe(), engine.precision()),
     };
     if json {
-        println!(
-            "{{\"arch\":\"{arch}\",\"cr\":{cr},\"device\":\"{}\",\"threads\":{threads},\"scans\":{},\"runs\":{},\"scans_per_s\":{:.4},\"points_per_s\":{:.1},\"median_s\":{{\"voxelize\":{:.6},\"kernel_maps\":{:.6},\"conv\":{:.6},\"other\":{:.6},\"total\":{:.6}}},\"mad_s\":{{\"total\":{:.6}}}}}",
-            device_name.replace('"', "'"),
-            scans.len(),
-            t.runs,
-            n / sum,
-            points as f64 / sum,
-            v.median,
-            m.median,
-            c.median,
-            o.median,
-            t.median,
-            t.mad
-        );
+        let report = serde_json::json!({
+            "arch": arch,
+            "cr": cr,
+            "device": device_name,
+            "threads": threads,
+            "scans": scans.len(),
+            "runs": t.runs,
+            "scans_per_s": n / sum,
+            "points_per_s": points as f64 / sum,
+            "median_s": {
+                "voxelize": v.median,
+                "kernel_maps": m.median,
+                "conv": c.median,
+                "other": o.median,
+                "total": t.median,
+            },
+            "mad_s": { "total": t.mad },
+        });
+        println!("{report}");
     } else {
         println!(
             "{arch} cr={cr} ({source}) on {device_name}, {threads} CPU threads: {} scans x {runs} runs, {:.0} points and {:.0} voxels per scan",
