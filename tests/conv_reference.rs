@@ -44,7 +44,7 @@ fn forward_conv_matches_dense_grid() {
         let w = weight(spec.volume(), cin, cout, seed, ci % 2 == 0);
         let outs = if s == 1 { x.coords().to_vec() } else { downsampled_coords(x.coords(), ts * s as i32) };
         let want = dense_conv(x.coords(), x.feats(), cin, &outs, w.kernel(), cout, spec, ts, 1, w.bias());
-        for st in strategies() {
+        for st in every_backend() {
             let y = st.engine.conv(&x, &w, spec).unwrap_or_else(|e| panic!("{}: case {ci}: {e}", st.label));
             assert_eq!(coord_set(y.coords()), coord_set(&outs), "{}: case {ci}: output coords", st.label);
             assert_eq!(y.stride(), ts * s as i32, "{}: case {ci}: output stride", st.label);
@@ -61,7 +61,7 @@ fn transposed_conv_matches_dense_grid() {
         let seed = 300 + ci as u64;
         let fine = random_tensor(seed, 2, 6 * ts, ts, 0.3, 1);
         let spec = KernelSpec::new(k, s, d).expect("spec");
-        for st in strategies() {
+        for st in every_backend() {
             // Downsample first so the coarse coordinates come from the engine's own cache.
             let probe = weight(spec.volume(), 1, cin, seed + 1, false);
             let coarse = st.engine.conv(&fine, &probe, spec).expect("down conv");
@@ -92,7 +92,7 @@ fn transposed_conv_matches_dense_grid() {
 #[test]
 fn empty_input_gives_empty_output() {
     let x = sparseconv::SparseTensor::from_parts(vec![], vec![], 4).expect("empty");
-    for st in strategies() {
+    for st in every_backend() {
         for (k, s) in [(3, 1), (2, 2)] {
             let spec = KernelSpec::new(k, s, 1).expect("spec");
             let w = weight(spec.volume(), 4, 8, 1, true);
@@ -112,7 +112,7 @@ fn single_isolated_voxels_see_only_the_centre() {
     )
     .expect("tensor");
     let w = weight(27, 1, 2, 9, true);
-    for st in strategies() {
+    for st in cpu_strategies() {
         let y = st.engine.conv(&x, &w, KernelSpec::new(3, 1, 1).expect("spec")).expect("conv");
         let b = w.bias().expect("bias");
         for (i, v) in [1.0f32, 2.0, -3.0].iter().enumerate() {

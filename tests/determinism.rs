@@ -82,7 +82,7 @@ fn engines_agree_bitwise_on_random_clouds() {
     let spec = KernelSpec::new(3, 1, 1).expect("spec");
     let w = ConvWeight::new(pseudo_random(27 * 16 * 24, 5, 0.3), 27, 16, 24, None).expect("w");
     let mut outs = Vec::new();
-    for st in strategies() {
+    for st in cpu_strategies() {
         for threads in [1, 2] {
             let y = pool(threads).install(|| st.engine.conv(&x, &w, spec)).expect("conv");
             outs.push((format!("{} x{threads}", st.label), y.into_feats()));

@@ -158,7 +158,7 @@ fn minkunet_matches_independent_reference_on_real_scan_crop() {
     let spread = want.iter().fold(f32::MIN, |a, &b| a.max(b)) - want.iter().fold(f32::MAX, |a, &b| a.min(b));
     assert!(spread > 1.0, "reference logits nearly constant (spread {spread})");
     eprintln!("parity crop: {} voxels, logit spread {spread}", x.len());
-    for st in strategies() {
+    for st in cpu_strategies() {
         let got = model.forward(&st.engine, &x).expect("forward");
         let e = rel_err(&got, &want);
         assert!(e < 1e-3, "{}: logits differ from the reference: rel err {e}", st.label);
@@ -321,7 +321,7 @@ fn spvcnn_matches_independent_reference_on_real_scan_crop() {
     assert_eq!(weights["point_transforms.0.0.weight"].shape, vec![128, 16]);
     assert_eq!(weights["point_transforms.2.1.running_var"].shape, vec![48]);
     let want = spvcnn_reference(&weights, Feat { coords: x.coords().to_vec(), stride: 1, f: x.feats().to_vec(), c: 4 });
-    for st in strategies() {
+    for st in cpu_strategies() {
         let got = model.forward(&st.engine, &x).expect("forward");
         let e = rel_err(&got, &want);
         assert!(e < 1e-3, "{}: SPVCNN logits differ from the reference: rel err {e}", st.label);

@@ -214,7 +214,7 @@ fn a_conv_skips_zero_offsets_with_the_same_bits_on_every_strategy() {
     }
     let w = ConvWeight::new(k.clone(), 27, 16, 32, None).expect("weight");
     assert_eq!(w.zero_offsets().iter().filter(|&&z| z).count(), 4);
-    for st in strategies() {
+    for st in cpu_strategies() {
         let e = &st.engine;
         let map = e.kernel_map(x.coord_set(), spec).expect("map");
         // The reference runs every offset's pairs.

@@ -219,3 +219,42 @@ fn bad_prune_input_exits_2_with_one_line() {
     }
     assert!(!Path::new(&out).exists(), "a failed prune writes nothing");
 }
+
+#[test]
+fn the_shipped_pruned_model_is_the_plan_applied_and_segments() {
+    let shipped = repo("data/models/minkunet_cr0.5_pruned.safetensors");
+    let (m, _) = Model::from_checkpoint(&Checkpoint::load(&shipped).expect("shipped"), None, None).expect("model");
+    let (full, _) =
+        Model::from_checkpoint(&Checkpoint::load(&repo(MODEL)).expect("bundled"), None, None).expect("model");
+    assert!(
+        m.desc().parameters() * 4 < full.desc().parameters(),
+        "physically smaller: {} against {} parameters",
+        m.desc().parameters(),
+        full.desc().parameters()
+    );
+    // Its recipe's first step: the plan applied to the bundled model gives its shapes.
+    let planned = tmp("replanned.safetensors");
+    let (code, _, err) = run(&[
+        "prune",
+        MODEL,
+        "--plan",
+        "data/models/minkunet_cr0.5_pruned.plan",
+        "--runs",
+        "0",
+        "--scan",
+        TINY,
+        "--out",
+        &s(&planned),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (p, _) = Model::from_checkpoint(&Checkpoint::load(&planned).expect("planned"), None, None).expect("model");
+    assert_eq!(p.desc().widths_summary(), m.desc().widths_summary());
+    let a = Checkpoint::load(&planned).expect("planned");
+    let b = Checkpoint::load(&shipped).expect("shipped");
+    for (name, t) in b.tensors().iter().filter(|(n, _)| !n.starts_with("mask.")) {
+        assert_eq!(a.tensors().get(name).map(|x| &x.shape), Some(&t.shape), "{name}");
+    }
+    let (code, out, err) = run(&["demo", "--model", &s(&shipped)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("mIoU") && out.contains("16/8/24/40/88/88/48/32/48"), "{out}");
+}

@@ -139,11 +139,12 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
     };
     let seg = pipeline::segment(&engine, &model, &prepared, &mut timings)?;
     println!(
-        "{}: {} points -> {} voxels; {} cr={cr} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}, conv {:.1}, other {:.1}) on {} threads",
+        "{}: {} points -> {} voxels; {} cr={cr} widths {} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}, conv {:.1}, other {:.1}) on {} threads",
         a.scan.display(),
         prepared.points,
         prepared.voxels.len(),
         model.arch(),
+        model.desc().widths_summary(),
         mpath.display(),
         timings.total() * 1e3,
         timings.voxelize * 1e3,

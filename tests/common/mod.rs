@@ -88,8 +88,8 @@ pub struct Strategy {
     pub engine: Engine,
 }
 
-/// Every backend × kernel-map builder × grouping mode, labelled so a failure names its path.
-pub fn strategies() -> Vec<Strategy> {
+/// Every CPU kernel-map builder × grouping mode, labelled so a failure names its path.
+pub fn cpu_strategies() -> Vec<Strategy> {
     let mut out = Vec::new();
     for (bname, builder) in [("hash", MapBuilder::Hash), ("sort", MapBuilder::Sort)] {
         for (gname, grouping) in [
@@ -103,6 +103,30 @@ pub fn strategies() -> Vec<Strategy> {
                 label: format!("cpu/{bname}/{gname}"),
                 engine: Engine::new(Device::Cpu, builder, grouping),
             });
+        }
+    }
+    out
+}
+
+/// [`cpu_strategies`] and the GPU backend with both map builders, where an adapter exists
+/// (lavapipe counts). Without one the GPU part is skipped loudly, and under `CI=true` that is
+/// a failure: CI must run every backend.
+pub fn every_backend() -> Vec<Strategy> {
+    let mut out = cpu_strategies();
+    match Device::gpu() {
+        Ok(gpu) => {
+            for (bname, builder) in [("hash", MapBuilder::Hash), ("sort", MapBuilder::Sort)] {
+                out.push(Strategy {
+                    label: format!("gpu/{bname}/tuned"),
+                    engine: Engine::new(gpu.clone(), builder, Grouping::Auto),
+                });
+            }
+        }
+        Err(e) => {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("CI=true but no GPU adapter: {e}");
+            }
+            eprintln!("\n*** SKIPPED: the GPU strategies need an adapter: {e} ***\n");
         }
     }
     out
