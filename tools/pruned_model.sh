@@ -68,15 +68,28 @@ for c in $cands; do
   fi
 done
 
+# 3b. The shipped model: the sensitivity candidate given a longer fine-tune (twice the epochs at
+#     half the bundled recipe's learning rate); copied to data/models/minkunet_cr0.5_pruned.safetensors.
+if [ ! -f "$out/sensitivity_long.safetensors" ]; then
+  if [ -f "$out/ft_sens_long/checkpoint.safetensors" ]; then
+    $T train --resume "$out/ft_sens_long/checkpoint.safetensors" --out "$out/ft_sens_long" \
+      --export "$out/sensitivity_long.safetensors" --half
+  else
+    $T train --config "$cfg" --init "$out/sensitivity.safetensors" --lr-scale 0.5 --epochs $((2 * epochs)) \
+      --out "$out/ft_sens_long" --export "$out/sensitivity_long.safetensors" --half
+  fi
+fi
+
 # 4. mIoU on every labelled scan, then time against the bundled model (alternating rounds).
-for m in "$model" "$out"/{uniform,uniform50,sensitivity,netadapt,amc_policy}_ft.safetensors; do
+for m in "$model" "$out"/{uniform,uniform50,sensitivity,netadapt,amc_policy}_ft.safetensors "$out/sensitivity_long.safetensors"; do
   echo "== $m"
   for i in 0 1 2; do
     $T eval --model "$m" "${scans[$i]}" --labels "${labels[$i]}" | grep -i "miou"
   done
   $T eval --model "$m" "${scans[@]}" --labels "${labels[@]}" | grep -i "miou"
 done | tee "$out/miou.log"
-for c in $cands; do
+for c in $cands sensitivity_long; do
   echo "== $c"
-  $T bench "${scans[0]}" --model "$out/${c}_ft.safetensors" --baseline "$model" --runs 5 --rounds 3 | tail -6
+  f="$out/${c}_ft.safetensors"; [ "$c" = sensitivity_long ] && f="$out/$c.safetensors"
+  $T bench "${scans[0]}" --model "$f" --baseline "$model" --runs 5 --rounds 3 | tail -6
 done | tee "$out/bench.log"
