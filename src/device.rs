@@ -84,6 +84,8 @@ pub struct ConvWeight {
     sparse: Option<Arc<SparseWeights>>,
     /// Whether the sparse kernel timed faster (once per weight, `SparseMode::Auto`).
     sparse_wins: std::sync::OnceLock<bool>,
+    /// The kernel rounded to bf16 and laid out for the CPU bf16 kernel: made on first use.
+    bf16: std::sync::OnceLock<Arc<cpu::bf16::Bf16Kernel>>,
 }
 
 /// A [`ConvWeight`]'s values on one GPU context, in one storage precision.
@@ -108,6 +110,7 @@ impl Clone for ConvWeight {
             zero_offsets: self.zero_offsets.clone(),
             sparse: self.sparse.clone(),
             sparse_wins: self.sparse_wins.clone(),
+            bf16: self.bf16.clone(),
         }
     }
 }
@@ -136,6 +139,7 @@ impl ConvWeight {
             zero_offsets: Default::default(),
             sparse: None,
             sparse_wins: Default::default(),
+            bf16: Default::default(),
         })
     }
 
@@ -162,6 +166,15 @@ impl ConvWeight {
         })
     }
 
+    /// The kernel in the CPU bf16 kernel's layout, made once and kept (until an edit).
+    pub fn bf16(&self) -> Result<&cpu::bf16::Bf16Kernel> {
+        if let Some(k) = self.bf16.get() {
+            return Ok(k);
+        }
+        let k = Arc::new(cpu::bf16::Bf16Kernel::new(&self.kernel, self.volume, self.cin, self.cout)?);
+        Ok(self.bf16.get_or_init(|| k))
+    }
+
     /// The kernel, row-major `[K, Cin, Cout]`.
     pub fn kernel(&self) -> &[f32] {
         &self.kernel
@@ -176,8 +189,9 @@ impl ConvWeight {
     pub fn kernel_mut(&mut self) -> &mut [f32] {
         *self.on_device.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         self.zero_offsets = Default::default();
-        // An edited kernel no longer matches its compressed copy: drop it.
+        // An edited kernel no longer matches its compressed or rounded copies: drop them.
         self.sparse = None;
+        self.bf16 = Default::default();
         &mut self.kernel
     }
 
@@ -316,7 +330,9 @@ impl Engine {
         Self { device, builder, grouping, ..Default::default() }
     }
 
-    /// Use `precision` for GPU convs (the CPU always computes in f32).
+    /// Use `precision` for convs: f16 on the GPU; bf16 on the CPU where it has AVX512_BF16
+    /// (elsewhere the CPU runs f32: [`crate::cpu::bf16::describe`] says which). The CPU runs f16
+    /// as f32, and a GPU conv refuses bf16.
     pub fn with_precision(mut self, precision: crate::gpu::conv::Precision) -> Self {
         self.precision = precision;
         self
@@ -328,7 +344,7 @@ impl Engine {
         self
     }
 
-    /// Storage precision of GPU convs.
+    /// Storage precision of convs.
     pub fn precision(&self) -> crate::gpu::conv::Precision {
         self.precision
     }
@@ -599,6 +615,13 @@ impl Engine {
                     let plan = Plan::ungrouped(map).skipping(map, &skip);
                     let label = format!("sparse {} {:.2}", sw.format.name(), sw.density());
                     (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
+                } else if self.precision == crate::gpu::conv::Precision::Bf16 && cpu::bf16::available() {
+                    // One fixed execution (output-tiled, canonical offset order): the same
+                    // bits for every thread count; pruned offsets are not run.
+                    let skip = w.zero_offsets();
+                    let y = cpu::bf16::conv_forward(map, x.try_feats()?, w.cin, w.bf16()?, Some(skip), epi)?;
+                    let plan = Plan::output_tiled(map).skipping(map, skip);
+                    (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, "bf16 out-tiled".to_string())
                 } else {
                     let plan = self.dense_cpu_plan(map, x, w)?;
                     let y = cpu::conv::conv_forward_ex(map, &plan, x.try_feats()?, w.cin, w.kernel(), w.cout, epi)?;

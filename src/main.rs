@@ -33,8 +33,10 @@ struct Cli {
     /// CPU threads (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
-    /// GPU storage precision of features and weights: `f32` (strict, default) or `f16` (packed
-    /// halves, f32 accumulation; relative error below 5e-3 on the tested layers).
+    /// Conv precision: `f32` (strict, default); `f16` on the GPU (packed halves, f32
+    /// accumulation); `bf16` on the CPU (AVX512_BF16 dot products, f32 sums; f32 where the CPU
+    /// lacks them). Honoured by conv, stack, segment, demo, eval and bench; training and the
+    /// pruning searches run f32.
     #[arg(long, global = true, value_enum, default_value_t = PrecisionArg::F32)]
     precision: PrecisionArg,
     #[command(subcommand)]
@@ -140,6 +142,10 @@ enum Cmd {
         /// Alternating rounds with --baseline.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Precision of the baseline's convs (default: --precision): `--precision bf16
+        /// --baseline-precision f32` times bf16 against f32 in one run.
+        #[arg(long, value_enum, requires = "baseline")]
+        baseline_precision: Option<PrecisionArg>,
     },
     /// Prune a model: list its channel dependency groups, or remove channels and write a
     /// smaller model, printing per conv the shapes, parameters, FLOPs and measured times.
@@ -276,11 +282,33 @@ static PRECISION: std::sync::OnceLock<Precision> = std::sync::OnceLock::new();
 
 /// An engine with the `--precision` chosen on the command line.
 fn new_engine(device: Device, builder: MapBuilder, grouping: Grouping) -> Result<Engine> {
-    let p = PRECISION.get().copied().unwrap_or_default();
-    if p == Precision::F16 && device == Device::Cpu {
-        return Err(Error::invalid("--precision", "f16 is a GPU mode: add --device gpu"));
+    engine_in(PRECISION.get().copied().unwrap_or_default(), device, builder, grouping)
+}
+
+/// An engine in precision `p`; bf16 on a CPU without AVX512_BF16 says so once and runs f32.
+fn engine_in(p: Precision, device: Device, builder: MapBuilder, grouping: Grouping) -> Result<Engine> {
+    match (p, &device) {
+        (Precision::F16, Device::Cpu) => {
+            return Err(Error::invalid("--precision", "f16 is a GPU mode: add --device gpu (the CPU has bf16)"))
+        }
+        (Precision::Bf16, Device::Gpu(_)) => {
+            return Err(Error::invalid("--precision", "bf16 is a CPU mode: the GPU has f16"))
+        }
+        (Precision::Bf16, Device::Cpu) if !sparseconv::cpu::bf16::available() => {
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| eprintln!("{}", sparseconv::cpu::bf16::describe()));
+        }
+        _ => {}
     }
     Ok(Engine::new(device, builder, grouping).with_precision(p))
+}
+
+fn precision_of(p: PrecisionArg) -> Precision {
+    match p {
+        PrecisionArg::F32 => Precision::F32,
+        PrecisionArg::F16 => Precision::F16,
+        PrecisionArg::Bf16 => Precision::Bf16,
+    }
 }
 
 /// `mi_option_purge_delay` in the bundled mimalloc v2 (`mimalloc.h`, enum `mi_option_e`).
@@ -333,10 +361,22 @@ fn run(cli: Cli) -> Result<()> {
             .build_global()
             .map_err(|e| Error::invalid("--threads", e.to_string()))?;
     }
-    let precision = match cli.precision {
-        PrecisionArg::F32 => Precision::F32,
-        PrecisionArg::F16 => Precision::F16,
-    };
+    let precision = precision_of(cli.precision);
+    let honoured = matches!(
+        cli.cmd,
+        Cmd::Conv { .. }
+            | Cmd::Segment(_)
+            | Cmd::Eval { .. }
+            | Cmd::Bench { .. }
+            | Cmd::Demo { .. }
+            | Cmd::Stack { .. }
+    );
+    if precision != Precision::F32 && !honoured {
+        return Err(Error::invalid(
+            "--precision",
+            "this command runs f32 (conv, stack, segment, demo, eval and bench take another precision)",
+        ));
+    }
     let _ = PRECISION.set(precision);
     match cli.cmd {
         Cmd::Conv { input, weight, kernel_size, stride, dilation, kmap, grouping, device, output } => {
@@ -344,8 +384,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Segment(args) => cmd_segment(args),
         Cmd::Eval { preds, model, labels, yaml } => cmd_eval(&preds, model, &labels, yaml),
-        Cmd::Bench { scans, model, baseline: Some(base), rounds, warmup, runs, device, .. } => {
-            cmd_bench_baseline(&scans, model, &base, device.as_str(), warmup, runs, rounds)
+        Cmd::Bench { scans, model, baseline: Some(base), rounds, warmup, runs, device, baseline_precision, .. } => {
+            let bp = baseline_precision.map_or(precision, precision_of);
+            cmd_bench_baseline(&scans, model, &base, bp, device.as_str(), warmup, runs, rounds)
         }
         Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers, .. } => {
             cmd_bench(&scans, model, arch.map(ArchArg::as_str), cr, device.as_str(), warmup, runs, json, layers)

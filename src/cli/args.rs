@@ -47,12 +47,14 @@ choice!(
 );
 
 choice!(
-    /// GPU storage precision.
+    /// Conv precision.
     PrecisionArg {
         /// f32 everywhere.
         F32 = "f32",
-        /// Packed halves, f32 accumulation.
+        /// GPU: packed halves, f32 accumulation.
         F16 = "f16",
+        /// CPU: bf16 features and weights, f32 sums (AVX512_BF16).
+        Bf16 = "bf16",
     }
 );
 

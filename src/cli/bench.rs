@@ -96,7 +96,7 @@ pub(crate) fn cmd_bench(
     let (v, m, c, o, t) = (st(vox), st(maps), st(conv), st(other), st(total));
     let threads = rayon::current_num_threads();
     let device_name = match engine.device() {
-        Device::Cpu => "cpu".to_string(),
+        Device::Cpu => format!("cpu ({})", precision_name(&engine)),
         Device::Gpu(c) => format!("gpu {} ({:?})", c.describe(), engine.precision()),
     };
     if json {
@@ -185,6 +185,7 @@ pub(crate) fn cmd_bench_baseline(
     scans: &[PathBuf],
     model: Option<PathBuf>,
     baseline: &Path,
+    baseline_precision: Precision,
     device: &str,
     warmup: usize,
     runs: usize,
@@ -203,7 +204,7 @@ pub(crate) fn cmd_bench_baseline(
     let (b, _) = pipeline::Model::load(baseline, None, None)?;
     let (em, eb) = (
         new_engine(device.clone(), device.map_builder(), Grouping::Auto)?,
-        new_engine(device.clone(), device.map_builder(), Grouping::Auto)?,
+        engine_in(baseline_precision, device.clone(), device.map_builder(), Grouping::Auto)?,
     );
     let r = alternate(scans, &[(&eb, &b), (&em, &m)], warmup.max(1), runs, rounds, false)?;
     let threads = rayon::current_num_threads();
@@ -212,13 +213,16 @@ pub(crate) fn cmd_bench_baseline(
         scans.len(),
         if device == Device::Cpu { "cpu" } else { "gpu" }
     );
-    for (name, path, d, x) in [("baseline", baseline, b.desc(), &r[0]), ("model", model.as_path(), m.desc(), &r[1])] {
+    for (name, path, d, e, x) in
+        [("baseline", baseline, b.desc(), &eb, &r[0]), ("model", model.as_path(), m.desc(), &em, &r[1])]
+    {
         let rounds: Vec<String> = x.round_medians.iter().map(|v| format!("{:.1}", v * 1e3)).collect();
         println!(
-            "{name:<9} {} ({} widths {}): median {:.1} ms; per round {} ms",
+            "{name:<9} {} ({} widths {}, {}): median {:.1} ms; per round {} ms",
             path.display(),
             d.kind.name(),
             d.widths_summary(),
+            precision_name(e),
             median(&x.totals) * 1e3,
             rounds.join(" ")
         );
@@ -231,6 +235,16 @@ pub(crate) fn cmd_bench_baseline(
         ratios.join(" ")
     );
     Ok(())
+}
+
+/// The precision an engine's convs really run in (bf16 without AVX512_BF16 runs f32).
+pub(crate) fn precision_name(e: &Engine) -> &'static str {
+    match e.precision() {
+        Precision::F32 => "f32",
+        Precision::F16 => "f16",
+        Precision::Bf16 if e.device() == &Device::Cpu && !sparseconv::cpu::bf16::available() => "f32 (no AVX512_BF16)",
+        Precision::Bf16 => "bf16",
+    }
 }
 
 /// Dispatches and submits of the engine's GPU context so far (zeros on the CPU).

@@ -5,7 +5,7 @@ use crate::cli::{default_yaml, ground_truth};
 use crate::*;
 use sparseconv::io::kitti::{read_label, LearningMap};
 use sparseconv::pipeline;
-use sparseconv::{Device, Engine, Error, Grouping, MapBuilder, Result};
+use sparseconv::{Device, Error, Grouping, MapBuilder, Result};
 use std::path::PathBuf;
 
 pub(crate) fn cmd_eval(
@@ -23,7 +23,7 @@ pub(crate) fn cmd_eval(
     let lm = LearningMap::load(&yaml.unwrap_or_else(default_yaml))?;
     let mut total = sparseconv::metrics::Confusion::new();
     let mut net: Option<pipeline::Model> = None;
-    let engine = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic);
+    let engine = new_engine(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic)?;
     for (p, g) in preds.iter().zip(labels) {
         let gtt = ground_truth(g, &lm)?;
         let pt: Vec<u32> = if p.to_string_lossy().to_ascii_lowercase().ends_with(".label") {

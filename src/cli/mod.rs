@@ -72,6 +72,10 @@ pub fn eval_set(scans: &[PathBuf], labels: &[PathBuf]) -> Result<sparseconv::pru
 pub fn check_device(device: &str) -> Result<Device> {
     match device {
         "cpu" => Ok(Device::Cpu),
+        // Before the adapter is opened (its loader may print to stderr).
+        "gpu" if crate::PRECISION.get() == Some(&sparseconv::Precision::Bf16) => {
+            Err(Error::invalid("--precision", "bf16 is a CPU mode: the GPU has f16"))
+        }
         "gpu" => Device::gpu(),
         other => Err(Error::invalid("--device", format!("expected cpu or gpu, got `{other}`"))),
     }

@@ -67,14 +67,7 @@ pub fn conv_forward_ex(
     let bias = epi.bias;
     map.check_operands(x, cin, w, cout, bias)?;
     plan.check(map)?;
-    if let Some(r) = epi.residual {
-        if r.len() != map.n_out() * cout {
-            return Err(Error::tensor(
-                "residual",
-                format!("expected [{}, {cout}], got {} values", map.n_out(), r.len()),
-            ));
-        }
-    }
+    epi.check(map.n_out(), cout)?;
     let n_out = map.n_out();
     if cout == 0 || n_out == 0 {
         return Ok(vec![0f32; n_out * cout]);
@@ -112,28 +105,64 @@ pub fn conv_forward_ex(
 }
 
 impl Epilogue<'_> {
+    /// Check the residual's and the bias's shapes against an output `[n_out, cout]`.
+    pub(crate) fn check(&self, n_out: usize, cout: usize) -> Result<()> {
+        if let Some(r) = self.residual {
+            if r.len() != n_out * cout {
+                return Err(Error::tensor("residual", format!("expected [{n_out}, {cout}], got {} values", r.len())));
+            }
+        }
+        if let Some(b) = self.bias {
+            if b.len() != cout {
+                return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
+            }
+        }
+        Ok(())
+    }
+
     /// Apply to the rows `oc` (`[rows, cout]`), the first of which is output row `first_row`.
-    /// Per element: `+ bias`, then `+ residual`, then the clamp (one order for every path).
-    fn apply(&self, oc: &mut [f32], cout: usize, first_row: usize) {
-        if self.bias.is_none() && self.residual.is_none() && !self.relu {
+    /// Per element: `+ bias`, then `+ residual`, then the clamp (one order for every path), in
+    /// one pass per case so that each loop vectorizes.
+    pub(crate) fn apply(&self, oc: &mut [f32], cout: usize, first_row: usize) {
+        if cout == 0 {
             return;
         }
-        for (r, row) in oc.chunks_exact_mut(cout).enumerate() {
-            if let Some(b) = self.bias {
+        let res = self.residual.map(|r| &r[first_row * cout..first_row * cout + oc.len()]);
+        match (self.relu, self.bias, res) {
+            (false, None, None) => {}
+            (true, b, r) => apply_rows::<true>(oc, cout, b, r),
+            (false, b, r) => apply_rows::<false>(oc, cout, b, r),
+        }
+    }
+}
+
+/// See [`Epilogue::apply`].
+#[inline(always)]
+fn apply_rows<const RELU: bool>(oc: &mut [f32], cout: usize, bias: Option<&[f32]>, res: Option<&[f32]>) {
+    let clamp = |v: f32| if RELU { v.max(0.0) } else { v };
+    match (bias, res) {
+        (Some(b), Some(r)) => {
+            for (row, rr) in oc.chunks_exact_mut(cout).zip(r.chunks_exact(cout)) {
+                for ((o, &bv), &rv) in row.iter_mut().zip(b).zip(rr) {
+                    *o = clamp(*o + bv + rv);
+                }
+            }
+        }
+        (Some(b), None) => {
+            for row in oc.chunks_exact_mut(cout) {
                 for (o, &bv) in row.iter_mut().zip(b) {
-                    *o += bv;
+                    *o = clamp(*o + bv);
                 }
             }
-            if let Some(res) = self.residual {
-                let q = first_row + r;
-                for (o, &rv) in row.iter_mut().zip(&res[q * cout..(q + 1) * cout]) {
-                    *o += rv;
-                }
+        }
+        (None, Some(r)) => {
+            for (o, &rv) in oc.iter_mut().zip(r) {
+                *o = clamp(*o + rv);
             }
-            if self.relu {
-                for o in row.iter_mut() {
-                    *o = o.max(0.0);
-                }
+        }
+        (None, None) => {
+            for o in oc.iter_mut() {
+                *o = clamp(*o);
             }
         }
     }
@@ -216,25 +245,25 @@ fn identity_init(x: &[f32], cin: usize, wk: &[f32], cout: usize, n: usize, t: us
     unsafe { filled_in_parallel(n * cout, t * cout, scratch, fill) }
 }
 
-/// A `Vec<f32>` of `len` values written in parallel chunks of `chunk` values (chunk `ci`
+/// A `Vec` of `len` values written in parallel chunks of `chunk` values (chunk `ci`
 /// starts at value `ci * chunk`), never zeroed first: outputs that their first term writes
 /// in full skip a pass over memory.
 ///
 /// # Safety
 /// `fill` must write every element of every chunk it is given.
-unsafe fn filled_in_parallel<S: Send>(
+pub(crate) unsafe fn filled_in_parallel<T: Copy + Send + Sync, S: Send>(
     len: usize,
     chunk: usize,
     scratch: impl Fn() -> S + Sync + Send,
-    fill: impl Fn(&mut S, usize, &mut [std::mem::MaybeUninit<f32>]) + Sync + Send,
-) -> Vec<f32> {
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
+    fill: impl Fn(&mut S, usize, &mut [std::mem::MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
+    let mut out: Vec<std::mem::MaybeUninit<T>> = Vec::with_capacity(len);
     // SAFETY: MaybeUninit needs no initialization.
     unsafe { out.set_len(len) };
     out.par_chunks_mut(chunk.max(1)).enumerate().for_each_init(scratch, |sc, (ci, oc)| fill(sc, ci, oc));
     let mut out = std::mem::ManuallyDrop::new(out);
     // SAFETY: the caller's `fill` initialized every element; same allocation, layout-compatible type.
-    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity()) }
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<T>(), out.len(), out.capacity()) }
 }
 
 /// One offset alone: tiles of pairs, each gathered, multiplied and scattered by one task.

@@ -1,5 +1,6 @@
 //! CPU backend: kernel-map builders (hash, merge-sort) and the grouped gather–GEMM–scatter convolution.
 
+pub mod bf16;
 pub mod conv;
 pub mod elementwise;
 pub mod fused;

@@ -26,7 +26,7 @@ const CONV: PipelineKey = PipelineKey::new(Shader::Conv, "main");
 const GATHER_GEMM: PipelineKey = PipelineKey::new(Shader::Conv, "gather_gemm");
 const SCATTER_SUM: PipelineKey = PipelineKey::new(Shader::Conv, "scatter_sum");
 
-/// Storage precision of features and weights on the GPU (accumulation is always f32).
+/// Storage precision of conv features and weights (accumulation is always f32).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Precision {
     /// Strict f32 (the default).
@@ -36,6 +36,14 @@ pub enum Precision {
     /// adapter (no SHADER_F16 needed). Relative error against f32 stays below 5e-3 on the
     /// tested layers (`tests/gpu.rs`).
     F16,
+    /// CPU only: features and weights rounded to bf16, f32 sums, on CPUs with AVX512_BF16
+    /// ([`crate::cpu::bf16`]; elsewhere the CPU runs f32). A GPU engine refuses it.
+    Bf16,
+}
+
+/// The error of a GPU conv asked for bf16 (values in bf16 never reach the device: uploads refuse).
+fn bf16_on_gpu() -> Error {
+    Error::invalid("--precision", "bf16 is a CPU mode (AVX512_BF16); the GPU has f16")
 }
 
 /// The map as a neighbour table `[n_out, K]` (input row or -1). Every map kind has at most
@@ -248,6 +256,7 @@ impl DeviceValues {
                 return Ok(Self { raw: b.raw().clone(), ctx: b.context_id(), _owned: None, precision });
             }
             // f16 pairs packed little-end first into u32 words, as `unpack2x16float` reads them.
+            Precision::Bf16 => return Err(bf16_on_gpu()),
             Precision::F16 => v
                 .chunks(2)
                 .map(|p| {
@@ -269,6 +278,7 @@ impl DeviceValues {
                 ctx.check_owns("conv features", &[buf])?;
                 Self { raw: buf.raw().clone(), ctx: buf.context_id(), _owned: None, precision }
             }
+            Precision::Bf16 => return Err(bf16_on_gpu()),
             Precision::F16 => {
                 let packed = super::elementwise::pack_half(ctx, buf)?;
                 Self { raw: packed.raw().clone(), ctx: packed.context_id(), _owned: Some(packed), precision }
@@ -315,7 +325,7 @@ pub fn conv_on_device(
     let p = ctx.uniform(&params);
     let key = match x.precision {
         Precision::F32 => CONV,
-        Precision::F16 => PipelineKey { variant: F16, ..CONV },
+        Precision::F16 | Precision::Bf16 => PipelineKey { variant: F16, ..CONV },
     };
     // Every output value is written (out_rows is a permutation of the rows): no clearing.
     let by = ctx.scratch::<f32>("y", n_out * cout)?;
@@ -460,7 +470,7 @@ impl WeightStationary {
         }
         let key = |k: PipelineKey| match x.precision {
             Precision::F32 => k,
-            Precision::F16 => PipelineKey { variant: F16, ..k },
+            Precision::F16 | Precision::Bf16 => PipelineKey { variant: F16, ..k },
         };
         let tables: Vec<&GpuBuffer<i32>> = self.chunks.iter().map(|c| &c.pidx).collect();
         check_context(ctx, &[x, w], &tables, bias, residual)?;
