@@ -37,7 +37,7 @@ pub enum Precision {
     /// tested layers (`tests/gpu.rs`).
     F16,
     /// CPU only: features and weights rounded to bf16, f32 sums, on CPUs with AVX512_BF16
-    /// ([`crate::cpu::bf16`]; elsewhere the CPU runs f32). A GPU engine refuses it.
+    /// (`cpu/bf16.rs`; elsewhere the CPU runs f32). A GPU engine refuses it.
     Bf16,
 }
 
