@@ -97,7 +97,12 @@ impl LearningMap {
     /// Parse `semantic-kitti.yaml` (labels, color_map, learning_map, learning_map_inv).
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let docs = YamlLoader::load_from_str(&text).map_err(|e| Error::format(path, format!("invalid YAML: {e}")))?;
+        Self::parse(&text, path)
+    }
+
+    /// [`LearningMap::load`] from the text of such a file; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let docs = YamlLoader::load_from_str(text).map_err(|e| Error::format(path, format!("invalid YAML: {e}")))?;
         let doc = docs.first().ok_or_else(|| Error::format(path, "empty YAML document"))?;
         let as_u32 = |v: &Yaml, what: &str| -> Result<u32> {
             v.as_i64()
