@@ -95,12 +95,14 @@ enum Cmd {
     /// Per-class IoU and mIoU against ground truth, of predicted `.label` files or of scans
     /// segmented on the fly with --model.
     Eval {
-        /// Predicted `.label` files (raw SemanticKITTI ids) or scans to segment.
+        /// Predicted `.label` files (raw SemanticKITTI ids) or scans to segment; or folders of
+        /// predictions (`segment --out-dir` output, a sequence folder, a folder of `.label`s).
         preds: Vec<PathBuf>,
         /// Weights for the scans among PREDS.
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Ground-truth `.label` files, one per prediction.
+        /// Ground-truth `.label` files, one per prediction; or folders (a dataset root with
+        /// `sequences/XX/labels/`, a sequence folder, a folder of `.label`s).
         #[arg(long, num_args = 1.., required = true)]
         labels: Vec<PathBuf>,
         /// The SemanticKITTI yaml (learning map).

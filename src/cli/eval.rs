@@ -17,6 +17,9 @@ pub(crate) fn cmd_eval(
     if preds.is_empty() {
         return Err(Error::invalid("eval", "give at least one predicted .label file"));
     }
+    if preds.iter().chain(labels).any(|p| p.is_dir()) {
+        return eval_folders(preds, labels, yaml);
+    }
     if preds.len() != labels.len() {
         return Err(Error::invalid("eval", format!("{} predictions but {} label files", preds.len(), labels.len())));
     }
@@ -41,6 +44,34 @@ pub(crate) fn cmd_eval(
         };
         total.add(&sparseconv::metrics::Confusion::from_labels(&pt, &gtt)?);
     }
+    print_iou(&total, &lm);
+    Ok(())
+}
+
+/// Folder forms: predictions and ground truth as folders, sequence folders or dataset roots
+/// (`sequences/XX/predictions/` against `sequences/XX/labels/`), matched by sequence and frame;
+/// one table over all of them.
+fn eval_folders(preds: &[PathBuf], labels: &[PathBuf], yaml: Option<PathBuf>) -> Result<()> {
+    use crate::cli::sequence::label_files;
+    let lm = LearningMap::load(&yaml.unwrap_or_else(default_yaml))?;
+    let mut pred = Vec::new();
+    for p in preds {
+        pred.extend(label_files(p, "predictions")?);
+    }
+    let mut gt = std::collections::BTreeMap::new();
+    for g in labels {
+        gt.extend(label_files(g, "labels")?);
+    }
+    let mut total = sparseconv::metrics::Confusion::new();
+    for ((seq, name), p) in &pred {
+        let g = gt.get(&(seq.clone(), name.clone())).ok_or_else(|| {
+            Error::invalid("eval", format!("no ground truth for sequence {seq} frame {name} ({})", p.display()))
+        })?;
+        let gtt = ground_truth(g, &lm)?;
+        let pt = cli::train_ids(p, &read_label(p, Some(gtt.len()))?, &lm);
+        total.add(&sparseconv::metrics::Confusion::from_labels(&pt, &gtt)?);
+    }
+    println!("{} scans", pred.len());
     print_iou(&total, &lm);
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod prune;
 pub mod rounds;
 pub mod segment;
 pub mod sensitivity;
+pub mod sequence;
 pub mod stack;
 pub mod train;
 

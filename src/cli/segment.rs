@@ -15,7 +15,10 @@ use std::time::Instant;
 pub(crate) fn cmd_demo(rerun: PathBuf, model: Option<PathBuf>) -> Result<()> {
     let with_rerun = cfg!(feature = "rerun");
     cmd_segment(SegmentArgs {
-        scan: bundled("data/semantickitti/sequences/00/velodyne/000000.bin"),
+        scans: vec![bundled("data/semantickitti/sequences/00/velodyne/000000.bin")],
+        out_dir: None,
+        sequences: Vec::new(),
+        resume: false,
         model,
         arch: None,
         cr: None,
@@ -44,8 +47,21 @@ pub(crate) fn default_model() -> PathBuf {
 
 #[derive(clap::Args)]
 pub(crate) struct SegmentArgs {
-    /// Scan (.bin, .pcd.bin, .ply, .npy) or voxelized `coords`/`feats` safetensors.
-    scan: PathBuf,
+    /// Scan (.bin, .pcd.bin, .ply, .npy) or voxelized `coords`/`feats` safetensors; or
+    /// several scans, folders of scans, SemanticKITTI sequence folders (with `velodyne/`),
+    /// dataset roots (with `sequences/`) and globs, written with --out-dir.
+    #[arg(required = true, num_args = 1..)]
+    scans: Vec<PathBuf>,
+    /// Many scans: write `DIR/sequences/XX/predictions/NNNNNN.label` (the SemanticKITTI
+    /// submission layout; raw class ids).
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// With a dataset root: only these sequences (`--sequences 08 09`).
+    #[arg(long, num_args = 1..)]
+    sequences: Vec<String>,
+    /// With --out-dir: skip scans whose prediction is already written.
+    #[arg(long, requires = "out_dir")]
+    resume: bool,
     /// Weights (safetensors with TorchSparse/SPVNAS names).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -118,11 +134,58 @@ pub(crate) fn load_model(
 }
 
 pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
+    let many = a.out_dir.is_some() || a.scans.len() > 1 || !a.scans[0].is_file();
+    if many {
+        for (given, flag) in [
+            (a.out_labels.is_some(), "--out-labels"),
+            (a.logits.is_some(), "--logits"),
+            (a.labels.is_some(), "--labels"),
+            (a.rerun.is_some(), "--rerun"),
+        ] {
+            if given {
+                return Err(Error::invalid(flag, "is for one scan; with many, use --out-dir (and `eval` on it)"));
+            }
+        }
+    } else if !a.sequences.is_empty() {
+        return Err(Error::invalid("--sequences", "needs a dataset root (a folder holding sequences/)"));
+    }
+    let jobs = if many { Some(cli::sequence::expand_inputs(&a.scans, &a.sequences)?) } else { None };
+    let out_dir = match (&jobs, a.out_dir) {
+        (Some(_), Some(d)) => Some(d),
+        (Some(_), None) => {
+            return Err(Error::invalid("--out-dir", "several scans need a folder to write their predictions to"))
+        }
+        (None, _) => None,
+    };
     let device = check_device(a.device.as_str())?;
     let format = a.format.map(|f| f.as_str().parse::<PointFormat>()).transpose()?;
     let mode: pipeline::VoxelizeMode = a.voxelize.as_str().parse()?;
     let (model, cr, mpath) = load_model(a.model, a.arch.map(ArchArg::as_str), a.cr)?;
     let lm = LearningMap::load(&a.yaml.unwrap_or_else(default_yaml))?;
+    if let (Some(jobs), Some(out_dir)) = (jobs, out_dir) {
+        // Many scans: tuned plans pay for their timing after the first scan.
+        let builder = device.map_builder();
+        let engine = new_engine(device, builder, Grouping::Auto)?;
+        println!(
+            "{} cr={cr} widths {} ({}) on {} threads: {} scans",
+            model.arch(),
+            model.desc().widths_summary(),
+            mpath.display(),
+            rayon::current_num_threads(),
+            jobs.len()
+        );
+        return cli::sequence::run(cli::sequence::SequenceRun {
+            jobs,
+            out_dir,
+            resume: a.resume,
+            model: &model,
+            engine: &engine,
+            labels: &lm,
+            format,
+            mode,
+        });
+    }
+    let scan = a.scans[0].clone();
     // One scan: timing plan candidates would cost more than it saves.
     let builder = device.map_builder();
     let engine = new_engine(device, builder, Grouping::Heuristic)?;
@@ -131,7 +194,7 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
     }
     let mut timings = pipeline::Timings::default();
     let t0 = Instant::now();
-    let prepared = pipeline::prepare_file(&a.scan, format, mode)?;
+    let prepared = pipeline::prepare_file(&scan, format, mode)?;
     timings.voxelize = t0.elapsed().as_secs_f64();
     let gt = match &a.labels {
         Some(p) => Some(read_label(p, Some(prepared.points))?),
@@ -140,7 +203,7 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
     let seg = pipeline::segment(&engine, &model, &prepared, &mut timings)?;
     println!(
         "{}: {} points -> {} voxels; {} cr={cr} widths {} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}, conv {:.1}, other {:.1}) on {} threads",
-        a.scan.display(),
+        scan.display(),
         prepared.points,
         prepared.voxels.len(),
         model.arch(),
@@ -174,7 +237,7 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
     }
     #[cfg(feature = "rerun")]
     if let Some(path) = &a.rerun {
-        let points = match pipeline::points_of(&a.scan, format)? {
+        let points = match pipeline::points_of(&scan, format)? {
             Some(p) => p,
             None => voxel_points(&prepared.voxels),
         };
