@@ -321,6 +321,13 @@ fn main() -> ExitCode {
     // and handing them back to the OS makes the next layer page-fault them in again.
     // SAFETY: setting an allocator option has no memory-safety preconditions.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // `sparseconv ... | head` closes the pipe early: end quietly like any Unix tool instead of
+    // panicking in println! (Rust ignores SIGPIPE by default).
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition at startup, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {

@@ -281,6 +281,20 @@ fn every_reader_survives_mutated_real_files() {
         },
         Reader { name: "PLY", source: ply_src, target: t("m.ply"), read: |p| ok(ply::read_ply(p)), cases: 1000 },
         Reader {
+            name: "LAS",
+            source: repo("data/las/file_with_both_wkt_and_geotiff_vlrs.las"),
+            target: t("m.las"),
+            read: |p| ok(sparseconv::io::las::read_las(p)),
+            cases: 300,
+        },
+        Reader {
+            name: "LAZ",
+            source: repo("data/las/32-1-472-150-76.laz"),
+            target: t("m.laz"),
+            read: |p| ok(sparseconv::io::las::read_las(p)),
+            cases: 300,
+        },
+        Reader {
             name: "npy points",
             source: repo("data/open3dml/points_000700.npy"),
             target: t("m_points.npy"),

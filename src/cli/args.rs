@@ -89,6 +89,8 @@ choice!(
         Ply = "ply",
         /// NumPy `[N, D>=3]`.
         Npy = "npy",
+        /// ASPRS LAS or LAZ (re-centred, intensity scaled to [0, 1]).
+        Las = "las",
     }
 );
 

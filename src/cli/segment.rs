@@ -194,7 +194,27 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
     }
     let mut timings = pipeline::Timings::default();
     let t0 = Instant::now();
-    let prepared = pipeline::prepare_file(&scan, format, mode)?;
+    let las = format.or_else(|| PointFormat::detect(&scan).ok()) == Some(PointFormat::Las);
+    let prepared = if las {
+        let l = sparseconv::io::las::read_las(&scan)?;
+        let mut counts = std::collections::BTreeMap::new();
+        for &c in &l.classes {
+            *counts.entry(c).or_insert(0usize) += 1;
+        }
+        let classes: Vec<String> =
+            counts.iter().map(|(c, n)| format!("{c} {} {n}", sparseconv::io::las::asprs_name(*c))).collect();
+        println!(
+            "{}: LAS/LAZ coordinates re-centred by ({}, {}, {}) m to fit the voxel key range; ASPRS classes: {}",
+            scan.display(),
+            l.centre[0],
+            l.centre[1],
+            l.centre[2],
+            classes.join(", ")
+        );
+        pipeline::prepare_points(&l.cloud, mode)?
+    } else {
+        pipeline::prepare_file(&scan, format, mode)?
+    };
     timings.voxelize = t0.elapsed().as_secs_f64();
     let gt = match &a.labels {
         Some(p) => Some(read_label(p, Some(prepared.points))?),

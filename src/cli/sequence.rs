@@ -44,7 +44,7 @@ fn sequence_of(p: &Path) -> Option<String> {
 
 fn frame_name(p: &Path) -> String {
     let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    for ext in [".pcd.bin", ".bin", ".ply", ".npy"] {
+    for ext in [".pcd.bin", ".bin", ".ply", ".npy", ".las", ".laz"] {
         if let Some(stem) = name.strip_suffix(ext) {
             return stem.to_string();
         }
@@ -54,7 +54,7 @@ fn frame_name(p: &Path) -> String {
 
 fn is_scan(p: &Path) -> bool {
     let n = p.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-    p.is_file() && [".bin", ".ply", ".npy"].iter().any(|e| n.ends_with(e))
+    p.is_file() && [".bin", ".ply", ".npy", ".las", ".laz"].iter().any(|e| n.ends_with(e))
 }
 
 /// The scan files directly in `dir`, sorted by name.
@@ -136,7 +136,10 @@ pub(crate) fn expand_inputs(inputs: &[PathBuf], sequences: &[String]) -> Result<
     }
     if jobs.is_empty() {
         let names: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
-        return Err(Error::invalid("segment", format!("no scan files (.bin, .ply, .npy) in {}", names.join(", "))));
+        return Err(Error::invalid(
+            "segment",
+            format!("no scan files (.bin, .ply, .npy, .las, .laz) in {}", names.join(", ")),
+        ));
     }
     let mut seen = std::collections::HashSet::new();
     for j in &jobs {

@@ -2,6 +2,7 @@
 //! and safetensors tensor files. Readers validate everything and never panic on file content.
 
 pub mod kitti;
+pub mod las;
 pub mod npy;
 pub mod ply;
 pub mod tensors;
@@ -22,6 +23,8 @@ pub enum PointFormat {
     Ply,
     /// NumPy `.npy`, float array `[N, D]` with D >= 3.
     Npy,
+    /// ASPRS `.las` / `.laz`: x, y, z re-centred, intensity in [0, 1] ([`las::read_las`]).
+    Las,
 }
 
 impl std::str::FromStr for PointFormat {
@@ -32,9 +35,10 @@ impl std::str::FromStr for PointFormat {
             "nuscenes" | "pcd.bin" => Ok(PointFormat::NuScenes),
             "ply" => Ok(PointFormat::Ply),
             "npy" => Ok(PointFormat::Npy),
+            "las" | "laz" => Ok(PointFormat::Las),
             _ => Err(Error::invalid(
                 "--format",
-                format!("unknown point format `{s}` (expected kitti, nuscenes, ply or npy)"),
+                format!("unknown point format `{s}` (expected kitti, nuscenes, ply, npy or las)"),
             )),
         }
     }
@@ -53,10 +57,12 @@ impl PointFormat {
             Ok(PointFormat::Ply)
         } else if name.ends_with(".npy") {
             Ok(PointFormat::Npy)
+        } else if name.ends_with(".las") || name.ends_with(".laz") {
+            Ok(PointFormat::Las)
         } else {
             Err(Error::format(
                 path,
-                "cannot tell the point format from the file name (expected .bin, .pcd.bin, .ply or .npy; or pass --format)",
+                "cannot tell the point format from the file name (expected .bin, .pcd.bin, .ply, .npy, .las or .laz; or pass --format)",
             ))
         }
     }
@@ -73,6 +79,7 @@ pub fn read_points(path: &Path, format: Option<PointFormat>) -> Result<PointClou
         PointFormat::NuScenes => kitti::read_f32_rows(path, 5, "nuScenes .pcd.bin"),
         PointFormat::Ply => ply::read_ply(path),
         PointFormat::Npy => npy::read_points(path),
+        PointFormat::Las => Ok(las::read_las(path)?.cloud),
     }
 }
 
