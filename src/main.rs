@@ -137,6 +137,9 @@ enum Cmd {
         /// Also print every conv layer's median time and GFLOP/s.
         #[arg(long)]
         layers: bool,
+        /// Run each scan as a batch of this many copies (batch indices 0..N-1) in one pass.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         /// A second model timed in alternating rounds with --model (same scans, threads and
         /// runs); prints both and the speed ratio per round.
         #[arg(long, requires = "model")]
@@ -397,8 +400,8 @@ fn run(cli: Cli) -> Result<()> {
             let bp = baseline_precision.map_or(precision, precision_of);
             cmd_bench_baseline(&scans, model, &base, bp, device.as_str(), warmup, runs, rounds)
         }
-        Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers, .. } => {
-            cmd_bench(&scans, model, arch.map(ArchArg::as_str), cr, device.as_str(), warmup, runs, json, layers)
+        Cmd::Bench { scans, model, arch, cr, device, warmup, runs, json, layers, batch, .. } => {
+            cmd_bench(&scans, model, arch.map(ArchArg::as_str), cr, device.as_str(), warmup, runs, json, layers, batch)
         }
         Cmd::Prune(args) => cli::prune::run(args, &bundled("data/semantickitti/sequences/00/velodyne/000000.bin")),
         Cmd::Sensitivity(args) => cli::sensitivity::run(args),

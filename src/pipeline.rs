@@ -258,6 +258,16 @@ pub fn prepare_points(cloud: &PointCloud, mode: VoxelizeMode) -> Result<Prepared
     }
 }
 
+/// Several scans as one batch (scan `i` gets batch index `i`), voxelized as [`prepare_points`]
+/// does (`mean`); `points` counts the points of all of them, `inverse` runs over them in order.
+pub fn prepare_batch(clouds: &[PointCloud]) -> Result<Prepared> {
+    if clouds.is_empty() || clouds.iter().any(|c| c.is_empty()) {
+        return Err(Error::invalid("segment", "a batch needs scans with points"));
+    }
+    let v = crate::voxel::voxelize_batch(clouds, VOXEL_SIZE)?;
+    Ok(Prepared { voxels: v.tensor, inverse: Some(v.inverse), points: clouds.iter().map(|c| c.len()).sum() })
+}
+
 /// Read a scan (or already-voxelized `coords`/`feats` safetensors) into network input.
 pub fn prepare_file(path: &Path, format: Option<PointFormat>, mode: VoxelizeMode) -> Result<Prepared> {
     if is_safetensors(path) {

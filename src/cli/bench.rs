@@ -21,7 +21,11 @@ pub(crate) fn cmd_bench(
     runs: usize,
     json: bool,
     layers: bool,
+    batch: usize,
 ) -> Result<()> {
+    if batch == 0 {
+        return Err(Error::invalid("--batch", "must be at least 1"));
+    }
     let device = check_device(device)?;
     let on_cpu = matches!(device, Device::Cpu);
     if scans.is_empty() {
@@ -65,7 +69,12 @@ pub(crate) fn cmd_bench(
             }
             let c0 = gpu_counters(&engine);
             let t0 = Instant::now();
-            let p = pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?;
+            let p = if batch == 1 {
+                pipeline::prepare_file(scan, None, pipeline::VoxelizeMode::Mean)?
+            } else {
+                let clouds = (0..batch).map(|_| sparseconv::io::read_points(scan, None)).collect::<Result<Vec<_>>>()?;
+                pipeline::prepare_batch(&clouds)?
+            };
             t.voxelize = t0.elapsed().as_secs_f64();
             let seg = pipeline::segment(&engine, &model, &p, &mut t)?;
             std::hint::black_box(&seg.point_labels);
@@ -137,7 +146,15 @@ pub(crate) fn cmd_bench(
                 s.max * 1e3
             );
         }
-        println!("{:.2} scans/s, {:.0} points/s (end to end: points in, labels out)", n / sum, points as f64 / sum);
+        println!(
+            "{:.2} scans/s, {:.0} points/s (end to end: points in, labels out){}",
+            n * batch as f64 / sum,
+            points as f64 / sum,
+            if batch > 1 { format!("; batches of {batch}") } else { String::new() }
+        );
+        if let Some((_, peak)) = cli::memory_mib() {
+            println!("peak resident memory: {peak:.0} MiB");
+        }
         if gpu_work.0 > 0 {
             println!(
                 "GPU work per scan: {:.0} dispatches in {:.0} submits",

@@ -133,3 +133,18 @@ pub fn fine_tune_scans(data: &[PathBuf], crop: f32) -> Result<Vec<sparseconv::tr
     }
     Ok(cropped)
 }
+
+/// Resident memory of this process in MiB, now and at its peak (Linux `/proc/self/status`:
+/// VmRSS, VmHWM); `None` elsewhere.
+pub fn memory_mib() -> Option<(f64, f64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kib| kib / 1024.0)
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}

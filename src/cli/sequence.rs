@@ -184,6 +184,8 @@ pub(crate) fn run(r: SequenceRun<'_>) -> Result<()> {
     let mut points = 0usize;
     // When the first scan finished: it also tunes every layer's plan (`Grouping::Auto`).
     let mut first_done: Option<(f64, usize)> = None;
+    // Resident memory after 10 scans, against the end: a long run must not grow.
+    let (mut done, mut rss_at_10) = (0usize, None);
     let (format, mode) = (r.format, r.mode);
     std::thread::scope(|s| -> Result<()> {
         // One scan ahead: reading and voxelizing the next scan overlaps the current network pass.
@@ -216,6 +218,10 @@ pub(crate) fn run(r: SequenceRun<'_>) -> Result<()> {
             if first_done.is_none() {
                 first_done = Some((t0.elapsed().as_secs_f64(), points));
             }
+            done += 1;
+            if done == 10 {
+                rss_at_10 = crate::cli::memory_mib().map(|m| m.0);
+            }
             bar.set_message(format!("{}/{}", job.seq, job.name));
             bar.inc(1);
         }
@@ -230,6 +236,15 @@ pub(crate) fn run(r: SequenceRun<'_>) -> Result<()> {
         points as f64 / secs.max(1e-9),
         r.out_dir.join("sequences").display()
     );
+    if let Some((now, peak)) = crate::cli::memory_mib() {
+        match rss_at_10 {
+            Some(m10) => println!(
+                "resident memory: {m10:.0} MiB after 10 scans, {now:.0} MiB after all {}; peak {peak:.0} MiB",
+                todo.len()
+            ),
+            None => println!("resident memory: {now:.0} MiB; peak {peak:.0} MiB"),
+        }
+    }
     if let (Some((t1, p1)), true) = (first_done, todo.len() > 1) {
         let (n, s) = ((todo.len() - 1) as f64, (secs - t1).max(1e-9));
         println!(

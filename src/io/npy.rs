@@ -56,6 +56,24 @@ impl NpyArray {
 
 /// Check the header's `'shape': (…)` before the parser sizes anything from it: every
 /// dimension a number and their product representable (npyz multiplies them unchecked).
+/// The header length the preamble states must fit in the file: npyz allocates it before
+/// reading (the fuzz test flipped the version byte to 3, whose 4-byte length then read as
+/// 663 MB).
+fn check_header_len(bytes: &[u8]) -> std::result::Result<(), String> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err("not a valid .npy file: no \\x93NUMPY preamble".into());
+    }
+    let (at, len) = match bytes[6] {
+        1 => (10, u64::from(u16::from_le_bytes([bytes[8], bytes[9]]))),
+        2 | 3 if bytes.len() >= 12 => (12, u64::from(u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]))),
+        v => return Err(format!("not a valid .npy file: unsupported version {v}")),
+    };
+    if at + len > bytes.len() as u64 {
+        return Err(format!("not a valid .npy file: a header of {len} bytes in a file of {}", bytes.len()));
+    }
+    Ok(())
+}
+
 fn check_shape_text(bytes: &[u8]) -> std::result::Result<(), String> {
     let head = &bytes[..bytes.len().min(65_536 + 12)];
     let text = String::from_utf8_lossy(head);
@@ -77,6 +95,7 @@ fn check_shape_text(bytes: &[u8]) -> std::result::Result<(), String> {
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
     let bytes = read_file(path)?;
     let bad = |m: String| Error::format(path, m);
+    check_header_len(&bytes).map_err(bad)?;
     check_shape_text(&bytes).map_err(bad)?;
     let npy = NpyFile::new(&bytes[..]).map_err(|e| bad(format!("not a valid .npy file: {e}")))?;
     if npy.order() == Order::Fortran {
