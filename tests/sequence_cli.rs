@@ -40,6 +40,7 @@ fn a_dataset_root_is_written_in_the_submission_layout_and_evaluated() {
         run_cli(&["--threads", "2", "segment", &s(&root), "--sequences", "00", "--out-dir", &s(&out)]);
     assert_eq!(code, 0, "{err}");
     assert!(stdout.contains("segmented 3 scans (0 already written"), "{stdout}");
+    assert!(stdout.contains("resident memory:"), "{stdout}");
     // The single-scan command writes the same labels for the same scan.
     let single = tmp_path("seq-root", "single.label");
     let (code, _, err) = run_cli(&["segment", TINY, "--out-labels", &s(&single)]);
@@ -108,4 +109,32 @@ fn bad_sequence_input_exits_2_with_one_line() {
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_batch_segments_each_scan_as_alone() {
+    use sparseconv::pipeline::{self, Timings, VoxelizeMode};
+    use sparseconv::{Device, Engine, Grouping, MapBuilder};
+    let (model, _) = pipeline::Model::load(&repo("data/models/minkunet_cr0.5.safetensors"), None, None).expect("model");
+    let cloud = sparseconv::io::read_points(&repo(common::SCAN), None).expect("scan");
+    let e = Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic);
+    let one = pipeline::segment(
+        &e,
+        &model,
+        &pipeline::prepare_points(&cloud, VoxelizeMode::Mean).expect("one"),
+        &mut Timings::default(),
+    )
+    .expect("segment");
+    let two = pipeline::prepare_batch(&[cloud.clone(), cloud.clone()]).expect("batch");
+    assert_eq!(two.points, 2 * cloud.len());
+    let both = pipeline::segment(&e, &model, &two, &mut Timings::default()).expect("segment batch");
+    let n = cloud.len();
+    assert_eq!(both.point_labels[..n], one.point_labels[..], "first scan of the batch");
+    assert_eq!(both.point_labels[n..], one.point_labels[..], "second scan of the batch");
+    let (code, out, err) = run_cli(&["bench", TINY, "--runs", "1", "--warmup", "0", "--batch", "3"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("batches of 3") && out.contains("peak resident memory"), "{out}");
+    let (code, _, err) = run_cli(&["bench", TINY, "--batch", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--batch"), "{err}");
 }
