@@ -502,16 +502,7 @@ impl Engine {
     /// on its first input.
     pub fn plan_for(&self, map: &KernelMap, x: &[f32], w: &ConvWeight) -> Result<Plan> {
         if matches!(self.device, Device::Gpu(_)) && matches!(self.grouping, Grouping::Auto | Grouping::Heuristic) {
-            // No timing on the GPU (it would need a sync per candidate). On an H200
-            // (BENCHMARKS.md) output-stationary won up to 64 channels, and grouped gather ->
-            // GEMM -> scatter at 128 on the scan's k3 map (1.76 vs 2.2 ms at 91k voxels). The
-            // grouped plan needs the map's counts and pairs on the host, a wait for the
-            // device: worth it on large maps only.
-            return Ok(if w.cout >= 128 && map.kind() == MapKind::Submanifold && map.n_out() >= 50_000 {
-                Plan::grouped(map, GroupingParams { tolerance: 0.5, max_rows: 1 << 20 })
-            } else {
-                Self::device_output_tiled()
-            });
+            return Ok(crate::gpu::conv::default_plan(map, w.cout));
         }
         Ok(match self.grouping {
             Grouping::Off => Plan::ungrouped(map),
@@ -702,7 +693,7 @@ impl Engine {
     /// The output-stationary plan as the GPU runs it: from its device tables, so without the
     /// per-offset groups (which would need the map's counts on the host).
     fn device_output_tiled() -> Plan {
-        Plan { groups: Vec::new(), params: None, output_tiled: true }
+        crate::gpu::conv::output_stationary_plan()
     }
 
     /// The cache key of a built map (a map kept for some offsets only has its own).

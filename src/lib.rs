@@ -45,11 +45,17 @@
 //! # }
 //! ```
 
+// Backend internals and test/benchmark helpers: public so that the benchmarks, the tests and
+// the command reach them, but not a stable API (their items may change in any release).
+/// Timing statistics, FLOP counts, seeded pseudo-random data (benchmark helpers; unstable).
 pub mod bench;
 pub mod coords;
+/// CPU backend internals: map builders and conv kernels (unstable; use [`Engine`]).
 pub mod cpu;
 pub mod device;
 pub mod error;
+/// GPU backend internals: wgpu context, WGSL kernels, device buffers (unstable; use [`Engine`]
+/// with [`Device::Gpu`]).
 pub mod gpu;
 pub mod io;
 pub mod kmap;
@@ -58,6 +64,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod plan;
 pub mod prune;
+/// Naive references the kernels are tested against (slow by design; unstable).
 pub mod reference;
 pub mod sparse_weights;
 pub mod tensor;

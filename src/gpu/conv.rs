@@ -41,6 +41,36 @@ pub enum Precision {
     Bf16,
 }
 
+/// Narrowest output width at which the GPU's default plan is grouped gather → GEMM → scatter
+/// (H200, BENCHMARKS.md: output-stationary won up to 64 channels, grouped at 128: 1.76 against
+/// 2.2 ms on the scan's k3 map at 91k voxels).
+pub const GROUPED_MIN_COUT: usize = 128;
+/// Fewest output rows for the grouped plan: it needs the map's counts and pairs on the host, a
+/// wait for the device that only large maps repay.
+pub const GROUPED_MIN_ROWS: usize = 50_000;
+/// Padding tolerance of that grouped plan.
+pub const GROUPED_TOLERANCE: f32 = 0.5;
+/// Rows per group of that grouped plan (large enough to put every offset in a group).
+pub const GROUPED_MAX_ROWS: usize = 1 << 20;
+
+/// The GPU's plan for a conv of `map` with `cout` output channels, chosen without timing (a
+/// timing would need a device sync per candidate): see [`GROUPED_MIN_COUT`].
+pub fn default_plan(map: &KernelMap, cout: usize) -> crate::plan::Plan {
+    if cout >= GROUPED_MIN_COUT && map.kind() == crate::kmap::MapKind::Submanifold && map.n_out() >= GROUPED_MIN_ROWS {
+        crate::plan::Plan::grouped(
+            map,
+            crate::plan::GroupingParams { tolerance: GROUPED_TOLERANCE, max_rows: GROUPED_MAX_ROWS },
+        )
+    } else {
+        output_stationary_plan()
+    }
+}
+
+/// The output-stationary plan (one pass per output row; no groups).
+pub fn output_stationary_plan() -> crate::plan::Plan {
+    crate::plan::Plan { groups: Vec::new(), params: None, output_tiled: true }
+}
+
 /// The error of a GPU conv asked for bf16 (values in bf16 never reach the device: uploads refuse).
 fn bf16_on_gpu() -> Error {
     Error::invalid("--precision", "bf16 is a CPU mode (AVX512_BF16); the GPU has f16")
