@@ -369,13 +369,8 @@ mod avx512 {
         let mut s = 0;
         while s < n {
             let m = (n - s).min(MR);
-            // A short tail block repeats its first row in the unused lanes (computed, never stored).
-            let mut rows = [xp; MR];
-            for (r, row) in rows.iter_mut().enumerate() {
-                let i = ins[s + if r < m { r } else { 0 }] as usize;
-                // SAFETY: the caller checked every input index.
-                *row = unsafe { xp.add(i * kp) };
-            }
+            // SAFETY: the caller checked every input index; rows hold `kp` words.
+            let rows: [*const u32; MR] = unsafe { crate::cpu::fused::block_rows(xp, kp, &ins[s..s + m]) };
             let mut acc = [[_mm512_setzero_ps(); NV]; MR];
             for p in 0..kp {
                 let mut b = [_mm512_setzero_si512(); NV];

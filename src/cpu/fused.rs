@@ -75,6 +75,23 @@ pub fn available(cout: usize) -> bool {
     }
 }
 
+/// Pointers to the input rows of one register block of pairs (`ins`, at most `MR` of them),
+/// rows of `stride` values at `xp`. A short tail block repeats its first row in the unused
+/// lanes: computed, never stored. Shared by the f32 and bf16 kernels.
+///
+/// # Safety
+/// Every index in `ins` must be a row of the array at `xp`, and `ins` must not be empty.
+#[inline(always)]
+pub(crate) unsafe fn block_rows<T, const MR: usize>(xp: *const T, stride: usize, ins: &[u32]) -> [*const T; MR] {
+    let mut rows = [xp; MR];
+    for (r, row) in rows.iter_mut().enumerate() {
+        let i = ins[if r < ins.len() { r } else { 0 }] as usize;
+        // SAFETY: the caller's contract: `i` is a row of the array.
+        *row = unsafe { xp.add(i * stride) };
+    }
+    rows
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
@@ -131,13 +148,8 @@ mod avx512 {
         let mut s = 0;
         while s < n {
             let m = (n - s).min(MR);
-            // A short tail block repeats its first row in the unused lanes (computed, never stored).
-            let mut rows = [xp; MR];
-            for (r, row) in rows.iter_mut().enumerate() {
-                let i = ins[s + if r < m { r } else { 0 }] as usize;
-                // SAFETY: the caller checked every input index.
-                *row = unsafe { xp.add(i * cin) };
-            }
+            // SAFETY: the caller checked every input index; rows hold `cin` values.
+            let rows: [*const f32; MR] = unsafe { super::block_rows(xp, cin, &ins[s..s + m]) };
             let mut acc = [[_mm512_setzero_ps(); NV]; MR];
             for l in 0..cin {
                 let mut b = [_mm512_setzero_ps(); NV];
