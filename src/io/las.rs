@@ -159,8 +159,16 @@ fn check_header(path: &Path) -> Result<()> {
 pub fn read_las(path: &Path) -> Result<LasScan> {
     check_header(path)?;
     let las_err = |e: las::Error| Error::format(path, format!("LAS: {e}"));
-    let mut reader = las::Reader::from_path(path).map_err(las_err)?;
-    let data = reader.read_all().map_err(las_err)?;
+    // The decoders assume well-formed streams; a panic on a corrupt one becomes this file's
+    // error (nothing outlives the reader, so nothing is left half-updated).
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut reader = las::Reader::from_path(path)?;
+        reader.read_all()
+    }));
+    let data = match read {
+        Ok(r) => r.map_err(las_err)?,
+        Err(_) => return Err(Error::format(path, "corrupt LAS/LAZ point data (the decoder failed)")),
+    };
     let n = data.len();
     let (xs, ys, zs): (Vec<f64>, Vec<f64>, Vec<f64>) = (data.x().collect(), data.y().collect(), data.z().collect());
     let mut centre = [0.0f64; 3];
