@@ -464,8 +464,14 @@ impl Engine {
         }
         let keep = keep.and_then(KernelMap::kept_mask);
         let key = MapKey { input: input.id(), target: target.id(), kind: MapKind::Up, spec, keep: keep.clone() };
-        // Outside the cache closure, so its build time is counted once.
-        let down = self.kernel_map_keeping(target, spec, keep.as_deref())?;
+        // Outside the cache closure, so its build time is counted once. A voxel-pruned down
+        // conv made `input` from `target` with a map of its own: run on its transpose.
+        let pruned = MapKey { input: target.id(), target: input.id(), kind: MapKind::Down, spec, keep: keep.clone() };
+        let found = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&pruned).cloned();
+        let down = match found {
+            Some(m) => m,
+            None => self.kernel_map_keeping(target, spec, keep.as_deref())?,
+        };
         self.cached(key, || {
             if !same_coords(down.out_coords(), input) {
                 return Err(Error::invalid(
@@ -806,7 +812,13 @@ impl Engine {
     ) -> Result<cpu::conv::ConvGrads> {
         let key = Self::map_key(map);
         let tmap = {
-            let cached = self.tmaps.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned();
+            // Subset maps (voxel-pruned convs) share their coordinates but not their rows: a
+            // key cannot tell them apart, so their transposes are never cached.
+            let cached = if map.kind() == MapKind::Subset {
+                Some(Arc::new(map.transposed()))
+            } else {
+                self.tmaps.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned()
+            };
             match cached {
                 Some(t) => t,
                 None => {
@@ -869,6 +881,138 @@ impl Engine {
     pub fn conv(&self, x: &SparseTensor, w: &ConvWeight, spec: KernelSpec) -> Result<SparseTensor> {
         let map = self.kernel_map(x.coord_set(), spec)?;
         self.conv_with_map(&map, x, w)
+    }
+
+    /// A voxel-pruned conv (see [`crate::voxel_prune`]). For stride 1, `rows` are the output
+    /// rows computed (ascending); the others get `fill` (resolved for the widths). For a
+    /// downsampling conv, `rows` are the important input rows: only their output sites exist,
+    /// and the result lies on that smaller coordinate set (the transposed conv back onto
+    /// `x`'s coordinates then finds this map in the cache). `reference` computes every
+    /// voxel and overwrites the pruned ones instead (SPS-Conv's released semantics).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_voxel_pruned(
+        &self,
+        x: &SparseTensor,
+        spec: KernelSpec,
+        keep: Option<&[bool]>,
+        w: &ConvWeight,
+        residual: Option<&SparseTensor>,
+        relu: bool,
+        rows: &[u32],
+        fill: crate::voxel_prune::Fill,
+        reference: bool,
+    ) -> Result<SparseTensor> {
+        if matches!(self.device, Device::Gpu(_)) {
+            return Err(Error::invalid(
+                "voxel pruning",
+                "runs on the CPU only for now (the GPU has no kept-row map filter yet)",
+            ));
+        }
+        if spec.stride > 1 {
+            if residual.is_some() {
+                return Err(Error::invalid("voxel pruning", "a downsampling conv takes no residual"));
+            }
+            let pmap = self.pruned_down_map(x.coord_set(), spec, keep, rows)?;
+            if !reference {
+                return self.conv_fused(&pmap, x, w, None, relu);
+            }
+            let full = self.kernel_map_keeping(x.coord_set(), spec, keep)?;
+            let y = self.conv_fused(&full, x, w, None, relu)?;
+            // The surviving sites are a subsequence of the full map's (both ascending).
+            let (all, kept) = (full.out_coords().coords(), pmap.out_coords().coords());
+            let mut sel = Vec::with_capacity(kept.len());
+            let mut j = 0;
+            for (i, c) in all.iter().enumerate() {
+                if j < kept.len() && *c == kept[j] {
+                    sel.push(i);
+                    j += 1;
+                }
+            }
+            let yf = y.try_feats()?;
+            let c = w.cout;
+            let f: Vec<f32> = sel.iter().flat_map(|&i| yf[i * c..(i + 1) * c].iter().copied()).collect();
+            return SparseTensor::new(pmap.out_coords().clone(), f, c);
+        }
+        let fill = fill.resolve(w.cin, w.cout);
+        let map = self.kernel_map_keeping(x.coord_set(), spec, keep)?;
+        let (n, c) = (map.n_out(), w.cout);
+        let mut kept = vec![false; n];
+        for &r in rows {
+            *kept
+                .get_mut(r as usize)
+                .ok_or_else(|| Error::invalid("voxel pruning", format!("kept row {r} is out of range")))? = true;
+        }
+        // The fast path runs only the kept rows' pairs; the reference runs them all. Either way
+        // the pruned rows are then overwritten.
+        let y = if reference {
+            self.conv_fused(&map, x, w, residual, relu)?
+        } else {
+            self.conv_fused(&map.for_outputs(&kept)?, x, w, residual, relu)?
+        };
+        let mut y = y.into_feats();
+        let xf = x.try_feats()?;
+        let rf = residual.map(|r| r.try_feats()).transpose()?;
+        use crate::voxel_prune::Fill;
+        use rayon::prelude::*;
+        const ROWS: usize = 1024;
+        y.par_chunks_mut(ROWS * c).enumerate().for_each(|(ci, chunk)| {
+            for (i, o) in chunk.chunks_mut(c).enumerate() {
+                let q = ci * ROWS + i;
+                if kept[q] {
+                    continue;
+                }
+                // A pruned row holds the input, the activated residual, or zero.
+                match (fill, rf) {
+                    (Fill::Input, _) => o.copy_from_slice(&xf[q * c..(q + 1) * c]),
+                    (Fill::Zero, Some(r)) => {
+                        for (o, &v) in o.iter_mut().zip(&r[q * c..(q + 1) * c]) {
+                            *o = if relu { v.max(0.0) } else { v };
+                        }
+                    }
+                    (Fill::Zero, None) => o.fill(0.0),
+                }
+            }
+        });
+        SparseTensor::new(map.out_coords().clone(), y, c)
+    }
+
+    /// The downsampling map of `spec` on `input` with only the output sites that an important
+    /// input row (`rows`) falls into; every input's pairs into those sites stay. Cached under
+    /// its output set, so the transposed conv back onto `input` runs on its transpose.
+    pub fn pruned_down_map(
+        &self,
+        input: &Arc<CoordSet>,
+        spec: KernelSpec,
+        keep: Option<&[bool]>,
+        rows: &[u32],
+    ) -> Result<Arc<KernelMap>> {
+        let full = self.kernel_map_keeping(input, spec, keep)?;
+        let t0 = std::time::Instant::now();
+        let mut important = vec![false; full.n_in()];
+        for &r in rows {
+            *important
+                .get_mut(r as usize)
+                .ok_or_else(|| Error::invalid("voxel pruning", format!("row {r} is out of range")))? = true;
+        }
+        let mut alive = vec![false; full.n_out()];
+        for k in 0..full.volume() {
+            let (ins, outs) = full.pairs(k);
+            for (&i, &o) in ins.iter().zip(outs) {
+                if important[i as usize] {
+                    alive[o as usize] = true;
+                }
+            }
+        }
+        let sites: Vec<u32> = (0..full.n_out() as u32).filter(|&o| alive[o as usize]).collect();
+        let oc = full.out_coords();
+        let out =
+            Arc::new(CoordSet::new_unchecked(sites.iter().map(|&o| oc.coords()[o as usize]).collect(), oc.stride()));
+        let m = Arc::new(full.restrict_outputs(&sites, out.clone())?);
+        *self.map_secs.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed().as_secs_f64();
+        let keep = keep.and_then(KernelMap::kept_mask);
+        let key = MapKey { input: input.id(), target: out.id(), kind: MapKind::Down, spec, keep };
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).insert(key, m.clone());
+        Ok(m)
     }
 
     /// Transposed conv back onto `target` (the coordinates `x` was downsampled from).

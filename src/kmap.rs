@@ -84,6 +84,10 @@ pub enum MapKind {
     Down,
     /// Transposed (upsampling): the transposed map of the matching downsampling conv.
     Up,
+    /// Stride 1 with outputs a subset of the input rows (a voxel-pruned submanifold conv:
+    /// inputs stay all voxels, only the kept ones are outputs). Its centre offset is not the
+    /// identity, but it keeps the centre-first accumulation order of [`MapKind::Submanifold`].
+    Subset,
 }
 
 /// Which CPU algorithm builds the kernel map.
@@ -201,6 +205,8 @@ pub struct KernelMap {
     pairs: PairStore,
     /// Offset whose map is the identity on all rows (the centre of a submanifold conv).
     identity: Option<usize>,
+    /// The centre offset of a submanifold or subset map: accumulated first into every row.
+    centre: Option<usize>,
     /// Index of the offset `-δ` for each offset `δ`, where present (submanifold only).
     mirror: Vec<Option<usize>>,
     /// Offsets the map was built for, when built for a subset (offset-pruned convs): the
@@ -333,6 +339,118 @@ impl KernelMap {
         Ok(m)
     }
 
+    /// This downsampling map with only the output sites `rows` (ascending, distinct),
+    /// renumbered `0..rows.len()` in that order, onto `out_coords` (those sites' coordinates):
+    /// the map of a voxel-pruned downsampling conv. Every input's pairs into a kept site stay.
+    /// One linear pass; each offset's output rows stay ascending (canonical order).
+    pub fn restrict_outputs(&self, rows: &[u32], out_coords: Arc<CoordSet>) -> Result<KernelMap> {
+        use rayon::prelude::*;
+        if self.kind != MapKind::Down {
+            return Err(Error::invalid("voxel pruning", "only a downsampling map drops output sites"));
+        }
+        let kind = MapKind::Down;
+        let n = self.n_out();
+        if out_coords.len() != rows.len() {
+            return Err(Error::invalid(
+                "voxel pruning",
+                format!("{} kept rows but {} output coordinates", rows.len(), out_coords.len()),
+            ));
+        }
+        let mut new = vec![u32::MAX; n];
+        let mut prev: Option<u32> = None;
+        for (j, &r) in rows.iter().enumerate() {
+            if r as usize >= n || prev.is_some_and(|p| p >= r) {
+                return Err(Error::invalid(
+                    "voxel pruning",
+                    format!("kept rows must be ascending, distinct and below {n} (row {r})"),
+                ));
+            }
+            prev = Some(r);
+            new[r as usize] = j as u32;
+        }
+        self.fetch()?;
+        let per: Vec<(Vec<u32>, Vec<u32>)> = (0..self.volume())
+            .into_par_iter()
+            .map(|k| {
+                let (ins, outs) = self.pairs(k);
+                let mut i2 = Vec::with_capacity(ins.len().min(rows.len()));
+                let mut o2 = Vec::with_capacity(ins.len().min(rows.len()));
+                for (&i, &o) in ins.iter().zip(outs) {
+                    let q = new[o as usize];
+                    if q != u32::MAX {
+                        i2.push(i);
+                        o2.push(q);
+                    }
+                }
+                (i2, o2)
+            })
+            .collect();
+        let mut m = Self::from_pairs(kind, self.spec, self.offsets.clone(), self.in_coords.clone(), out_coords, per);
+        m.kept = self.kept.clone();
+        Ok(m)
+    }
+
+    /// This submanifold map with the pairs of the output rows `keep` marks only, rows not
+    /// renumbered (a [`MapKind::Subset`] map on the same coordinates): the map of a
+    /// voxel-pruned submanifold conv, whose other outputs are never gathered, multiplied or
+    /// scattered. Counts, then one parallel pass writing the pairs in place.
+    pub fn for_outputs(&self, keep: &[bool]) -> Result<KernelMap> {
+        use rayon::prelude::*;
+        if !matches!(self.kind, MapKind::Submanifold | MapKind::Subset) {
+            return Err(Error::invalid("voxel pruning", "only a submanifold map keeps its rows"));
+        }
+        if keep.len() != self.n_out() {
+            return Err(Error::invalid(
+                "voxel pruning",
+                format!("{} flags for {} output rows", keep.len(), self.n_out()),
+            ));
+        }
+        self.fetch()?;
+        let kv = self.volume();
+        let counts: Vec<usize> =
+            (0..kv).into_par_iter().map(|k| self.pairs(k).1.iter().filter(|&&o| keep[o as usize]).count()).collect();
+        let mut starts = Vec::with_capacity(kv + 1);
+        starts.push(0usize);
+        for c in &counts {
+            starts.push(starts[starts.len() - 1] + c);
+        }
+        let total = starts[kv];
+        let mut in_idx = vec![0u32; total];
+        let mut out_idx = vec![0u32; total];
+        // Split the flat arrays at the offsets' starts, one disjoint part per offset.
+        let mut parts = Vec::with_capacity(kv);
+        let (mut ri, mut ro) = (&mut in_idx[..], &mut out_idx[..]);
+        for c in &counts {
+            let (a, rest_i) = std::mem::take(&mut ri).split_at_mut(*c);
+            let (b, rest_o) = std::mem::take(&mut ro).split_at_mut(*c);
+            parts.push((a, b));
+            (ri, ro) = (rest_i, rest_o);
+        }
+        parts.into_par_iter().enumerate().for_each(|(k, (pi, po))| {
+            let (ins, outs) = self.pairs(k);
+            let mut j = 0;
+            for (&i, &o) in ins.iter().zip(outs) {
+                if keep[o as usize] {
+                    pi[j] = i;
+                    po[j] = o;
+                    j += 1;
+                }
+            }
+        });
+        let mut m = Self::from_flat(
+            MapKind::Subset,
+            self.spec,
+            self.offsets.clone(),
+            self.in_coords.clone(),
+            self.out_coords.clone(),
+            starts,
+            in_idx,
+            out_idx,
+        );
+        m.kept = self.kept.clone();
+        Ok(m)
+    }
+
     /// `Some(keep)` unless it keeps everything.
     pub(crate) fn kept_mask(keep: &[bool]) -> Option<Vec<bool>> {
         (!keep.iter().all(|&k| k)).then(|| keep.to_vec())
@@ -402,7 +520,7 @@ impl KernelMap {
         let k = self.volume();
         let mut placed = vec![false; k];
         let mut order = Vec::with_capacity(k);
-        if let Some(c) = self.identity {
+        if let Some(c) = self.centre {
             placed[c] = true;
             order.push(c);
         }
@@ -493,17 +611,18 @@ impl KernelMap {
         out_coords: Arc<CoordSet>,
         pairs: PairStore,
     ) -> Self {
-        let identity = match kind {
-            MapKind::Submanifold => offsets.iter().position(|d| *d == [0, 0, 0]),
+        let centre = match kind {
+            MapKind::Submanifold | MapKind::Subset => offsets.iter().position(|d| *d == [0, 0, 0]),
             _ => None,
         };
+        let identity = if kind == MapKind::Submanifold { centre } else { None };
         let mirror = match kind {
-            MapKind::Submanifold => {
+            MapKind::Submanifold | MapKind::Subset => {
                 offsets.iter().map(|d| offsets.iter().position(|e| *e == [-d[0], -d[1], -d[2]])).collect()
             }
             _ => vec![None; offsets.len()],
         };
-        KernelMap { kind, spec, offsets, in_coords, out_coords, pairs, identity, mirror, kept: None }
+        KernelMap { kind, spec, offsets, in_coords, out_coords, pairs, identity, centre, mirror, kept: None }
     }
 
     /// Whether the pairs are in host memory (not waiting on a device).
@@ -557,6 +676,7 @@ impl KernelMap {
                 MapKind::Down => MapKind::Up,
                 MapKind::Up => MapKind::Down,
                 MapKind::Submanifold => MapKind::Submanifold,
+                MapKind::Subset => MapKind::Subset,
             },
             spec: self.spec,
             offsets: self.offsets.clone(),
@@ -564,6 +684,7 @@ impl KernelMap {
             out_coords: self.in_coords.clone(),
             pairs,
             identity: self.identity,
+            centre: self.centre,
             mirror: self.mirror.clone(),
             kept: self.kept.clone(),
         }

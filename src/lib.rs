@@ -71,6 +71,7 @@ pub mod tensor;
 pub mod train;
 pub mod viz;
 pub mod voxel;
+pub mod voxel_prune;
 
 pub use device::{ConvWeight, Device, Engine, SparseMode};
 pub use error::{Error, Result};

@@ -39,6 +39,8 @@ struct Cli {
     /// pruning searches run f32.
     #[arg(long, global = true, value_enum, default_value_t = PrecisionArg::F32)]
     precision: PrecisionArg,
+    #[command(flatten)]
+    voxel: cli::voxel::VoxelArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -390,6 +392,22 @@ fn run(cli: Cli) -> Result<()> {
         ));
     }
     let _ = PRECISION.set(precision);
+    let voxel_ok = matches!(
+        cli.cmd,
+        Cmd::Segment(_)
+            | Cmd::Eval { .. }
+            | Cmd::Bench { .. }
+            | Cmd::Demo { .. }
+            | Cmd::Train { .. }
+            | Cmd::Sensitivity(_)
+    );
+    cli::voxel::set(cli.voxel.clone());
+    if cli::voxel::given() && !voxel_ok {
+        return Err(Error::invalid(
+            "--voxel-prune",
+            "this command runs no network (segment, eval, demo, bench, train and sensitivity take voxel pruning)",
+        ));
+    }
     match cli.cmd {
         Cmd::Conv { input, weight, kernel_size, stride, dilation, kmap, grouping, device, output } => {
             cmd_conv(&input, &weight, kernel_size, stride, dilation, engine(kmap, grouping, device.as_str())?, &output)

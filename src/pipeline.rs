@@ -149,6 +149,24 @@ impl Model {
         }
     }
 
+    /// Prune voxels as `plan` says (see [`crate::voxel_prune`]). SPVCNN's point branch reads
+    /// every level's voxels, so its downsampling convs cannot be pruned.
+    pub fn set_voxel_plan(&mut self, plan: &crate::voxel_prune::VoxelPlan) -> Result<()> {
+        match self {
+            Model::MinkUNet(m) => m.set_voxel_plan(plan),
+            Model::Spvcnn(m) => {
+                let downs: Vec<&str> = m.body.desc.stages.iter().map(|s| s.resample.kernel.as_str()).collect();
+                if let Some(d) = plan.ratios.iter().find(|(n, &r)| r > 0.0 && downs.contains(&n.as_str())) {
+                    return Err(Error::invalid(
+                        "voxel plan",
+                        format!("names `{}`: SPVCNN's point branch needs every voxel of each level", d.0),
+                    ));
+                }
+                m.body.set_voxel_plan(plan)
+            }
+        }
+    }
+
     /// Architecture name as in the weights' metadata.
     pub fn arch(&self) -> &'static str {
         match self {

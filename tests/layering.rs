@@ -12,6 +12,7 @@ const FLOORS: &[(&str, u32)] = &[
     ("tensor", 3),
     ("kmap", 4),
     ("voxel", 4),
+    ("voxel_prune", 5),
     ("plan", 5),
     ("reference", 5),
     ("sparse_weights", 5),

@@ -14,6 +14,7 @@ use sparseconv::nn::checkpoint::Checkpoint;
 use sparseconv::reference::{dense_conv_f64, downsampled_coords};
 use sparseconv::train::net::TrainNet;
 use sparseconv::train::ops::cross_entropy;
+use sparseconv::voxel_prune::VoxelPlan;
 use sparseconv::{Engine, KernelSpec};
 
 const CLASSES: usize = 5;
@@ -54,7 +55,68 @@ fn bn(p: &P, pre: &str, x: &mut F, relu: bool) {
     }
 }
 
+thread_local! {
+    /// Voxel pruning ratio of every residual block's convs in the reference (0: none).
+    static VOXEL: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+/// Rows a voxel-pruned conv computes: per batch item, the `n − ⌊r·n⌋` rows of largest mean
+/// |feature| (ties to the lower row), as `sparseconv::voxel_prune` documents.
+fn kept(x: &F, r: f64) -> Vec<bool> {
+    let score: Vec<f64> = x.f.chunks(x.c).map(|row| row.iter().map(|v| v.abs()).sum::<f64>() / x.c as f64).collect();
+    let mut keep = vec![false; x.coords.len()];
+    let batches: std::collections::BTreeSet<i32> = x.coords.iter().map(|c| c[0]).collect();
+    for b in batches {
+        let mut rows: Vec<usize> = (0..x.coords.len()).filter(|&i| x.coords[i][0] == b).collect();
+        let n = rows.len();
+        let k = n - ((r as f32 as f64 * n as f64).floor() as usize);
+        rows.sort_by(|&a, &c| score[c].total_cmp(&score[a]).then(a.cmp(&c)));
+        rows[..k].iter().for_each(|&i| keep[i] = true);
+    }
+    keep
+}
+
+/// A voxel-pruned conv + training BatchNorm (statistics of the computed rows only) + optional
+/// residual and ReLU; the other rows get the input (equal widths) or the activated residual / 0.
+fn pruned_conv_bn(p: &P, kernel: &str, bn_pre: &str, x: &F, res: Option<&[f64]>, r: f64) -> F {
+    let keep = kept(x, r);
+    let mut y = conv(p, kernel, x, &x.coords, 3, 1, 1, x.stride);
+    let rows: Vec<usize> = (0..keep.len()).filter(|&i| keep[i]).collect();
+    let c = y.c;
+    let mut sub = F {
+        coords: rows.iter().map(|&i| y.coords[i]).collect(),
+        stride: y.stride,
+        f: rows.iter().flat_map(|&i| y.f[i * c..(i + 1) * c].to_vec()).collect(),
+        c,
+    };
+    bn(p, bn_pre, &mut sub, false);
+    for (j, &i) in rows.iter().enumerate() {
+        for k in 0..c {
+            let v = sub.f[j * c + k] + res.map_or(0.0, |r| r[i * c + k]);
+            y.f[i * c + k] = v.max(0.0);
+        }
+    }
+    for i in (0..keep.len()).filter(|&i| !keep[i]) {
+        for k in 0..c {
+            y.f[i * c + k] = if x.c == c { x.f[i * c + k] } else { res.map_or(0.0, |r| r[i * c + k].max(0.0)) };
+        }
+    }
+    y
+}
+
 fn residual(p: &P, pre: &str, x: &F) -> F {
+    let r = VOXEL.with(|v| v.get());
+    if r > 0.0 {
+        let h = pruned_conv_bn(p, &format!("{pre}.net.0.kernel"), &format!("{pre}.net.1"), x, None, r);
+        let sc = if p.contains_key(&format!("{pre}.downsample.0.kernel")) {
+            let mut s = conv(p, &format!("{pre}.downsample.0.kernel"), x, &x.coords, 1, 1, 1, x.stride);
+            bn(p, &format!("{pre}.downsample.1"), &mut s, false);
+            s.f
+        } else {
+            x.f.clone()
+        };
+        return pruned_conv_bn(p, &format!("{pre}.net.3.kernel"), &format!("{pre}.net.4"), &h, Some(&sc), r);
+    }
     let mut h = conv(p, &format!("{pre}.net.0.kernel"), x, &x.coords, 3, 1, 1, x.stride);
     bn(p, &format!("{pre}.net.1"), &mut h, true);
     let mut y = conv(p, &format!("{pre}.net.3.kernel"), &h, &x.coords, 3, 1, 1, x.stride);
@@ -238,9 +300,19 @@ fn reference_loss_spvcnn(p: &P, x0: &F, labels: &[u32]) -> f64 {
 /// The training net's gradients of every trainable tensor against central differences of
 /// `reference` along a random direction per tensor.
 fn check_network(arch: &str, reference: fn(&P, &F, &[u32]) -> f64) {
+    check_network_pruned(arch, reference, 0.0)
+}
+
+fn check_network_pruned(arch: &str, reference: fn(&P, &F, &[u32]) -> f64, voxel: f64) {
     // Width 1/8 of SPVNAS: channels 4, 4, 8, 16, 32, 32, 16, 12, 12.
     let ck = Checkpoint::random(11);
     let mut net = TrainNet::load_arch(arch, &ck, 0.125, CLASSES).expect("net");
+    VOXEL.with(|v| v.set(voxel));
+    if voxel > 0.0 {
+        let names: Vec<String> = net.desc.block_convs().iter().map(|c| c.kernel.clone()).collect();
+        let plan = VoxelPlan::uniform(names.iter().map(String::as_str), voxel as f32).expect("plan");
+        net.set_voxel_plan(&plan).expect("voxel plan");
+    }
     let x = random_tensor(5, 2, 14, 1, 0.3, 4);
     let labels: Vec<u32> =
         pseudo_random(x.len(), 3, 1.0).iter().map(|v| ((v + 1.0) * 3.0) as u32 % (CLASSES as u32 + 1)).collect();
@@ -294,4 +366,12 @@ fn minkunet_backward_matches_f64_finite_differences() {
 #[test]
 fn spvcnn_backward_matches_f64_finite_differences() {
     check_network("spvcnn", reference_loss_spvcnn);
+}
+
+/// Training with voxel pruning: the selection is a constant of the step; the computed rows'
+/// BatchNorm statistics, the passed-through inputs and the shortcut-only rows all carry
+/// gradient, against the f64 reference that prunes the same voxels.
+#[test]
+fn voxel_pruned_minkunet_backward_matches_f64_finite_differences() {
+    check_network_pruned("minkunet", reference_loss, 0.4);
 }

@@ -36,8 +36,9 @@ pub(crate) fn cmd_bench(
     }
     let (model, cr, source) = match model {
         Some(p) => {
-            let (m, cr) = pipeline::Model::load(&p, arch, None)?;
-            (m, cr, p.display().to_string())
+            let (mut m, cr) = pipeline::Model::load(&p, arch, None)?;
+            let voxel = cli::voxel::apply(&mut m)?.map(|l| format!(", {l}")).unwrap_or_default();
+            (m, cr, format!("{}{voxel}", p.display()))
         }
         None => {
             let ck = sparseconv::nn::checkpoint::Checkpoint::random(1);
@@ -217,7 +218,11 @@ pub(crate) fn cmd_bench_baseline(
         return Err(Error::invalid("--runs/--rounds", "must be at least 1"));
     }
     let device = check_device(device)?;
-    let (m, _) = pipeline::Model::load(&model, None, None)?;
+    let (mut m, _) = pipeline::Model::load(&model, None, None)?;
+    // Voxel pruning applies to --model only: the baseline is the network unpruned.
+    if let Some(line) = cli::voxel::apply(&mut m)? {
+        println!("model: {line}");
+    }
     let (b, _) = pipeline::Model::load(baseline, None, None)?;
     let (em, eb) = (
         new_engine(device.clone(), device.map_builder(), Grouping::Auto)?,

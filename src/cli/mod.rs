@@ -18,6 +18,7 @@ pub mod sensitivity;
 pub mod sequence;
 pub mod stack;
 pub mod train;
+pub mod voxel;
 
 use std::path::{Path, PathBuf};
 

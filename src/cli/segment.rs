@@ -123,7 +123,10 @@ pub(crate) fn load_model(
         }
     };
     let ck = sparseconv::nn::checkpoint::Checkpoint::load(&path)?;
-    let (m, cr) = pipeline::Model::from_checkpoint(&ck, arch, cr)?;
+    let (mut m, cr) = pipeline::Model::from_checkpoint(&ck, arch, cr)?;
+    if let Some(line) = cli::voxel::apply(&mut m)? {
+        eprintln!("{line}");
+    }
     if ck.metadata().get("trained").is_some_and(|v| v == "false") {
         eprintln!(
             "warning: {} holds untrained (randomly initialised) weights: the classes are meaningless",

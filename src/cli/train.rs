@@ -51,6 +51,11 @@ pub(crate) fn cmd_train(
         }
         None => Trainer::new(cfg.unwrap_or_default(), init.as_deref())?,
     };
+    // Voxel pruning trains as it will run (give the same flags again on --resume).
+    if let Some(plan) = crate::cli::voxel::plan_for(&t.net.desc)? {
+        t.set_voxel_plan(&plan)?;
+        eprintln!("voxel pruning on: {} convs, fill {}, score {}", plan.ratios.len(), plan.fill, plan.score);
+    }
     let (per_epoch, total) = t.steps();
     let stop = max_steps.map_or(total, |m| (t.step + m).min(total));
     eprintln!(

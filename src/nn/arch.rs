@@ -325,6 +325,12 @@ impl NetDesc {
         out
     }
 
+    /// The convs `--voxel-prune R` prunes: both convs of every residual block's branch (not
+    /// the stem, the resampling convs or the 1×1 shortcuts), where nearly all the work is.
+    pub fn block_convs(&self) -> Vec<&ConvDesc> {
+        self.stages.iter().chain(&self.ups).flat_map(|st| st.blocks.iter().flat_map(|b| [&b.c1, &b.c2])).collect()
+    }
+
     /// The kernel map each conv of [`NetDesc::convs`] runs on, as the tensor stride of the
     /// coordinates it is built on and the kernel: convs with equal entries share one map
     /// (a transposed conv runs on the transpose of the down map on its target coordinates).

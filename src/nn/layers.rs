@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::kmap::KernelSpec;
 use crate::sparse_weights::Format;
 use crate::tensor::{CoordSet, SparseTensor};
+use crate::voxel_prune::{importance, kept_rows, VoxelLayer};
 
 /// BatchNorm epsilon of TorchSparse / PyTorch.
 pub const BN_EPS: f32 = 1e-5;
@@ -72,6 +73,8 @@ pub struct Conv {
     /// map never use some (offset pruning; `None`: all). Set by the network
     /// ([`share_map_offsets`]); a conv whose nonzero weights fall outside it errors.
     pub map_offsets: Option<Arc<[bool]>>,
+    /// Voxel pruning of this conv (`None`: every voxel computed); see [`crate::voxel_prune`].
+    pub voxel: Option<VoxelLayer>,
 }
 
 impl Conv {
@@ -93,7 +96,7 @@ impl Conv {
             };
             weight = weight.with_format(Format::parse(f).map_err(bad)?).map_err(bad)?;
         }
-        Ok(Self { spec: d.spec, transposed: d.transposed, weight, relu: d.relu, map_offsets: None })
+        Ok(Self { spec: d.spec, transposed: d.transposed, weight, relu: d.relu, map_offsets: None, voxel: None })
     }
 
     /// Run the conv; a transposed conv needs the coordinates it upsamples back to.
@@ -111,6 +114,22 @@ impl Conv {
         residual: Option<&SparseTensor>,
     ) -> Result<SparseTensor> {
         let keep = self.map_offsets.as_deref();
+        if let Some(v) = self.voxel.filter(|_| !self.transposed) {
+            let scores = importance(x.try_feats()?, x.channels(), v.score);
+            let coords = x.coords();
+            let rows = kept_rows(&scores, |i| coords[i][0], v.ratio)?;
+            return e.conv_voxel_pruned(
+                x,
+                self.spec,
+                keep,
+                &self.weight,
+                residual,
+                self.relu,
+                &rows,
+                v.fill,
+                v.reference,
+            );
+        }
         let map = match (self.transposed, target) {
             (true, Some(t)) => e.transposed_map_keeping(x.coord_set(), t, self.spec, keep)?,
             (true, None) => {

@@ -7,6 +7,7 @@ use super::layers::{share_map_offsets, Conv, Linear, Residual};
 use crate::device::Engine;
 use crate::error::{Error, Result};
 use crate::tensor::SparseTensor;
+use crate::voxel_prune::VoxelPlan;
 
 pub use super::arch::{channels, BASE_CHANNELS, IN_CHANNELS};
 
@@ -112,6 +113,33 @@ impl MinkUNet {
         for c in self.convs_mut() {
             c.map_offsets = None;
         }
+    }
+
+    /// Prune voxels as `plan` says (replacing any earlier plan). A plan naming a conv the
+    /// network lacks, or a transposed conv (its outputs are the skip's coordinates), is an error.
+    pub fn set_voxel_plan(&mut self, plan: &VoxelPlan) -> Result<()> {
+        let descs: Vec<(String, bool)> = self.desc.convs().iter().map(|c| (c.kernel.clone(), c.transposed)).collect();
+        for name in plan.ratios.keys() {
+            match descs.iter().find(|(n, _)| n == name) {
+                None => {
+                    return Err(Error::invalid(
+                        "voxel plan",
+                        format!("names conv `{name}`, which this {} lacks", self.desc.kind.name()),
+                    ))
+                }
+                Some((_, true)) => {
+                    return Err(Error::invalid(
+                        "voxel plan",
+                        format!("names `{name}`, a transposed conv: its outputs are fixed by the skip"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        for (c, (name, _)) in self.convs_mut().into_iter().zip(&descs) {
+            c.voxel = plan.layer(name);
+        }
+        Ok(())
     }
 
     /// Output classes.

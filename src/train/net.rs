@@ -17,6 +17,7 @@ use crate::nn::points::{
     average_backward, point_to_voxel_at, point_voxels, voxel_to_point, voxel_to_point_backward, PointTensor,
 };
 use crate::tensor::{CoordSet, SparseTensor};
+use crate::voxel_prune::{importance, kept_rows, Fill, VoxelLayer, VoxelPlan};
 
 /// What a parameter tensor is, for optimizer options and penalties.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +111,22 @@ impl Params {
     }
 }
 
+/// Rows `rows` of `x` (`[n, c]`), compacted.
+fn gather_rows(x: &[f32], c: usize, rows: &[u32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * c);
+    for &q in rows {
+        out.extend_from_slice(&x[q as usize * c..(q as usize + 1) * c]);
+    }
+    out
+}
+
+/// Write compacted rows back at `rows` of `dst` (`[n, c]`).
+fn scatter_rows(dst: &mut [f32], c: usize, rows: &[u32], src: &[f32]) {
+    for (j, &q) in rows.iter().enumerate() {
+        dst[q as usize * c..(q as usize + 1) * c].copy_from_slice(&src[j * c..(j + 1) * c]);
+    }
+}
+
 fn add_into(acc: &mut [f32], v: &[f32]) {
     for (a, b) in acc.iter_mut().zip(v) {
         *a += b;
@@ -129,6 +146,19 @@ struct ConvBn {
     cin: usize,
     cout: usize,
     relu: bool,
+    /// Voxel pruning of this conv (see [`crate::voxel_prune`]); the selection is not
+    /// differentiated (plain fine-tuning: the kept set is a constant of each step).
+    voxel: Option<VoxelLayer>,
+}
+
+/// A voxel-pruned submanifold conv's rows: which were computed and what the others got.
+struct VoxelTape {
+    /// Computed rows, ascending.
+    rows: Vec<u32>,
+    /// The fill the pruned rows got (resolved for the widths).
+    fill: Fill,
+    /// The whole output (its pruned rows give the fill's ReLU mask).
+    out: Arc<SparseTensor>,
 }
 
 struct ConvBnTape {
@@ -139,6 +169,9 @@ struct ConvBnTape {
     y: Option<Arc<SparseTensor>>,
     /// Whether a residual was added before the ReLU.
     residual: bool,
+    /// Set when only some rows were computed (the BatchNorm cache and `y` are then those
+    /// rows', compacted).
+    voxel: Option<VoxelTape>,
 }
 
 impl ConvBn {
@@ -155,6 +188,7 @@ impl ConvBn {
             cin: d.cin,
             cout,
             relu: d.relu,
+            voxel: None,
         })
     }
 
@@ -170,31 +204,85 @@ impl ConvBn {
         target: Option<&Arc<CoordSet>>,
         residual: Option<&SparseTensor>,
     ) -> Result<(Arc<SparseTensor>, ConvBnTape)> {
-        let map = match (self.transposed, target) {
-            (true, Some(t)) => e.transposed_map(x.coord_set(), t, self.spec)?,
-            (true, None) => return Err(Error::invalid("transposed conv", "no target coordinates given")),
-            (false, _) => e.kernel_map(x.coord_set(), self.spec)?,
+        let voxel = self.voxel.filter(|_| !self.transposed);
+        let rows = match voxel {
+            Some(v) => {
+                let coords = x.coords();
+                Some(kept_rows(&importance(x.feats(), x.channels(), v.score), |i| coords[i][0], v.ratio)?)
+            }
+            None => None,
+        };
+        let map = match (self.transposed, target, &rows) {
+            (true, Some(t), _) => e.transposed_map(x.coord_set(), t, self.spec)?,
+            (true, None, _) => return Err(Error::invalid("transposed conv", "no target coordinates given")),
+            (false, _, Some(r)) if self.spec.stride > 1 => e.pruned_down_map(x.coord_set(), self.spec, None, r)?,
+            (false, _, Some(r)) => {
+                let full = e.kernel_map(x.coord_set(), self.spec)?;
+                let mut keep = vec![false; full.n_out()];
+                r.iter().for_each(|&q| keep[q as usize] = true);
+                Arc::new(full.for_outputs(&keep)?)
+            }
+            (false, _, None) => e.kernel_map(x.coord_set(), self.spec)?,
         };
         let z = e.conv_with_map(&map, x, &self.weight(p)?)?;
+        // A pruned submanifold conv: BatchNorm sees the computed rows only.
+        let sub_rows = rows.filter(|_| self.spec.stride == 1);
+        let (zf, res) = match &sub_rows {
+            Some(r) => (gather_rows(z.feats(), self.cout, r), residual.map(|x| gather_rows(x.feats(), self.cout, r))),
+            None => (z.into_feats(), None),
+        };
         let (gamma, beta) = (p.values[self.gamma].clone(), p.values[self.beta].clone());
         let mut mean = std::mem::take(&mut p.values[self.mean]);
         let mut var = std::mem::take(&mut p.values[self.var]);
         let bn = batchnorm_train_fused(
-            z.into_feats(),
+            zf,
             self.cout,
             &gamma,
             &beta,
             &mut mean,
             &mut var,
-            residual.map(|r| r.feats()),
+            res.as_deref().or(residual.map(|r| r.feats())),
             self.relu,
         );
         p.values[self.mean] = mean;
         p.values[self.var] = var;
         let (y, bn) = bn?;
-        let y = Arc::new(SparseTensor::new(map.out_coords().clone(), y, self.cout)?);
-        let tape = ConvBnTape { x: x.clone(), map, bn, y: self.relu.then(|| y.clone()), residual: residual.is_some() };
-        Ok((y, tape))
+        let Some(r) = sub_rows else {
+            let y = Arc::new(SparseTensor::new(map.out_coords().clone(), y, self.cout)?);
+            let tape = ConvBnTape {
+                x: x.clone(),
+                map,
+                bn,
+                y: self.relu.then(|| y.clone()),
+                residual: residual.is_some(),
+                voxel: None,
+            };
+            return Ok((y, tape));
+        };
+        let fill = voxel.map_or(Fill::Zero, |v| v.fill.resolve(self.cin, self.cout));
+        let c = self.cout;
+        // Computed rows from the BatchNorm; the others: the input, the activated residual, or 0.
+        let mut full = match (fill, residual) {
+            (Fill::Input, _) => x.feats().to_vec(),
+            (Fill::Zero, Some(res)) => res.feats().iter().map(|&v| if self.relu { v.max(0.0) } else { v }).collect(),
+            (Fill::Zero, None) => vec![0f32; x.len() * c],
+        };
+        for (j, &q) in r.iter().enumerate() {
+            full[q as usize * c..(q as usize + 1) * c].copy_from_slice(&y[j * c..(j + 1) * c]);
+        }
+        // The computed rows' output (for the ReLU backward), on their own coordinates.
+        let kept = CoordSet::new_unchecked(r.iter().map(|&q| x.coords()[q as usize]).collect(), x.stride());
+        let yk = Arc::new(SparseTensor::new(Arc::new(kept), y, c)?);
+        let out = Arc::new(SparseTensor::new(map.out_coords().clone(), full, c)?);
+        let tape = ConvBnTape {
+            x: x.clone(),
+            map,
+            bn,
+            y: self.relu.then_some(yk),
+            residual: residual.is_some(),
+            voxel: Some(VoxelTape { rows: r, fill, out: out.clone() }),
+        };
+        Ok((out, tape))
     }
 
     /// Returns the input gradient (when asked) and the gradient at the residual (pre-ReLU sum;
@@ -208,6 +296,13 @@ impl ConvBn {
         dy: Vec<f32>,
         need_dx: bool,
     ) -> Result<(Option<Vec<f32>>, Vec<f32>)> {
+        // A voxel-pruned conv: the computed rows' gradient goes through the BatchNorm; the
+        // pruned rows' goes to what filled them (the input, or the residual through the ReLU).
+        let full_dy = dy;
+        let dy = match &t.voxel {
+            Some(v) => gather_rows(&full_dy, self.cout, &v.rows),
+            None => full_dy.clone(),
+        };
         // The gradient at the residual (pre-ReLU sum) is materialized only where a residual
         // was added; elsewhere the ReLU mask is applied inside the BatchNorm backward.
         let (d, dz, dgamma, dbeta) = match (&t.y, t.residual) {
@@ -227,9 +322,44 @@ impl ConvBn {
         };
         add_into(&mut g[self.gamma], &dgamma);
         add_into(&mut g[self.beta], &dbeta);
-        let grads = e.conv_backward(&t.map, &t.x, &self.weight(p)?, &dz, need_dx)?;
+        let Some(v) = &t.voxel else {
+            let grads = e.conv_backward(&t.map, &t.x, &self.weight(p)?, &dz, need_dx)?;
+            add_into(&mut g[self.kernel], &grads.dw);
+            return Ok((grads.dx, d));
+        };
+        let c = self.cout;
+        let n = t.x.len();
+        // The conv's output gradient: the computed rows' (the map has no pairs at the others).
+        let mut dz_full = vec![0f32; n * c];
+        scatter_rows(&mut dz_full, c, &v.rows, &dz);
+        let grads = e.conv_backward(&t.map, &t.x, &self.weight(p)?, &dz_full, need_dx || v.fill == Fill::Input)?;
         add_into(&mut g[self.kernel], &grads.dw);
-        Ok((grads.dx, d))
+        let mut computed = vec![false; n];
+        v.rows.iter().for_each(|&q| computed[q as usize] = true);
+        let mut dx = grads.dx;
+        if let (Fill::Input, Some(dx)) = (v.fill, dx.as_mut()) {
+            for q in (0..n).filter(|&q| !computed[q]) {
+                add_into(&mut dx[q * c..(q + 1) * c], &full_dy[q * c..(q + 1) * c]);
+            }
+        }
+        // The residual's gradient: through the BatchNorm path at computed rows; through the
+        // ReLU of the fill at pruned rows (zero fill), none otherwise.
+        let dres = if t.residual {
+            let mut dres = vec![0f32; n * c];
+            scatter_rows(&mut dres, c, &v.rows, &d);
+            if v.fill == Fill::Zero {
+                let y = v.out.feats();
+                for q in (0..n).filter(|&q| !computed[q]) {
+                    for i in q * c..(q + 1) * c {
+                        dres[i] = if self.relu && y[i] <= 0.0 { 0.0 } else { full_dy[i] };
+                    }
+                }
+            }
+            dres
+        } else {
+            Vec::new()
+        };
+        Ok((dx, dres))
     }
 }
 
@@ -504,6 +634,28 @@ impl TrainNet {
             head_in: c.cin,
             points,
         })
+    }
+
+    /// Train with voxel pruning as `plan` says (the same plan the inference network takes:
+    /// [`crate::pipeline::Model::set_voxel_plan`] checks it against the description).
+    pub fn set_voxel_plan(&mut self, plan: &VoxelPlan) -> Result<()> {
+        let names: Vec<String> = self.desc.convs().iter().map(|c| c.kernel.clone()).collect();
+        if let Some(n) = plan.ratios.keys().find(|n| !names.contains(n)) {
+            return Err(Error::invalid("voxel plan", format!("names conv `{n}`, which this {} lacks", self.arch())));
+        }
+        let mut convs: Vec<&mut ConvBn> = self.stem.iter_mut().collect();
+        for st in self.stages.iter_mut().chain(self.ups.iter_mut()) {
+            convs.push(&mut st.resample);
+            for b in st.blocks.iter_mut() {
+                convs.push(&mut b.c1);
+                convs.extend(b.shortcut.as_mut());
+                convs.push(&mut b.c2);
+            }
+        }
+        for (c, name) in convs.into_iter().zip(&names) {
+            c.voxel = plan.layer(name);
+        }
+        Ok(())
     }
 
     /// `minkunet` or `spvcnn`.

@@ -355,6 +355,8 @@ pub struct Trainer {
     train: Vec<Sample>,
     eval: Vec<Sample>,
     engine: Engine,
+    /// Voxel pruning trained with and evaluated with (see [`Trainer::set_voxel_plan`]).
+    voxel: Option<crate::voxel_prune::VoxelPlan>,
 }
 
 const MASK: &str = "mask.";
@@ -440,6 +442,7 @@ impl Trainer {
             train,
             eval,
             engine: Engine::new(Device::Cpu, MapBuilder::Sort, Grouping::Heuristic),
+            voxel: None,
         })
     }
 
@@ -587,10 +590,23 @@ impl Trainer {
         }
     }
 
+    /// Fine-tune with voxel pruning on (the same plan in training and evaluation), so the
+    /// network adapts to the voxels it no longer computes.
+    pub fn set_voxel_plan(&mut self, plan: &crate::voxel_prune::VoxelPlan) -> Result<()> {
+        self.model()?.set_voxel_plan(plan)?;
+        self.net.set_voxel_plan(plan)?;
+        self.voxel = Some(plan.clone());
+        Ok(())
+    }
+
     /// The inference model (BatchNorm folded) with the current weights.
     pub fn model(&self) -> Result<Model> {
         let ck = Checkpoint::from_tensors("<model being trained>", self.net.params.tensors(), self.metadata());
-        Ok(Model::from_checkpoint(&ck, Some(&self.config.arch), Some(self.config.cr))?.0)
+        let mut m = Model::from_checkpoint(&ck, Some(&self.config.arch), Some(self.config.cr))?.0;
+        if let Some(plan) = &self.voxel {
+            m.set_voxel_plan(plan)?;
+        }
+        Ok(m)
     }
 
     /// mIoU (and the confusion matrix) of the current weights on the evaluation scans.

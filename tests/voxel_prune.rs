@@ -1,0 +1,215 @@
+//! Voxel (activation) pruning: the fast path (pruned outputs never gathered, multiplied or
+//! scattered) against a reference that computes every voxel and overwrites the pruned ones,
+//! for single convs (written out here from the documented semantics) and the whole network on
+//! the real scan; bit-identical across thread counts; the skipped work really absent from the
+//! maps; bad plans and ratios rejected with one line and exit 2.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use sparseconv::nn::checkpoint::Checkpoint;
+use sparseconv::pipeline::{self, Model};
+use sparseconv::voxel_prune::{importance, kept_rows, Fill, Score, VoxelPlan};
+use sparseconv::{ConvWeight, Engine, KernelSpec, SparseTensor};
+
+fn weight(seed: u64, vol: usize, cin: usize, cout: usize) -> ConvWeight {
+    let k = sparseconv::bench::pseudo_random(vol * cin * cout, seed, 0.3);
+    let b = sparseconv::bench::pseudo_random(cout, seed + 1, 0.1);
+    ConvWeight::new(k, vol, cin, cout, Some(b)).expect("weight")
+}
+
+/// One submanifold conv, every fill and residual case: the fast path equals the full conv with
+/// the pruned rows overwritten by hand.
+#[test]
+fn a_pruned_submanifold_conv_is_the_full_conv_with_pruned_rows_overwritten() {
+    let spec = KernelSpec::new(3, 1, 1).expect("spec");
+    for (cin, cout, with_res, fill) in [
+        (8, 8, false, Fill::Input),
+        (8, 8, true, Fill::Input),
+        (8, 8, true, Fill::Zero),
+        (8, 16, false, Fill::Input),
+        (8, 16, true, Fill::Zero),
+        (8, 8, false, Fill::Zero),
+    ] {
+        let x = random_tensor(3, 2, 10, 1, 0.3, cin);
+        let res = with_res.then(|| {
+            let f = sparseconv::bench::pseudo_random(x.len() * cout, 9, 1.0);
+            SparseTensor::new(x.coord_set().clone(), f, cout).expect("residual")
+        });
+        let w = weight(5, 27, cin, cout);
+        let e = Engine::default();
+        let scores = importance(x.feats(), cin, Score::L1);
+        let rows = kept_rows(&scores, |i| x.coords()[i][0], 0.6).expect("rows");
+        let label = format!("{cin}->{cout} residual {with_res} fill {fill:?}");
+        let fast = e.conv_voxel_pruned(&x, spec, None, &w, res.as_ref(), true, &rows, fill, false).expect("fast");
+        let map = e.kernel_map(x.coord_set(), spec).expect("map");
+        let full = e.conv_fused(&map, &x, &w, res.as_ref(), true).expect("full").into_feats();
+        let mut want = full.clone();
+        let mut keep = vec![false; x.len()];
+        rows.iter().for_each(|&r| keep[r as usize] = true);
+        for q in (0..x.len()).filter(|&q| !keep[q]) {
+            for k in 0..cout {
+                want[q * cout + k] = match (fill, &res) {
+                    (Fill::Input, _) if cin == cout => x.feats()[q * cin + k],
+                    (_, Some(r)) => r.feats()[q * cout + k].max(0.0),
+                    (_, None) => 0.0,
+                };
+            }
+        }
+        assert!(rel_err(fast.feats(), &want) < 1e-5, "{label}: {}", rel_err(fast.feats(), &want));
+        assert!(!same_bits(&full, &want), "{label}: pruning changed some rows");
+        assert_eq!(rows.len(), x.len() - count_pruned(&x, 0.6), "{label}: kept count per batch item");
+    }
+}
+
+fn count_pruned(x: &SparseTensor, r: f32) -> usize {
+    let mut per = std::collections::BTreeMap::new();
+    x.coords().iter().for_each(|c| *per.entry(c[0]).or_insert(0usize) += 1);
+    per.values().map(|&n| (r as f64 * n as f64).floor() as usize).sum()
+}
+
+/// A pruned downsampling conv keeps exactly the sites an important voxel falls into, with
+/// every input's contribution to them, and the transposed conv back runs on its transpose.
+#[test]
+fn a_pruned_downsampling_conv_keeps_the_sites_of_important_voxels() {
+    let down = KernelSpec::new(2, 2, 1).expect("spec");
+    let x = random_tensor(4, 2, 12, 1, 0.3, 8);
+    let w = weight(7, 8, 8, 8);
+    let e = Engine::default();
+    let rows = kept_rows(&importance(x.feats(), 8, Score::L2), |i| x.coords()[i][0], 0.5).expect("rows");
+    let y = e.conv_voxel_pruned(&x, down, None, &w, None, false, &rows, Fill::Input, false).expect("fast");
+    let full = e.conv(&x, &w, down).expect("full");
+    // Sites: the parents of the kept rows, no others.
+    let parent = |c: [i32; 4]| [c[0], c[1].div_euclid(2) * 2, c[2].div_euclid(2) * 2, c[3].div_euclid(2) * 2];
+    let want: std::collections::BTreeSet<[i32; 4]> = rows.iter().map(|&r| parent(x.coords()[r as usize])).collect();
+    assert_eq!(coord_set(y.coords()), want);
+    assert!(want.len() < full.len(), "some sites are gone");
+    // Each kept site's features: the full conv's (every child contributes).
+    let at: std::collections::HashMap<[i32; 4], usize> =
+        full.coords().iter().enumerate().map(|(i, &c)| (c, i)).collect();
+    let got = y.feats();
+    for (j, c) in y.coords().iter().enumerate() {
+        let i = at[c];
+        assert_eq!(&got[j * 8..(j + 1) * 8], &full.feats()[i * 8..(i + 1) * 8], "site {c:?}");
+    }
+    // The reference path: the same sites and bits.
+    let r = e.conv_voxel_pruned(&x, down, None, &w, None, false, &rows, Fill::Input, true).expect("reference");
+    assert!(same_bits(r.feats(), y.feats()));
+    // Upsampling back onto x's coordinates: only the kept sites' children get anything.
+    let up = e.conv_transposed(&y, x.coord_set(), &weight(8, 8, 8, 4), down).expect("transposed");
+    assert_eq!(up.len(), x.len());
+    let alive = |c: [i32; 4]| want.contains(&parent(c));
+    for (q, c) in x.coords().iter().enumerate() {
+        let row = &up.feats()[q * 4..(q + 1) * 4];
+        // Without a parent the row is the bias only.
+        let bias_only = row == weight(8, 8, 8, 4).bias().expect("bias");
+        assert_eq!(bias_only, !alive(*c), "row {q}");
+    }
+}
+
+fn bundled() -> Model {
+    let ck = Checkpoint::load(&repo("data/models/minkunet_cr0.5.safetensors")).expect("bundled model");
+    Model::from_checkpoint(&ck, None, None).expect("model").0
+}
+
+fn plan(m: &Model, r: f32, fill: Fill, downs: bool) -> VoxelPlan {
+    let mut p = VoxelPlan::uniform(m.desc().block_convs().iter().map(|c| c.kernel.as_str()), r).expect("plan");
+    if downs {
+        for st in &m.desc().stages[..2] {
+            p.ratios.insert(st.resample.kernel.clone(), r);
+        }
+    }
+    p.fill = fill;
+    p
+}
+
+/// The whole network on the real scan: the fast path equals the reference (every voxel
+/// computed, pruned ones overwritten), for both fills and with pruned downsampling; it runs
+/// fewer pairs; and it gives the same bits on 1 and 2 threads.
+#[test]
+fn the_pruned_network_matches_the_reference_on_the_real_scan() {
+    let p = pipeline::prepare_file(&repo(SCAN), None, pipeline::VoxelizeMode::Mean).expect("scan");
+    let e = Engine::default();
+    let base = bundled();
+    for (r, fill, downs) in [(0.5, Fill::Input, false), (0.3, Fill::Zero, true), (0.7, Fill::Input, true)] {
+        let label = format!("r {r} fill {fill:?} downsampling pruned {downs}");
+        let mut pl = plan(&base, r, fill, downs);
+        let mut fast = base.clone();
+        fast.set_voxel_plan(&pl).expect("plan");
+        pl.reference = true;
+        let mut reference = base.clone();
+        reference.set_voxel_plan(&pl).expect("plan");
+        e.start_trace();
+        let a = fast.forward(&e, &p.voxels).expect("fast");
+        let fast_pairs: usize = e.take_trace().iter().map(|t| t.pairs * t.cin * t.cout).sum();
+        e.start_trace();
+        let b = reference.forward(&e, &p.voxels).expect("reference");
+        let ref_pairs: usize = e.take_trace().iter().map(|t| t.pairs * t.cin * t.cout).sum();
+        assert!(rel_err(&a, &b) < 1e-4, "{label}: {}", rel_err(&a, &b));
+        assert!(
+            (fast_pairs as f64) < (1.0 - 0.8 * r as f64) * ref_pairs as f64,
+            "{label}: the fast path runs {fast_pairs} pair-MACs against {ref_pairs}"
+        );
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
+        let c = one.install(|| fast.forward(&Engine::default(), &p.voxels)).expect("1 thread");
+        assert!(same_bits(&a, &c), "{label}: 1 thread differs");
+    }
+    // Unpruned logits differ (the plan does something), and r = 0 is no pruning at all.
+    let none = base.forward(&e, &p.voxels).expect("unpruned");
+    let mut zero = base.clone();
+    zero.set_voxel_plan(&plan(&base, 0.0, Fill::Input, true)).expect("plan");
+    assert!(same_bits(&none, &zero.forward(&e, &p.voxels).expect("r=0")));
+}
+
+#[test]
+fn plans_naming_what_the_model_lacks_are_errors() {
+    let mut m = bundled();
+    let mut p = VoxelPlan::default();
+    p.ratios.insert("stage9.1.net.0.kernel".into(), 0.5);
+    assert!(m.set_voxel_plan(&p).unwrap_err().to_string().contains("stage9.1.net.0.kernel"));
+    let mut p = VoxelPlan::default();
+    p.ratios.insert("up1.0.net.0.kernel".into(), 0.5);
+    assert!(m.set_voxel_plan(&p).unwrap_err().to_string().contains("transposed"));
+    let _ = Arc::new(0);
+}
+
+#[test]
+fn bad_voxel_flags_get_one_line_and_exit_2() {
+    let model = arg(&repo("data/models/minkunet_cr0.5.safetensors"));
+    let scan = arg(&repo(SCAN));
+    let plan = tmp_path("voxel", "bad.plan");
+    std::fs::write(&plan, "# sparseconv voxel plan\nconv stage9.1.net.0.kernel 0.5\n").expect("write");
+    let bad_ratio = tmp_path("voxel", "ratio.plan");
+    std::fs::write(&bad_ratio, "# sparseconv voxel plan\nconv stage1.1.net.0.kernel 1.5\n").expect("write");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--voxel-prune".into(), "1.0".into()], "outside [0, 1)"),
+        (vec!["--voxel-prune".into(), "-0.2".into()], "outside [0, 1)"),
+        (vec!["--voxel-plan".into(), arg(&plan)], "stage9.1.net.0.kernel"),
+        (vec!["--voxel-plan".into(), arg(&bad_ratio)], "line 2"),
+        (vec!["--voxel-prune".into(), "0.5".into(), "--voxel-fill".into(), "half".into()], "--voxel-fill"),
+    ];
+    for (flags, want) in cases {
+        let mut args: Vec<String> = vec![
+            "bench".into(),
+            scan.clone(),
+            "--model".into(),
+            model.clone(),
+            "--runs".into(),
+            "1".into(),
+            "--warmup".into(),
+            "0".into(),
+        ];
+        args.extend(flags.iter().cloned());
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run_cli(&a);
+        assert_eq!(code, 2, "{flags:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{flags:?}: {err}");
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
+    // A command that runs no network refuses the flag.
+    let (code, _, err) = run_cli(&["init-weights", &arg(&tmp_path("voxel", "w.safetensors")), "--voxel-prune", "0.5"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--voxel-prune"), "{err}");
+}
