@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use sparseconv::nn::checkpoint::Checkpoint;
 use sparseconv::pipeline::{self, Model};
@@ -172,7 +170,6 @@ fn plans_naming_what_the_model_lacks_are_errors() {
     let mut p = VoxelPlan::default();
     p.ratios.insert("up1.0.net.0.kernel".into(), 0.5);
     assert!(m.set_voxel_plan(&p).unwrap_err().to_string().contains("transposed"));
-    let _ = Arc::new(0);
 }
 
 #[test]
@@ -212,4 +209,24 @@ fn bad_voxel_flags_get_one_line_and_exit_2() {
     let (code, _, err) = run_cli(&["init-weights", &arg(&tmp_path("voxel", "w.safetensors")), "--voxel-prune", "0.5"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--voxel-prune"), "{err}");
+}
+
+/// The sweep's plan: per conv the largest ratio within the drop that also measured faster.
+#[test]
+fn the_voxel_sweep_plan_keeps_what_each_conv_may_lose() {
+    use sparseconv::prune::sensitivity::{voxel_plan, VoxelPoint};
+    let p = |name: &str, ratio: f64, miou: f64, seconds: f64| VoxelPoint { name: name.into(), ratio, miou, seconds };
+    let pts = vec![
+        p("", 0.0, 0.40, 1.0),
+        p("a", 0.5, 0.399, 0.9),
+        p("a", 0.8, 0.397, 0.8),
+        p("b", 0.5, 0.38, 0.9),
+        p("c", 0.5, 0.40, 1.1),
+    ];
+    let base = VoxelPlan { fill: Fill::Zero, ..VoxelPlan::default() };
+    let plan = voxel_plan(&pts, 0.005, &base);
+    assert_eq!(plan.ratios.len(), 1, "{plan:?}");
+    assert_eq!(plan.ratios["a"], 0.8);
+    assert_eq!(plan.fill, Fill::Zero);
+    assert!(voxel_plan(&pts, 0.0, &base).ratios.is_empty());
 }

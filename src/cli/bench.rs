@@ -168,10 +168,11 @@ pub(crate) fn cmd_bench(
                 "{:<4} {:<28} {:>15} {:>8} {:>9} {:>8} {:>14} {:>9}",
                 "#", "conv", "rows in->out", "pairs", "ms", "GFLOP/s", "plan", "dense ms"
             );
-            let (mut sum_ms, mut sum_dense) = (0.0, 0.0);
+            let (mut sum_ms, mut sum_dense, mut flops) = (0.0, 0.0, 0.0);
             for (i, (l, ts)) in layer_times.into_iter().enumerate() {
                 let st = Stats::from_samples(ts);
                 sum_ms += st.median * 1e3;
+                flops += conv_flops(l.pairs, l.cin, l.cout);
                 // The floor: one dense GEMM [pairs, Cin] x [Cin, Cout] (same FLOPs, no gather,
                 // no scatter) on the same threads, timed here in the same run.
                 let dense = on_cpu.then(|| dense_floor_ms(l.pairs, l.cin, l.cout));
@@ -189,9 +190,12 @@ pub(crate) fn cmd_bench(
                 );
             }
             if on_cpu {
-                println!("sum of conv medians: {sum_ms:.1} ms; the same FLOPs as dense GEMMs: {sum_dense:.1} ms");
+                println!(
+                    "sum of conv medians: {sum_ms:.1} ms for {:.2} GFLOP; the same FLOPs as dense GEMMs: {sum_dense:.1} ms",
+                    flops / 1e9
+                );
             } else {
-                println!("sum of conv medians: {sum_ms:.1} ms");
+                println!("sum of conv medians: {sum_ms:.1} ms for {:.2} GFLOP", flops / 1e9);
             }
         }
     }

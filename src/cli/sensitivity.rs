@@ -31,8 +31,10 @@ pub struct SensitivityArgs {
     #[arg(long, num_args = 1.., required = true)]
     pub labels: Vec<PathBuf>,
     /// What is pruned one unit at a time: `channel` (the channels of one dependency group),
-    /// `offset` (kernel offsets of one conv, by L1), or `element`, `block`, `N:M` (weights of
-    /// one conv in that sparse format, by magnitude).
+    /// `offset` (kernel offsets of one conv, by L1), `element`, `block`, `N:M` (weights of
+    /// one conv in that sparse format, by magnitude), or `voxel` (the voxels of one conv, by
+    /// feature magnitude, timed on the bundled scan; `--voxel-fill`/`--voxel-score` apply, and
+    /// `--threshold` writes `voxel_plan.txt` for `--voxel-plan`).
     #[arg(long, default_value = "channel")]
     pub granularity: String,
     /// Channel ranking: l1, l2, bn or random.
@@ -88,8 +90,79 @@ pub fn parse_ratios(s: &str) -> Result<Vec<f64>> {
     Ok(v)
 }
 
+/// `--granularity voxel`: each block conv and downsampling conv voxel-pruned alone at each
+/// ratio, mIoU and measured time; with `--threshold`, the plan of what each may lose alone.
+fn run_voxel(a: SensitivityArgs) -> Result<()> {
+    use sparseconv::prune::sensitivity::{sweep_voxels, voxel_plan};
+    let ratios = parse_ratios(&a.ratios)?;
+    if let Some(t) = a.threshold {
+        if !(t.is_finite() && t >= 0.0) {
+            return Err(Error::invalid("--threshold", format!("must be a non-negative mIoU drop in points, got {t}")));
+        }
+    }
+    if a.target_speedup.is_some() {
+        return Err(Error::invalid("--target-speedup", "voxel sweeps take --threshold"));
+    }
+    let base = super::voxel::sweep_settings()?;
+    let (model, _) = Model::load(&a.model, a.arch.map(ArchArg::as_str), None)?;
+    let d = model.desc();
+    let mut convs: Vec<String> = d.block_convs().iter().map(|c| c.kernel.clone()).collect();
+    if d.point_transforms.is_empty() {
+        convs.extend(d.stages.iter().map(|s| s.resample.kernel.clone()));
+    }
+    let eval = eval_set(&a.eval, &a.labels)?;
+    std::fs::create_dir_all(&a.out).map_err(|e| Error::io(&a.out, e))?;
+    let e = Engine::new(Device::Cpu, Device::Cpu.map_builder(), Grouping::Auto);
+    let scan = bundled("data/semantickitti/sequences/00/velodyne/000000.bin");
+    let timing = sparseconv::pipeline::prepare_file(&scan, None, sparseconv::pipeline::VoxelizeMode::Mean)?;
+    let t0 = Instant::now();
+    let bar = indicatif::ProgressBar::new((convs.len() * ratios.len()) as u64);
+    let pts = sweep_voxels(&model, &convs, &ratios, &base, &eval, &e, &timing, 3, |i, _| bar.set_position(i as u64))?;
+    bar.finish_and_clear();
+    let mut csv = String::from("name,ratio,miou,measured_ms\n");
+    for p in &pts {
+        csv.push_str(&format!("{},{},{:.4},{:.3}\n", p.name, p.ratio, p.miou * 100.0, p.seconds * 1e3));
+    }
+    let path = a.out.join("voxel_sensitivity.csv");
+    std::fs::write(&path, csv).map_err(|e| Error::io(&path, e))?;
+    println!(
+        "{} convs x {} ratios on {} scans in {:.0} s (fill {}, score {}): unpruned mIoU {:.1}%, {:.1} ms; wrote {}",
+        convs.len(),
+        ratios.len(),
+        eval.scans.len(),
+        t0.elapsed().as_secs_f64(),
+        base.fill,
+        base.score,
+        pts[0].miou * 100.0,
+        pts[0].seconds * 1e3,
+        path.display()
+    );
+    if let Some(t) = a.threshold {
+        let plan = voxel_plan(&pts, t / 100.0, &base);
+        let path = a.out.join("voxel_plan.txt");
+        std::fs::write(&path, plan.to_text()).map_err(|e| Error::io(&path, e))?;
+        let mut m = model.clone();
+        m.set_voxel_plan(&plan)?;
+        let (miou, _) = eval.evaluate(&e, &m)?;
+        println!(
+            "plan for a drop of at most {t:.2} points per conv: {} convs pruned; all together mIoU {:.1}% (unpruned {:.1}%); wrote {}",
+            plan.ratios.len(),
+            miou * 100.0,
+            pts[0].miou * 100.0,
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Run the command.
 pub fn run(a: SensitivityArgs) -> Result<()> {
+    if a.granularity == "voxel" {
+        return run_voxel(a);
+    }
+    if super::voxel::given() {
+        return Err(Error::invalid("--voxel-prune", "voxel flags go with `sensitivity --granularity voxel`"));
+    }
     let granularity = Granularity::parse(&a.granularity)?;
     let criterion: Criterion = a.criterion.parse()?;
     if granularity != Granularity::Channel && criterion != Criterion::L1 {

@@ -106,3 +106,21 @@ pub fn apply(model: &mut Model) -> Result<Option<String>> {
         if plan.reference { ", reference (every voxel computed)" } else { "" }
     )))
 }
+
+/// Fill and score from the flags for a sweep that picks its own ratios (`sensitivity
+/// --granularity voxel`); a ratio or plan given with it is an error.
+pub fn sweep_settings() -> Result<VoxelPlan> {
+    let a = ARGS.get().cloned().unwrap_or_default();
+    if a.voxel_prune.is_some() || a.voxel_plan.is_some() {
+        return Err(Error::invalid("--voxel-prune", "the sweep picks its own ratios (give --ratios)"));
+    }
+    let mut plan = VoxelPlan::default();
+    if let Some(f) = &a.voxel_fill {
+        plan.fill = f.parse::<Fill>().map_err(|e| Error::invalid("--voxel-fill", e))?;
+    }
+    if let Some(s) = &a.voxel_score {
+        plan.score = s.parse::<Score>().map_err(|e| Error::invalid("--voxel-score", e))?;
+    }
+    plan.reference = a.voxel_reference;
+    Ok(plan)
+}

@@ -442,3 +442,79 @@ impl Sweep {
         ))
     }
 }
+
+/// One point of a voxel-pruning sweep: conv `name` alone pruned at `ratio`.
+#[derive(Debug, Clone)]
+pub struct VoxelPoint {
+    /// Conv kernel tensor name (empty for the unpruned network).
+    pub name: String,
+    /// Fraction of its voxels pruned.
+    pub ratio: f64,
+    /// mIoU (fraction) on the evaluation scans.
+    pub miou: f64,
+    /// Measured forward time (seconds, median) on the timing scan.
+    pub seconds: f64,
+}
+
+/// Voxel pruning one conv at a time: for every conv in `convs` and ratio, mIoU on `eval` and
+/// the forward time measured on `timing` (median of `runs` after a warm-up), with `base` (fill
+/// and score) as the plan's other settings. The unpruned network comes first.
+#[allow(clippy::too_many_arguments)]
+pub fn sweep_voxels(
+    model: &Model,
+    convs: &[String],
+    ratios: &[f64],
+    base: &crate::voxel_prune::VoxelPlan,
+    eval: &EvalSet,
+    e: &Engine,
+    timing: &Prepared,
+    runs: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<VoxelPoint>> {
+    let time = |m: &Model| -> Result<f64> {
+        m.forward(e, &timing.voxels)?;
+        let mut t = Vec::with_capacity(runs.max(1));
+        for _ in 0..runs.max(1) {
+            let t0 = Instant::now();
+            m.forward(e, &timing.voxels)?;
+            t.push(t0.elapsed().as_secs_f64());
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    };
+    let (miou, _) = eval.evaluate(e, model)?;
+    let mut out = vec![VoxelPoint { name: String::new(), ratio: 0.0, miou, seconds: time(model)? }];
+    let total = convs.len() * ratios.len();
+    for c in convs {
+        for &r in ratios {
+            let mut plan = base.clone();
+            plan.ratios = [(c.clone(), r as f32)].into_iter().collect();
+            let mut m = model.clone();
+            m.set_voxel_plan(&plan)?;
+            let (miou, _) = eval.evaluate(e, &m)?;
+            out.push(VoxelPoint { name: c.clone(), ratio: r, miou, seconds: time(&m)? });
+            progress(out.len() - 1, total);
+        }
+    }
+    Ok(out)
+}
+
+/// The voxel plan keeping, per conv, the largest swept ratio whose mIoU drop alone is at most
+/// `threshold` (a fraction) and which measured faster than the unpruned network.
+pub fn voxel_plan(
+    points: &[VoxelPoint],
+    threshold: f64,
+    base: &crate::voxel_prune::VoxelPlan,
+) -> crate::voxel_prune::VoxelPlan {
+    let mut plan = base.clone();
+    plan.ratios.clear();
+    let Some(b) = points.first() else { return plan };
+    for p in &points[1..] {
+        if b.miou - p.miou <= threshold && p.seconds < b.seconds {
+            let e = plan.ratios.entry(p.name.clone()).or_insert(0.0);
+            *e = e.max(p.ratio as f32);
+        }
+    }
+    plan.ratios.retain(|_, r| *r > 0.0);
+    plan
+}
