@@ -935,15 +935,15 @@ impl Engine {
         }
         let fill = fill.resolve(w.cin, w.cout);
         let map = self.kernel_map_keeping(x.coord_set(), spec, keep)?;
-        let (n, c) = (map.n_out(), w.cout);
-        let mut kept = vec![false; n];
+        let c = w.cout;
+        // The fast path runs only the kept rows' pairs; the reference runs them all. Either way
+        // the pruned rows are then overwritten.
+        let mut kept = vec![false; map.n_out()];
         for &r in rows {
             *kept
                 .get_mut(r as usize)
                 .ok_or_else(|| Error::invalid("voxel pruning", format!("kept row {r} is out of range")))? = true;
         }
-        // The fast path runs only the kept rows' pairs; the reference runs them all. Either way
-        // the pruned rows are then overwritten.
         let y = if reference {
             self.conv_fused(&map, x, w, residual, relu)?
         } else {

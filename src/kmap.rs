@@ -451,6 +451,17 @@ impl KernelMap {
         Ok(m)
     }
 
+    /// [`KernelMap::for_outputs`] for the output rows `rows` (each below `n_out`).
+    pub fn for_output_rows(&self, rows: &[u32]) -> Result<KernelMap> {
+        let mut keep = vec![false; self.n_out()];
+        for &r in rows {
+            *keep
+                .get_mut(r as usize)
+                .ok_or_else(|| Error::invalid("voxel pruning", format!("kept row {r} is out of range")))? = true;
+        }
+        self.for_outputs(&keep)
+    }
+
     /// `Some(keep)` unless it keeps everything.
     pub(crate) fn kept_mask(keep: &[bool]) -> Option<Vec<bool>> {
         (!keep.iter().all(|&k| k)).then(|| keep.to_vec())

@@ -104,30 +104,29 @@ fn pruned_conv_bn(p: &P, kernel: &str, bn_pre: &str, x: &F, res: Option<&[f64]>,
     y
 }
 
+/// A block's shortcut: its 1×1 conv + BatchNorm, or the input.
+fn shortcut(p: &P, pre: &str, x: &F) -> Vec<f64> {
+    if p.contains_key(&format!("{pre}.downsample.0.kernel")) {
+        let mut s = conv(p, &format!("{pre}.downsample.0.kernel"), x, &x.coords, 1, 1, 1, x.stride);
+        bn(p, &format!("{pre}.downsample.1"), &mut s, false);
+        s.f
+    } else {
+        x.f.clone()
+    }
+}
+
 fn residual(p: &P, pre: &str, x: &F) -> F {
     let r = VOXEL.with(|v| v.get());
     if r > 0.0 {
         let h = pruned_conv_bn(p, &format!("{pre}.net.0.kernel"), &format!("{pre}.net.1"), x, None, r);
-        let sc = if p.contains_key(&format!("{pre}.downsample.0.kernel")) {
-            let mut s = conv(p, &format!("{pre}.downsample.0.kernel"), x, &x.coords, 1, 1, 1, x.stride);
-            bn(p, &format!("{pre}.downsample.1"), &mut s, false);
-            s.f
-        } else {
-            x.f.clone()
-        };
+        let sc = shortcut(p, pre, x);
         return pruned_conv_bn(p, &format!("{pre}.net.3.kernel"), &format!("{pre}.net.4"), &h, Some(&sc), r);
     }
     let mut h = conv(p, &format!("{pre}.net.0.kernel"), x, &x.coords, 3, 1, 1, x.stride);
     bn(p, &format!("{pre}.net.1"), &mut h, true);
     let mut y = conv(p, &format!("{pre}.net.3.kernel"), &h, &x.coords, 3, 1, 1, x.stride);
     bn(p, &format!("{pre}.net.4"), &mut y, false);
-    let sc = if p.contains_key(&format!("{pre}.downsample.0.kernel")) {
-        let mut s = conv(p, &format!("{pre}.downsample.0.kernel"), x, &x.coords, 1, 1, 1, x.stride);
-        bn(p, &format!("{pre}.downsample.1"), &mut s, false);
-        s.f
-    } else {
-        x.f.clone()
-    };
+    let sc = shortcut(p, pre, x);
     y.f.iter_mut().zip(&sc).for_each(|(a, b)| *a = (*a + b).max(0.0));
     y
 }

@@ -216,12 +216,7 @@ impl ConvBn {
             (true, Some(t), _) => e.transposed_map(x.coord_set(), t, self.spec)?,
             (true, None, _) => return Err(Error::invalid("transposed conv", "no target coordinates given")),
             (false, _, Some(r)) if self.spec.stride > 1 => e.pruned_down_map(x.coord_set(), self.spec, None, r)?,
-            (false, _, Some(r)) => {
-                let full = e.kernel_map(x.coord_set(), self.spec)?;
-                let mut keep = vec![false; full.n_out()];
-                r.iter().for_each(|&q| keep[q as usize] = true);
-                Arc::new(full.for_outputs(&keep)?)
-            }
+            (false, _, Some(r)) => Arc::new(e.kernel_map(x.coord_set(), self.spec)?.for_output_rows(r)?),
             (false, _, None) => e.kernel_map(x.coord_set(), self.spec)?,
         };
         let z = e.conv_with_map(&map, x, &self.weight(p)?)?;
