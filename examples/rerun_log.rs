@@ -12,6 +12,7 @@ use sparseconv::io::kitti::{read_label, LearningMap, NUM_CLASSES};
 use sparseconv::io::read_points;
 use sparseconv::nn::checkpoint::Checkpoint;
 use sparseconv::pipeline::{prepare_file, segment, Model, Timings, VoxelizeMode};
+use sparseconv::viz::levels;
 use sparseconv::viz::rerun::{write_rrd, SceneLog};
 use sparseconv::Engine;
 
@@ -29,9 +30,23 @@ fn main() -> sparseconv::Result<()> {
     let points = read_points(&scan, None)?;
     let input = prepare_file(&scan, None, VoxelizeMode::Mean)?;
     let mut timings = Timings::default();
-    let seg = segment(&Engine::default(), &model, &input, &mut timings)?;
+    let engine = Engine::default();
+    // The trace records each conv's output: the recording's per-level views come from it.
+    engine.start_trace();
+    let seg = segment(&engine, &model, &input, &mut timings)?;
+    let levels = levels(&engine.take_trace());
     let gt: Vec<u32> = read_label(&labels, Some(points.len()))?.iter().map(|&r| lm.to_train(r)).collect();
-    write_rrd(&out, &SceneLog { points: &points, pred: &seg.point_labels, gt: Some(&gt), classes: &lm, timings })?;
+    let log = SceneLog {
+        name: scan.display().to_string(),
+        points: &points,
+        pred: &seg.point_labels,
+        gt: Some(&gt),
+        voxels: input.voxels.coord_set(),
+        voxel_labels: &seg.voxel_labels,
+        levels: &levels,
+        timings,
+    };
+    write_rrd(&out, &lm, &log)?;
     println!("wrote {}", out.display());
     Ok(())
 }

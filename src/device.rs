@@ -304,6 +304,11 @@ pub struct LayerTrace {
     pub plan: String,
     /// Wall-clock seconds of the conv (epilogue included, map build excluded).
     pub seconds: f64,
+    /// The output's coordinates (the network level the conv writes, as a shared set).
+    pub out_coords: Arc<CoordSet>,
+    /// For a voxel-pruned submanifold conv: the output rows it computed (ascending); `None`
+    /// when every output row was computed.
+    pub computed_rows: Option<Arc<[u32]>>,
 }
 
 /// What the tuner chose for a layer.
@@ -649,6 +654,8 @@ impl Engine {
                 cout: w.cout,
                 plan: label,
                 seconds: t0.elapsed().as_secs_f64(),
+                out_coords: map.out_coords().clone(),
+                computed_rows: None,
             });
         }
         Ok(out)
@@ -949,6 +956,9 @@ impl Engine {
         } else {
             self.conv_fused(&map.for_outputs(&kept)?, x, w, residual, relu)?
         };
+        if let Some(last) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|t| t.last_mut()) {
+            last.computed_rows = Some(rows.into());
+        }
         let mut y = y.into_feats();
         let xf = x.try_feats()?;
         let rf = residual.map(|r| r.try_feats()).transpose()?;

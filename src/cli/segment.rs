@@ -92,8 +92,10 @@ pub(crate) struct SegmentArgs {
     /// The SemanticKITTI yaml (learning map).
     #[arg(long)]
     yaml: Option<PathBuf>,
-    /// Write a rerun recording: points coloured by class, ground truth and errors (with
-    /// --labels), stage timings. Needs the `rerun` cargo feature.
+    /// Write a rerun recording: prediction, ground truth and errors side by side (with
+    /// --labels, or the labels beside a sequence's scans), the network's levels, and the
+    /// voxel-pruning view; with many scans one `scan` time step per scan and stage times as
+    /// time series. Needs the `rerun` cargo feature.
     #[arg(long)]
     rerun: Option<PathBuf>,
     /// Open the recording in the rerun viewer (when `rerun` is on PATH).
@@ -143,7 +145,6 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
             (a.out_labels.is_some(), "--out-labels"),
             (a.logits.is_some(), "--logits"),
             (a.labels.is_some(), "--labels"),
-            (a.rerun.is_some(), "--rerun"),
         ] {
             if given {
                 return Err(Error::invalid(flag, "is for one scan; with many, use --out-dir (and `eval` on it)"));
@@ -160,6 +161,9 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
         }
         (None, _) => None,
     };
+    if a.rerun.is_some() && !cfg!(feature = "rerun") {
+        return Err(Error::invalid("--rerun", "this build has no rerun support (build with `--features rerun`)"));
+    }
     let device = check_device(a.device.as_str())?;
     let format = a.format.map(|f| f.as_str().parse::<PointFormat>()).transpose()?;
     let mode: pipeline::VoxelizeMode = a.voxelize.as_str().parse()?;
@@ -177,7 +181,7 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
             rayon::current_num_threads(),
             jobs.len()
         );
-        return cli::sequence::run(cli::sequence::SequenceRun {
+        cli::sequence::run(cli::sequence::SequenceRun {
             jobs,
             out_dir,
             resume: a.resume,
@@ -186,15 +190,15 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
             labels: &lm,
             format,
             mode,
-        });
+            rerun: a.rerun.clone(),
+        })?;
+        open_viewer(a.rerun.as_deref(), a.spawn);
+        return Ok(());
     }
     let scan = a.scans[0].clone();
     // One scan: timing plan candidates would cost more than it saves.
     let builder = device.map_builder();
     let engine = new_engine(device, builder, Grouping::Heuristic)?;
-    if a.rerun.is_some() && !cfg!(feature = "rerun") {
-        return Err(Error::invalid("--rerun", "this build has no rerun support (build with `--features rerun`)"));
-    }
     let mut timings = pipeline::Timings::default();
     let t0 = Instant::now();
     let las = format.or_else(|| PointFormat::detect(&scan).ok()) == Some(PointFormat::Las);
@@ -223,7 +227,12 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
         Some(p) => Some(read_label(p, Some(prepared.points))?),
         None => None,
     };
+    // The recording shows the network's levels: the layer trace records each conv's output.
+    if a.rerun.is_some() {
+        engine.start_trace();
+    }
     let seg = pipeline::segment(&engine, &model, &prepared, &mut timings)?;
+    let trace = engine.take_trace();
     println!(
         "{}: {} points -> {} voxels; {} cr={cr} widths {} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}, conv {:.1}, other {:.1}) on {} threads",
         scan.display(),
@@ -264,28 +273,26 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
             Some(p) => p,
             None => voxel_points(&prepared.voxels),
         };
+        let levels = sparseconv::viz::levels(&trace);
         sparseconv::viz::rerun::write_rrd(
             path,
+            &lm,
             &sparseconv::viz::rerun::SceneLog {
+                name: scan.display().to_string(),
                 points: &points,
                 pred: &seg.point_labels,
                 gt: gt_train.as_deref(),
-                classes: &lm,
+                voxels: prepared.voxels.coord_set(),
+                voxel_labels: &seg.voxel_labels,
+                levels: &levels,
                 timings,
             },
         )?;
         println!("wrote rerun recording {}", path.display());
-        if a.spawn {
-            match std::process::Command::new("rerun").arg(path).spawn() {
-                Ok(_) => println!("opened the rerun viewer"),
-                Err(e) => {
-                    eprintln!("warning: could not start the `rerun` viewer ({e}); open {} yourself", path.display())
-                }
-            }
-        }
     }
+    open_viewer(a.rerun.as_deref(), a.spawn);
     #[cfg(not(feature = "rerun"))]
-    let _ = a.spawn;
+    let _ = trace;
     if let Some(p) = &a.out_labels {
         let raw: Vec<u32> = seg.point_labels.iter().map(|&t| lm.to_raw(t)).collect();
         write_label(p, &raw)?;
@@ -306,6 +313,16 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
         println!("wrote logits of {} voxels to {}", v.len(), p.display());
     }
     Ok(())
+}
+
+/// `--spawn`: open a written recording in the rerun viewer (when `rerun` is on PATH).
+fn open_viewer(path: Option<&std::path::Path>, spawn: bool) {
+    if let (Some(path), true) = (path, spawn) {
+        match std::process::Command::new("rerun").arg(path).spawn() {
+            Ok(_) => println!("opened the rerun viewer"),
+            Err(e) => eprintln!("warning: could not start the `rerun` viewer ({e}); open {} yourself", path.display()),
+        }
+    }
 }
 
 /// Voxel centres in metres, for recordings of already-voxelized input.

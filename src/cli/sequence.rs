@@ -168,6 +168,101 @@ pub(crate) struct SequenceRun<'a> {
     pub labels: &'a LearningMap,
     pub format: Option<PointFormat>,
     pub mode: VoxelizeMode,
+    /// Write a rerun recording with one `scan` time step per scan.
+    pub rerun: Option<PathBuf>,
+}
+
+/// Ground truth beside a SemanticKITTI scan (`XX/velodyne/N.bin` → `XX/labels/N.label`).
+#[cfg_attr(not(feature = "rerun"), allow(dead_code))]
+fn labels_beside(scan: &Path) -> Option<PathBuf> {
+    let dir = scan.parent()?;
+    if dir.file_name()? != "velodyne" {
+        return None;
+    }
+    let p = dir.parent()?.join("labels").join(scan.file_stem()?).with_extension("label");
+    p.is_file().then_some(p)
+}
+
+/// The sequence's recording, when one is asked for.
+struct SequenceRecording {
+    #[cfg(feature = "rerun")]
+    rec: Option<sparseconv::viz::rerun::Recording>,
+}
+
+impl SequenceRecording {
+    fn new(path: Option<&Path>, labels: &LearningMap) -> Result<Self> {
+        #[cfg(feature = "rerun")]
+        {
+            let rec = path.map(|p| sparseconv::viz::rerun::Recording::create(p, labels, true)).transpose()?;
+            Ok(Self { rec })
+        }
+        #[cfg(not(feature = "rerun"))]
+        {
+            let _ = labels;
+            match path {
+                Some(_) => {
+                    Err(Error::invalid("--rerun", "this build has no rerun support (build with `--features rerun`)"))
+                }
+                None => Ok(Self {}),
+            }
+        }
+    }
+
+    fn on(&self) -> bool {
+        #[cfg(feature = "rerun")]
+        return self.rec.is_some();
+        #[cfg(not(feature = "rerun"))]
+        false
+    }
+
+    /// Log one segmented scan (its points read again: `Prepared` keeps only the voxels).
+    #[allow(unused_variables)]
+    fn log(
+        &mut self,
+        format: Option<PointFormat>,
+        labels: &LearningMap,
+        job: &Job,
+        prepared: &Prepared,
+        seg: &pipeline::Segmentation,
+        timings: pipeline::Timings,
+        trace: &[sparseconv::device::LayerTrace],
+    ) -> Result<()> {
+        #[cfg(feature = "rerun")]
+        if let Some(rec) = &mut self.rec {
+            let points = match pipeline::points_of(&job.scan, format)? {
+                Some(p) => p,
+                None => crate::cli::segment::voxel_points(&prepared.voxels),
+            };
+            let gt = match labels_beside(&job.scan) {
+                Some(p) => {
+                    let raw = sparseconv::io::kitti::read_label(&p, Some(prepared.points))?;
+                    Some(crate::cli::train_ids(&p, &raw, labels))
+                }
+                None => None,
+            };
+            let levels = sparseconv::viz::levels(trace);
+            rec.log_scan(&sparseconv::viz::rerun::SceneLog {
+                name: format!("{}/{}", job.seq, job.name),
+                points: &points,
+                pred: &seg.point_labels,
+                gt: gt.as_deref(),
+                voxels: prepared.voxels.coord_set(),
+                voxel_labels: &seg.voxel_labels,
+                levels: &levels,
+                timings,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Option<()>> {
+        #[cfg(feature = "rerun")]
+        if let Some(rec) = self.rec {
+            rec.finish()?;
+            return Ok(Some(()));
+        }
+        Ok(None)
+    }
 }
 
 /// Segment every job, writing predictions in the submission layout; prints a summary.
@@ -187,13 +282,15 @@ pub(crate) fn run(r: SequenceRun<'_>) -> Result<()> {
     // Resident memory after 10 scans, against the end: a long run must not grow.
     let (mut done, mut rss_at_10) = (0usize, None);
     let (format, mode) = (r.format, r.mode);
+    let mut recording = SequenceRecording::new(r.rerun.as_deref(), r.labels)?;
     std::thread::scope(|s| -> Result<()> {
         // One scan ahead: reading and voxelizing the next scan overlaps the current network pass.
-        let (tx, rx) = mpsc::sync_channel::<(usize, Result<Prepared>)>(1);
+        let (tx, rx) = mpsc::sync_channel::<(usize, Result<(Prepared, f64)>)>(1);
         let scans: Vec<PathBuf> = todo.iter().map(|j| j.scan.clone()).collect();
         s.spawn(move || {
             for (i, scan) in scans.iter().enumerate() {
-                let p = pipeline::prepare_file(scan, format, mode);
+                let t = Instant::now();
+                let p = pipeline::prepare_file(scan, format, mode).map(|p| (p, t.elapsed().as_secs_f64()));
                 let failed = p.is_err();
                 if tx.send((i, p)).is_err() || failed {
                     return;
@@ -202,8 +299,13 @@ pub(crate) fn run(r: SequenceRun<'_>) -> Result<()> {
         });
         for (i, prepared) in rx {
             let job = &todo[i];
-            let prepared = prepared?;
-            let seg = pipeline::segment(r.engine, r.model, &prepared, &mut pipeline::Timings::default())?;
+            let (prepared, voxelize) = prepared?;
+            let mut timings = pipeline::Timings { voxelize, ..Default::default() };
+            if recording.on() {
+                r.engine.start_trace();
+            }
+            let seg = pipeline::segment(r.engine, r.model, &prepared, &mut timings)?;
+            recording.log(format, r.labels, job, &prepared, &seg, timings, &r.engine.take_trace())?;
             let raw: Vec<u32> = seg.point_labels.iter().map(|&t| r.labels.to_raw(t)).collect();
             let out = job.output(&r.out_dir);
             if let Some(dir) = out.parent() {
@@ -229,6 +331,9 @@ pub(crate) fn run(r: SequenceRun<'_>) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let secs = t0.elapsed().as_secs_f64();
+    if let (Some(()), Some(p)) = (recording.finish()?, &r.rerun) {
+        println!("wrote rerun recording {} (one `scan` time step per scan)", p.display());
+    }
     println!(
         "segmented {} scans ({skipped} already written, skipped): {points} points in {secs:.1} s, {:.2} scans/s, {:.0} points/s; predictions under {}",
         todo.len(),
