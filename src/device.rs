@@ -229,6 +229,7 @@ pub struct Engine {
     maps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
     tuned: Mutex<HashMap<LayerKey, Tuned>>,
     map_secs: Mutex<f64>,
+    prune_secs: Mutex<f64>,
     trace: Mutex<Option<Vec<LayerTrace>>>,
     tmaps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
     precision: crate::gpu::conv::Precision,
@@ -380,6 +381,17 @@ impl Engine {
     /// Seconds spent building kernel maps since the last call (for per-stage timings).
     pub fn take_map_seconds(&self) -> f64 {
         std::mem::take(&mut *self.map_secs.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Seconds spent on voxel pruning's own work since the last call: scoring and selecting
+    /// voxels, restricting maps to the kept rows or sites, filling the pruned rows.
+    pub fn take_prune_seconds(&self) -> f64 {
+        std::mem::take(&mut *self.prune_secs.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Count `s` seconds of voxel-pruning work (see [`Engine::take_prune_seconds`]).
+    pub fn add_prune_seconds(&self, s: f64) {
+        *self.prune_secs.lock().unwrap_or_else(|e| e.into_inner()) += s;
     }
 
     /// Start (or restart) recording per-conv timings.
@@ -945,20 +957,20 @@ impl Engine {
         let c = w.cout;
         // The fast path runs only the kept rows' pairs; the reference runs them all. Either way
         // the pruned rows are then overwritten.
+        let t0 = std::time::Instant::now();
         let mut kept = vec![false; map.n_out()];
         for &r in rows {
             *kept
                 .get_mut(r as usize)
                 .ok_or_else(|| Error::invalid("voxel pruning", format!("kept row {r} is out of range")))? = true;
         }
-        let y = if reference {
-            self.conv_fused(&map, x, w, residual, relu)?
-        } else {
-            self.conv_fused(&map.for_outputs(&kept)?, x, w, residual, relu)?
-        };
+        let sub = if reference { None } else { Some(map.for_outputs(&kept)?) };
+        self.add_prune_seconds(t0.elapsed().as_secs_f64());
+        let y = self.conv_fused(sub.as_ref().unwrap_or(&*map), x, w, residual, relu)?;
         if let Some(last) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|t| t.last_mut()) {
             last.computed_rows = Some(rows.into());
         }
+        let t1 = std::time::Instant::now();
         let mut y = y.into_feats();
         let xf = x.try_feats()?;
         let rf = residual.map(|r| r.try_feats()).transpose()?;
@@ -983,6 +995,7 @@ impl Engine {
                 }
             }
         });
+        self.add_prune_seconds(t1.elapsed().as_secs_f64());
         SparseTensor::new(map.out_coords().clone(), y, c)
     }
 
@@ -1018,7 +1031,7 @@ impl Engine {
         let out =
             Arc::new(CoordSet::new_unchecked(sites.iter().map(|&o| oc.coords()[o as usize]).collect(), oc.stride()));
         let m = Arc::new(full.restrict_outputs(&sites, out.clone())?);
-        *self.map_secs.lock().unwrap_or_else(|e| e.into_inner()) += t0.elapsed().as_secs_f64();
+        self.add_prune_seconds(t0.elapsed().as_secs_f64());
         let keep = keep.and_then(KernelMap::kept_mask);
         let key = MapKey { input: input.id(), target: out.id(), kind: MapKind::Down, spec, keep };
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).insert(key, m.clone());

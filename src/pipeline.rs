@@ -326,7 +326,11 @@ pub struct Timings {
     pub voxelize: f64,
     /// Kernel-map builds inside the network.
     pub kernel_maps: f64,
-    /// Network forward minus kernel maps (convs, BN-folded biases, ReLU, adds, concat, classifier).
+    /// Voxel pruning's own work inside the network (scoring, selecting, restricting maps,
+    /// filling pruned rows); zero without voxel pruning.
+    pub voxel_prune: f64,
+    /// Network forward minus kernel maps and voxel pruning (convs, BN-folded biases, ReLU, adds,
+    /// concat, classifier).
     pub conv: f64,
     /// Argmax and mapping back to points.
     pub other: f64,
@@ -335,7 +339,7 @@ pub struct Timings {
 impl Timings {
     /// Sum of the stages.
     pub fn total(&self) -> f64 {
-        self.voxelize + self.kernel_maps + self.conv + self.other
+        self.voxelize + self.kernel_maps + self.voxel_prune + self.conv + self.other
     }
 }
 
@@ -375,12 +379,15 @@ pub fn labels(logits: &[f32], p: &Prepared) -> (Vec<u32>, Vec<u32>) {
 pub fn segment(e: &Engine, model: &Model, p: &Prepared, timings: &mut Timings) -> Result<Segmentation> {
     e.clear_cache();
     e.take_map_seconds();
+    e.take_prune_seconds();
     let t0 = Instant::now();
     let logits = model.forward(e, &p.voxels)?;
     let fwd = t0.elapsed().as_secs_f64();
     let maps = e.take_map_seconds();
+    let prune = e.take_prune_seconds();
     timings.kernel_maps = maps;
-    timings.conv = (fwd - maps).max(0.0);
+    timings.voxel_prune = prune;
+    timings.conv = (fwd - maps - prune).max(0.0);
     let t1 = Instant::now();
     let (voxel_labels, point_labels) = labels(&logits, p);
     timings.other = t1.elapsed().as_secs_f64();

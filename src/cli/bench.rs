@@ -57,7 +57,8 @@ pub(crate) fn cmd_bench(
     if json || scans.len() * (warmup + runs) < 20 {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let (mut vox, mut maps, mut conv, mut other, mut total) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut vox, mut maps, mut prune, mut conv, mut other, mut total) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     let (mut points, mut voxels) = (0usize, 0usize);
     let mut layer_times: Vec<(sparseconv::device::LayerTrace, Vec<f64>)> = Vec::new();
     // GPU dispatches and submits over the measured runs.
@@ -84,6 +85,7 @@ pub(crate) fn cmd_bench(
                 gpu_work = (gpu_work.0 + c1.0 - c0.0, gpu_work.1 + c1.1 - c0.1);
                 vox.push(t.voxelize);
                 maps.push(t.kernel_maps);
+                prune.push(t.voxel_prune);
                 conv.push(t.conv);
                 other.push(t.other);
                 total.push(t.total());
@@ -103,7 +105,8 @@ pub(crate) fn cmd_bench(
     let n = total.len() as f64;
     let sum: f64 = total.iter().sum();
     let st = |v: Vec<f64>| Stats::from_samples(v);
-    let (v, m, c, o, t) = (st(vox), st(maps), st(conv), st(other), st(total));
+    let pruning = prune.iter().any(|&s| s > 0.0);
+    let (v, m, p, c, o, t) = (st(vox), st(maps), st(prune), st(conv), st(other), st(total));
     let threads = rayon::current_num_threads();
     let device_name = match engine.device() {
         Device::Cpu => format!("cpu ({})", precision_name(&engine)),
@@ -122,6 +125,7 @@ pub(crate) fn cmd_bench(
             "median_s": {
                 "voxelize": v.median,
                 "kernel_maps": m.median,
+                "voxel_prune": p.median,
                 "conv": c.median,
                 "other": o.median,
                 "total": t.median,
@@ -136,10 +140,16 @@ pub(crate) fn cmd_bench(
             points as f64 / n,
             voxels as f64 / n
         );
-        println!("{:<12} {:>10} {:>10} {:>10} {:>10}", "stage", "median ms", "mad ms", "min ms", "max ms");
-        for (name, s) in [("voxelize", v), ("kernel maps", m), ("conv", c), ("other", o), ("total", t)] {
+        println!("{:<13} {:>10} {:>10} {:>10} {:>10}", "stage", "median ms", "mad ms", "min ms", "max ms");
+        let mut stages = vec![("voxelize", v), ("kernel maps", m)];
+        if pruning {
+            // Scoring and selecting voxels, restricting maps, filling pruned rows.
+            stages.push(("voxel pruning", p));
+        }
+        stages.extend([("conv", c), ("other", o), ("total", t)]);
+        for (name, s) in stages {
             println!(
-                "{:<12} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
+                "{:<13} {:>10.2} {:>10.2} {:>10.2} {:>10.2}",
                 name,
                 s.median * 1e3,
                 s.mad * 1e3,

@@ -234,7 +234,7 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
     let seg = pipeline::segment(&engine, &model, &prepared, &mut timings)?;
     let trace = engine.take_trace();
     println!(
-        "{}: {} points -> {} voxels; {} cr={cr} widths {} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}, conv {:.1}, other {:.1}) on {} threads",
+        "{}: {} points -> {} voxels; {} cr={cr} widths {} ({}); {:.1} ms (voxelize {:.1}, kernel maps {:.1}{}, conv {:.1}, other {:.1}) on {} threads",
         scan.display(),
         prepared.points,
         prepared.voxels.len(),
@@ -244,6 +244,7 @@ pub(crate) fn cmd_segment(a: SegmentArgs) -> Result<()> {
         timings.total() * 1e3,
         timings.voxelize * 1e3,
         timings.kernel_maps * 1e3,
+        if timings.voxel_prune > 0.0 { format!(", voxel pruning {:.1}", timings.voxel_prune * 1e3) } else { String::new() },
         timings.conv * 1e3,
         timings.other * 1e3,
         rayon::current_num_threads()

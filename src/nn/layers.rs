@@ -115,9 +115,11 @@ impl Conv {
     ) -> Result<SparseTensor> {
         let keep = self.map_offsets.as_deref();
         if let Some(v) = self.voxel.filter(|_| !self.transposed) {
+            let t0 = std::time::Instant::now();
             let scores = importance(x.try_feats()?, x.channels(), v.score);
             let coords = x.coords();
             let rows = kept_rows(&scores, |i| coords[i][0], v.ratio)?;
+            e.add_prune_seconds(t0.elapsed().as_secs_f64());
             return e.conv_voxel_pruned(
                 x,
                 self.spec,

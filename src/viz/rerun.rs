@@ -261,13 +261,11 @@ impl Recording {
             );
         }
         let t = &log.timings;
-        let stages = [
-            ("voxelize", t.voxelize),
-            ("kernel_maps", t.kernel_maps),
-            ("conv", t.conv),
-            ("other", t.other),
-            ("total", t.total()),
-        ];
+        let mut stages = vec![("voxelize", t.voxelize), ("kernel_maps", t.kernel_maps)];
+        if t.voxel_prune > 0.0 {
+            stages.push(("voxel_prune", t.voxel_prune));
+        }
+        stages.extend([("conv", t.conv), ("other", t.other), ("total", t.total())]);
         // One line each, so the summary fits under the views.
         let times: Vec<String> = stages.iter().map(|(name, v)| format!("{name} {:.1}", v * 1e3)).collect();
         summary += &format!("Time (ms): {}\n\n", times.join(" · "));
