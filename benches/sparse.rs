@@ -45,7 +45,7 @@ fn main() {
     for c in [64usize, 128] {
         let x = pseudo_random(map.n_in() * c, 1, 1.0);
         let dense_w = pseudo_random(27 * c * c, 2, 0.1);
-        let epi = Epilogue { bias: None, residual: None, relu: false };
+        let epi = Epilogue { bias: None, residual: None, relu: false, pruned: None };
         let mut cases: Vec<(Format, f64)> = Vec::new();
         for s in [0.5, 0.7, 0.9] {
             cases.push((Format::Element, s));

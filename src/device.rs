@@ -577,6 +577,21 @@ impl Engine {
         residual: Option<&SparseTensor>,
         relu: bool,
     ) -> Result<SparseTensor> {
+        self.conv_fused_ex(map, x, w, residual, relu, None)
+    }
+
+    /// [`Engine::conv_fused`], skipping the output rows `pruned` marks (CPU f32 only): their
+    /// pairs are filtered out tile by tile inside the output-tiled kernel and their fill is
+    /// written by its epilogue, so no restricted map is built and no second pass runs.
+    fn conv_fused_ex(
+        &self,
+        map: &KernelMap,
+        x: &SparseTensor,
+        w: &ConvWeight,
+        residual: Option<&SparseTensor>,
+        relu: bool,
+        pruned: Option<cpu::conv::PrunedRows<'_>>,
+    ) -> Result<SparseTensor> {
         if let Some(r) = residual {
             if !same_coords(r.coord_set(), map.out_coords()) || r.channels() != w.cout {
                 return Err(Error::invalid(
@@ -621,8 +636,18 @@ impl Engine {
                     bias: w.bias(),
                     residual: residual.map(|r| r.try_feats()).transpose()?,
                     relu,
+                    pruned,
                 };
-                if let Some(sw) = w.sparse().filter(|_| self.use_sparse(map, x, w, epi)) {
+                if pruned.is_some() {
+                    // Only the output-tiled execution skips rows; pruned offsets are not run.
+                    let plan = Plan::output_tiled(map).skipping(map, w.zero_offsets());
+                    let y = cpu::conv::conv_forward_ex(map, &plan, x.try_feats()?, w.cin, w.kernel(), w.cout, epi)?;
+                    (
+                        SparseTensor::new(map.out_coords().clone(), y, w.cout)?,
+                        plan,
+                        "output-tiled, kept rows".to_string(),
+                    )
+                } else if let Some(sw) = w.sparse().filter(|_| self.use_sparse(map, x, w, epi)) {
                     let y = cpu::sparse::conv_sparse(map, x.try_feats()?, w.cin, sw, epi)?;
                     // The pairs it runs: those of offsets with any nonzero weight.
                     let skip: Vec<bool> = sw.offsets.iter().map(|o| *o == OffsetWeights::Empty).collect();
@@ -643,6 +668,9 @@ impl Engine {
                     (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
                 }
             }
+            Device::Gpu(_) if pruned.is_some() => {
+                return Err(Error::invalid("voxel pruning", "the GPU has no kept-row kernel yet"));
+            }
             Device::Gpu(g) => {
                 // The GPU plan needs no timing on features: do not pull them back to the host.
                 // Sparse formats run dense here (their zeros multiplied like any weight).
@@ -661,7 +689,11 @@ impl Engine {
                 spec: map.spec(),
                 n_in: map.n_in(),
                 n_out: map.n_out(),
-                pairs: if plan.groups.is_empty() { map.total_pairs() } else { plan.pairs(map) },
+                pairs: match pruned {
+                    Some(p) => plan.pairs_kept(map, p.keep),
+                    None if plan.groups.is_empty() => map.total_pairs(),
+                    None => plan.pairs(map),
+                },
                 cin: w.cin,
                 cout: w.cout,
                 plan: label,
@@ -964,12 +996,26 @@ impl Engine {
                 .get_mut(r as usize)
                 .ok_or_else(|| Error::invalid("voxel pruning", format!("kept row {r} is out of range")))? = true;
         }
+        let bf16 = self.precision == crate::gpu::conv::Precision::Bf16 && cpu::bf16::available();
+        if !reference && !bf16 && w.sparse().is_none() {
+            // f32 dense weights: the kernel skips the pruned rows and writes their fill itself.
+            use crate::voxel_prune::Fill;
+            let fill = match fill {
+                Fill::Input => cpu::conv::RowFill::Copy(x.try_feats()?),
+                Fill::Zero => cpu::conv::RowFill::Residual,
+            };
+            self.add_prune_seconds(t0.elapsed().as_secs_f64());
+            let y =
+                self.conv_fused_ex(&map, x, w, residual, relu, Some(cpu::conv::PrunedRows { keep: &kept, fill }))?;
+            self.note_computed_rows(rows);
+            return Ok(y);
+        }
+        // Elsewhere (bf16, sparse formats, the reference): a map restricted to the kept rows
+        // (or the full map), then the pruned rows overwritten.
         let sub = if reference { None } else { Some(map.for_outputs(&kept)?) };
         self.add_prune_seconds(t0.elapsed().as_secs_f64());
         let y = self.conv_fused(sub.as_ref().unwrap_or(&*map), x, w, residual, relu)?;
-        if let Some(last) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|t| t.last_mut()) {
-            last.computed_rows = Some(rows.into());
-        }
+        self.note_computed_rows(rows);
         let t1 = std::time::Instant::now();
         let mut y = y.into_feats();
         let xf = x.try_feats()?;
@@ -997,6 +1043,13 @@ impl Engine {
         });
         self.add_prune_seconds(t1.elapsed().as_secs_f64());
         SparseTensor::new(map.out_coords().clone(), y, c)
+    }
+
+    /// Record in the trace (when on) that its last conv computed only `rows`.
+    fn note_computed_rows(&self, rows: &[u32]) {
+        if let Some(last) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut().and_then(|t| t.last_mut()) {
+            last.computed_rows = Some(rows.into());
+        }
     }
 
     /// The downsampling map of `spec` on `input` with only the output sites that an important

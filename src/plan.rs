@@ -163,6 +163,13 @@ impl Plan {
         self.groups.iter().flat_map(|g| &g.offsets).map(|&k| map.size(k)).sum()
     }
 
+    /// Map pairs the plan's groups run when only the output rows `keep` marks are computed.
+    pub fn pairs_kept(&self, map: &KernelMap, keep: &[bool]) -> usize {
+        let kept =
+            |k: usize| map.pairs(k).1.iter().filter(|&&o| keep.get(o as usize).copied().unwrap_or(false)).count();
+        self.groups.iter().flat_map(|g| &g.offsets).map(|&k| kept(k)).sum()
+    }
+
     /// Short description: `ungrouped`, `output-tiled`, or the grouping parameters and group count.
     pub fn label(&self) -> String {
         match (self.output_tiled, self.params) {

@@ -4,9 +4,15 @@
 //! Detection", NeurIPS 2022): a voxel's importance is the magnitude of its input features, and
 //! a pruned layer computes only the top `1 − r` of its voxels. SPS-Conv's released code runs
 //! the conv on every voxel and overwrites the pruned ones afterwards, which saves no time;
-//! here the pruned outputs are never gathered, multiplied or scattered
-//! ([`crate::kmap::KernelMap::restrict_outputs`]), and that overwrite is kept as the reference
-//! ([`VoxelPlan::reference`]) the fast path is tested against.
+//! here the pruned outputs are never gathered, multiplied or scattered (the f32 kernel skips
+//! their pairs tile by tile, `cpu::conv::PrunedRows` in the engine; bf16 and sparse-format weights
+//! run on a map restricted to the kept rows, [`crate::kmap::KernelMap::for_outputs`]), and that
+//! overwrite is kept as the reference ([`VoxelPlan::reference`]) the fast path is tested against.
+//!
+//! With [`Fill::Zero`] a residual block's second conv sees zeros at the rows its first conv
+//! pruned, scores them lowest and prunes them again at an equal ratio: the block is skipped
+//! for those voxels as a whole (stochastic depth per voxel). On the real scan the kept sets
+//! also barely move between blocks of one level (`tests/viz_levels.rs` counts them).
 //!
 //! A pruned **submanifold** conv reads every input voxel but writes only its kept voxels; the
 //! others get [`Fill`]. A pruned **downsampling** conv creates only the output sites that an

@@ -25,7 +25,7 @@ fn real_scan_conv_is_bit_identical_across_threads_and_groupings() {
         let residual = pseudo_random(map.n_out() * cout, 4, 1.0);
         // The whole epilogue, so the output-tiled plan's in-tile epilogue is checked against the
         // separate pass of the other plans.
-        let epi = Epilogue { bias: Some(&bias), residual: Some(&residual), relu: true };
+        let epi = Epilogue { bias: Some(&bias), residual: Some(&residual), relu: true, pruned: None };
         let reference = pool(1)
             .install(|| conv_forward_ex(&map, &Plan::ungrouped(&map), x.feats(), cin, &w, cout, epi).expect("conv"));
         assert!(reference.contains(&0.0) && reference.iter().any(|&v| v > 0.0), "ReLU clamps some rows");

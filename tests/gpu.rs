@@ -208,7 +208,7 @@ fn gpu_conv_matches_cpu_and_repeats_bit_for_bit() {
         let w = pseudo_random(spec.volume() * cin * cout, 20 + ci as u64, 0.3);
         let b = bias.then(|| pseudo_random(cout, 30, 0.5));
         let r = residual.then(|| pseudo_random(map.n_out() * cout, 40, 1.0));
-        let epi = sparseconv::cpu::conv::Epilogue { bias: b.as_deref(), residual: r.as_deref(), relu };
+        let epi = sparseconv::cpu::conv::Epilogue { bias: b.as_deref(), residual: r.as_deref(), relu, pruned: None };
         let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &Plan::ungrouped(&map), &x, cin, &w, cout, epi).unwrap();
         let plans = [
             ("output-stationary", Plan::output_tiled(&map)),
@@ -297,7 +297,7 @@ fn work_larger_than_one_binding_is_split() {
     let w = pseudo_random(27 * cin * cout, 51, 0.3);
     let b = pseudo_random(cout, 52, 0.5);
     let r = pseudo_random(map.n_out() * cout, 53, 1.0);
-    let epi = sparseconv::cpu::conv::Epilogue { bias: Some(&b), residual: Some(&r), relu: true };
+    let epi = sparseconv::cpu::conv::Epilogue { bias: Some(&b), residual: Some(&r), relu: true, pruned: None };
     let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &Plan::ungrouped(&map), &xf, cin, &w, cout, epi).unwrap();
     let g = conv_forward(&ctx, &map, &xf, cin, &w, cout, Some(&b), Some(&r), true, Precision::F32).unwrap();
     let err = rel_err(&g, &cpu);
@@ -310,7 +310,7 @@ fn work_larger_than_one_binding_is_split() {
     let plan = Plan::ungrouped(&map);
     let ws = WeightStationary::prepare(&ctx, &map, &plan, cin, cout).unwrap().expect("inputs fit one binding");
     assert!(ws.chunk_count() > 1, "the test must force several chunks");
-    let epi = sparseconv::cpu::conv::Epilogue { bias: Some(&b), residual: Some(&r), relu: true };
+    let epi = sparseconv::cpu::conv::Epilogue { bias: Some(&b), residual: Some(&r), relu: true, pruned: None };
     let cpu = sparseconv::cpu::conv::conv_forward_ex(&map, &plan, &xf, cin, &w, cout, epi).unwrap();
     let g =
         conv_forward_planned(&ctx, &map, &plan, &xf, cin, &w, cout, Some(&b), Some(&r), true, Precision::F32).unwrap();

@@ -225,7 +225,7 @@ fn a_conv_skips_zero_offsets_with_the_same_bits_on_every_strategy() {
             16,
             &k,
             32,
-            Epilogue { bias: None, residual: None, relu: false },
+            Epilogue { bias: None, residual: None, relu: false, pruned: None },
         )
         .expect("full");
         e.start_trace();

@@ -56,7 +56,7 @@ fn sparse_kernels_match_the_dense_conv_of_the_masked_weights() {
             assert!(matches!(sw.offsets[1], OffsetWeights::Empty));
             let bias = pseudo_random(cout, 7, 0.5);
             let res = pseudo_random(map.n_out() * cout, 8, 0.5);
-            let epi = Epilogue { bias: Some(&bias), residual: Some(&res), relu: true };
+            let epi = Epilogue { bias: Some(&bias), residual: Some(&res), relu: true, pruned: None };
             let dense = conv_forward_ex(&map, &Plan::ungrouped(&map), x.feats(), cin, &w, cout, epi).expect("dense");
             let one = on_threads(1, || conv_sparse(&map, x.feats(), cin, &sw, epi).expect("sparse"));
             let three = on_threads(3, || conv_sparse(&map, x.feats(), cin, &sw, epi).expect("sparse"));

@@ -62,6 +62,61 @@ fn a_pruned_submanifold_conv_is_the_full_conv_with_pruned_rows_overwritten() {
     }
 }
 
+/// The two fast paths: f32 skips the pruned rows inside the output-tiled kernel (whole tiles
+/// with no kept row included), bf16 restricts the map first. Each against the full conv of its
+/// own precision with the pruned rows overwritten, and the same bits for 1 and 3 threads.
+#[test]
+fn pruned_rows_are_skipped_on_every_cpu_path() {
+    use sparseconv::gpu::conv::Precision;
+    let spec = KernelSpec::new(3, 1, 1).expect("spec");
+    let x16 = random_tensor(21, 1, 12, 1, 0.25, 16);
+    let n = x16.len();
+    assert!(n > 3000, "{n} voxels");
+    // Rows below 2048 all pruned (whole 1024-row tasks), then every third row.
+    let rows: Vec<u32> = (0..n as u32).filter(|&q| q >= 2048 && q % 3 != 0).collect();
+    let mut keep = vec![false; n];
+    rows.iter().for_each(|&r| keep[r as usize] = true);
+    for (path, precision) in [("f32 kept-row kernel", Precision::F32), ("bf16 restricted map", Precision::Bf16)] {
+        if precision == Precision::Bf16 && !sparseconv::cpu::bf16::available() {
+            eprintln!("SKIPPED {path}: this CPU has no AVX512_BF16");
+            continue;
+        }
+        for (cout, fill, with_res) in
+            [(16, Fill::Zero, true), (16, Fill::Input, false), (48, Fill::Zero, false), (24, Fill::Zero, true)]
+        {
+            let label = format!("{path}: 16->{cout} fill {fill:?} residual {with_res}");
+            let res = with_res.then(|| {
+                let f = sparseconv::bench::pseudo_random(n * cout, 4, 1.0);
+                SparseTensor::new(x16.coord_set().clone(), f, cout).expect("residual")
+            });
+            let w = weight(11, 27, 16, cout);
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
+                pool.install(|| {
+                    let e = Engine::default().with_precision(precision);
+                    e.conv_voxel_pruned(&x16, spec, None, &w, res.as_ref(), true, &rows, fill, false).expect(&label)
+                })
+            };
+            let fast = run(3);
+            assert!(same_bits(fast.feats(), run(1).feats()), "{label}: bits differ between 3 and 1 threads");
+            let e = Engine::default().with_precision(precision);
+            let map = e.kernel_map(x16.coord_set(), spec).expect("map");
+            let mut want = e.conv_fused(&map, &x16, &w, res.as_ref(), true).expect("full").into_feats();
+            for q in (0..n).filter(|&q| !keep[q]) {
+                for k in 0..cout {
+                    want[q * cout + k] = match (fill.resolve(16, cout), &res) {
+                        (Fill::Input, _) => x16.feats()[q * 16 + k],
+                        (_, Some(r)) => r.feats()[q * cout + k].max(0.0),
+                        (_, None) => 0.0,
+                    };
+                }
+            }
+            // The kept rows are the full conv's rows: the same terms in the same order.
+            assert!(same_bits(fast.feats(), &want), "{label}: max rel err {}", rel_err(fast.feats(), &want));
+        }
+    }
+}
+
 fn count_pruned(x: &SparseTensor, r: f32) -> usize {
     let mut per = std::collections::BTreeMap::new();
     x.coords().iter().for_each(|c| *per.entry(c[0]).or_insert(0usize) += 1);

@@ -39,6 +39,29 @@ pub struct Epilogue<'a> {
     pub residual: Option<&'a [f32]>,
     /// Clamp at zero afterwards.
     pub relu: bool,
+    /// Output rows a voxel-pruned conv does not compute (output-tiled plans only): their
+    /// pairs are never gathered or multiplied, and the epilogue writes their fill instead.
+    pub pruned: Option<PrunedRows<'a>>,
+}
+
+/// The output rows a voxel-pruned conv skips, and what they hold (see
+/// [`crate::voxel_prune::Fill`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PrunedRows<'a> {
+    /// `keep[q]`: output row `q` is computed; `[N_out]`.
+    pub keep: &'a [bool],
+    /// What every other row holds.
+    pub fill: RowFill<'a>,
+}
+
+/// The value of a pruned output row.
+#[derive(Debug, Clone, Copy)]
+pub enum RowFill<'a> {
+    /// The same row of this tensor (`[N_out, Cout]`, the layer's input where `Cin = Cout`).
+    Copy(&'a [f32]),
+    /// The residual, clamped when the epilogue clamps (a block reduced to its shortcut); zero
+    /// without a residual.
+    Residual,
 }
 
 /// `out[q] = Σ_k W[k]ᵀ · x[in(k, q)] (+ bias)` over the pairs of `map`, executed by `plan`.
@@ -75,6 +98,9 @@ pub fn conv_forward_ex(
     let t = tile_rows(cin, cout);
     if plan.output_tiled {
         return Ok(output_tiled_layer(map, plan, x, cin, w, cout, epi, t));
+    }
+    if epi.pruned.is_some() {
+        return Err(Error::invalid("voxel pruning", "pruned output rows need an output-tiled plan"));
     }
     let wk = |k: usize| &w[k * cin * cout..(k + 1) * cin * cout];
     // A submanifold conv starts with its identity offset, which writes every output row:
@@ -117,7 +143,42 @@ impl Epilogue<'_> {
                 return Err(Error::tensor("bias", format!("expected [{cout}], got [{}]", b.len())));
             }
         }
+        if let Some(p) = self.pruned {
+            if p.keep.len() != n_out {
+                return Err(Error::tensor("kept rows", format!("{} flags for {n_out} output rows", p.keep.len())));
+            }
+            if let RowFill::Copy(f) = p.fill {
+                if f.len() != n_out * cout {
+                    return Err(Error::tensor(
+                        "pruned-row fill",
+                        format!("expected [{n_out}, {cout}], got {} values", f.len()),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// [`Epilogue::apply`] on every row of `oc` (one vectorized pass, so the computed rows get
+    /// exactly its bits), then the fill over the pruned rows.
+    fn apply_pruned(&self, p: PrunedRows<'_>, oc: &mut [f32], cout: usize, first_row: usize) {
+        Epilogue { pruned: None, ..*self }.apply(oc, cout, first_row);
+        let rows = oc.len() / cout;
+        let keep = &p.keep[first_row..first_row + rows];
+        let pruned = keep.iter().enumerate().filter(|(_, &k)| !k).map(|(r, _)| r);
+        let at = |r: usize| (first_row + r) * cout..(first_row + r + 1) * cout;
+        match (p.fill, self.residual) {
+            (RowFill::Copy(f), _) => pruned.for_each(|r| oc[r * cout..(r + 1) * cout].copy_from_slice(&f[at(r)])),
+            (RowFill::Residual, Some(res)) if self.relu => pruned.for_each(|r| {
+                for (o, &v) in oc[r * cout..(r + 1) * cout].iter_mut().zip(&res[at(r)]) {
+                    *o = v.max(0.0);
+                }
+            }),
+            (RowFill::Residual, Some(res)) => {
+                pruned.for_each(|r| oc[r * cout..(r + 1) * cout].copy_from_slice(&res[at(r)]))
+            }
+            (RowFill::Residual, None) => pruned.for_each(|r| oc[r * cout..(r + 1) * cout].fill(0.0)),
+        }
     }
 
     /// Apply to the rows `oc` (`[rows, cout]`), the first of which is output row `first_row`.
@@ -126,6 +187,9 @@ impl Epilogue<'_> {
     pub(crate) fn apply(&self, oc: &mut [f32], cout: usize, first_row: usize) {
         if cout == 0 {
             return;
+        }
+        if let Some(p) = self.pruned {
+            return self.apply_pruned(p, oc, cout, first_row);
         }
         let res = self.residual.map(|r| &r[first_row * cout..first_row * cout + oc.len()]);
         match (self.relu, self.bias, res) {
@@ -373,10 +437,23 @@ fn output_tiled_layer(
     // Whole `t`-row chunks per task, aligned as in `identity`, so its GEMM calls are the same.
     let task_rows = (OUTPUT_TILE_ROWS / t).max(1) * t;
     let fused_kernel = fused::available(cout);
-    let fill = |(a, c): &mut (Vec<f32>, Vec<f32>), ci: usize, oc: &mut [std::mem::MaybeUninit<f32>]| {
+    let keep = epi.pruned.map(|p| p.keep);
+    let fill = |sc: &mut Scratch, ci: usize, oc: &mut [std::mem::MaybeUninit<f32>]| {
         let lo = ci * task_rows;
         let rows = oc.len() / cout;
-        let first_dense = plan.groups.first().is_some_and(is_dense_identity);
+        if keep.is_some_and(|k| !k[lo..lo + rows].contains(&true)) {
+            // Nothing computed here: the epilogue writes every row's fill.
+            for d in oc.iter_mut() {
+                d.write(0.0);
+            }
+            // SAFETY: every element was written just above; same layout.
+            let oc = unsafe { std::slice::from_raw_parts_mut(oc.as_mut_ptr().cast::<f32>(), oc.len()) };
+            epi.apply(oc, cout, lo);
+            return;
+        }
+        let Scratch { a, c, ins: ki, outs: ko } = sc;
+        // With pruned rows the identity offset runs through the pair kernel on the kept rows.
+        let first_dense = keep.is_none() && plan.groups.first().is_some_and(is_dense_identity);
         if first_dense {
             identity_rows(x, cin, wk(plan.groups[0].offsets[0]), cout, lo, rows, t, a, c, |r0, prod| {
                 for (d, s) in oc[r0 * cout..r0 * cout + prod.len()].iter_mut().zip(prod) {
@@ -391,7 +468,7 @@ fn output_tiled_layer(
         // SAFETY: every element of `oc` was written just above; same layout.
         let oc = unsafe { std::slice::from_raw_parts_mut(oc.as_mut_ptr().cast::<f32>(), oc.len()) };
         for g in &plan.groups[usize::from(first_dense)..] {
-            if is_dense_identity(g) {
+            if keep.is_none() && is_dense_identity(g) {
                 identity_rows(x, cin, wk(g.offsets[0]), cout, lo, rows, t, a, c, |r0, prod| {
                     for (r, p) in prod.chunks_exact(cout).enumerate() {
                         add_row(&mut oc[(r0 + r) * cout..(r0 + r + 1) * cout], p);
@@ -400,13 +477,51 @@ fn output_tiled_layer(
                 continue;
             }
             for &k in &g.offsets {
-                add_offset_rows(map, k, x, cin, wk(k), cout, lo as u32, oc, fused_kernel, a, c);
+                let (ins, outs) = tile_pairs(map, k, lo as u32, (lo + rows) as u32);
+                let (ins, outs) = match keep {
+                    // The kept rows' pairs, in the map's order (as `KernelMap::for_outputs` keeps them).
+                    // Written without a branch: which rows are kept is as good as random.
+                    Some(kf) => {
+                        if ki.len() < ins.len() {
+                            ki.resize(ins.len(), 0);
+                            ko.resize(ins.len(), 0);
+                        }
+                        let mut j = 0;
+                        for (&i, &o) in ins.iter().zip(outs) {
+                            ki[j] = i;
+                            ko[j] = o;
+                            j += usize::from(kf[o as usize]);
+                        }
+                        (&ki[..j], &ko[..j])
+                    }
+                    None => (ins, outs),
+                };
+                add_pair_rows(ins, outs, x, cin, wk(k), cout, lo as u32, oc, fused_kernel, a, c);
             }
         }
         epi.apply(oc, cout, lo);
     };
     // SAFETY: `fill` writes each chunk in full first (identity products or zeros).
-    unsafe { filled_in_parallel(n_out * cout, task_rows * cout, || (Vec::new(), Vec::new()), fill) }
+    unsafe { filled_in_parallel(n_out * cout, task_rows * cout, Scratch::default, fill) }
+}
+
+/// Per-task buffers of the output-tiled execution: GEMM operands, and the kept pairs of one
+/// offset in one tile (voxel-pruned convs).
+#[derive(Default)]
+struct Scratch {
+    a: Vec<f32>,
+    c: Vec<f32>,
+    ins: Vec<u32>,
+    outs: Vec<u32>,
+}
+
+/// Offset `k`'s pairs whose output row lies in `lo..hi` (a map's pairs ascend by output row
+/// within an offset).
+fn tile_pairs(map: &KernelMap, k: usize, lo: u32, hi: u32) -> (&[u32], &[u32]) {
+    let (ins, outs) = map.pairs(k);
+    let s = outs.partition_point(|&q| q < lo);
+    let e = outs.partition_point(|&q| q < hi);
+    (&ins[s..e], &outs[s..e])
 }
 
 /// The identity offset's products for output rows `lo..lo + rows`, in chunks of `t` rows
@@ -443,12 +558,12 @@ fn identity_rows(
     }
 }
 
-/// Add offset `k`'s products into the output rows `lo..` held in `oc`: the fused kernel where
-/// it applies, else gather, `gemm` and add.
+/// Add the products of one offset's pairs `ins`/`outs` (outputs in `lo..`) into the output
+/// rows held in `oc`: the fused kernel where it applies, else gather, `gemm` and add.
 #[allow(clippy::too_many_arguments)]
-fn add_offset_rows(
-    map: &KernelMap,
-    k: usize,
+fn add_pair_rows(
+    ins: &[u32],
+    outs: &[u32],
     x: &[f32],
     cin: usize,
     wk: &[f32],
@@ -459,15 +574,11 @@ fn add_offset_rows(
     a: &mut Vec<f32>,
     c: &mut Vec<f32>,
 ) {
-    let hi = lo + (oc.len() / cout) as u32;
-    let (ins, outs) = map.pairs(k);
-    let s = outs.partition_point(|&q| q < lo);
-    let e = outs.partition_point(|&q| q < hi);
-    let m = e - s;
+    let m = ins.len();
     if m == 0 {
         return;
     }
-    if fused_kernel && gather_gemm_scatter_add(x, cin, wk, cout, &ins[s..e], &outs[s..e], lo, oc) {
+    if fused_kernel && gather_gemm_scatter_add(x, cin, wk, cout, ins, outs, lo, oc) {
         return;
     }
     // Rows padded to a multiple of 16 (never 1: the GEMM crate's m = 1 path sums in another
@@ -475,9 +586,9 @@ fn add_offset_rows(
     let mp = m.div_ceil(16) * 16;
     grow(a, mp * cin);
     grow(c, mp * cout);
-    gather(x, cin, &ins[s..e], &mut a[..mp * cin]);
+    gather(x, cin, ins, &mut a[..mp * cin]);
     gemm_tile(mp, cin, cout, &a[..mp * cin], wk, &mut c[..mp * cout]);
-    for (r, &q) in outs[s..e].iter().enumerate() {
+    for (r, &q) in outs.iter().enumerate() {
         let q = (q - lo) as usize;
         add_row(&mut oc[q * cout..(q + 1) * cout], &c[r * cout..(r + 1) * cout]);
     }
