@@ -580,7 +580,7 @@ impl Engine {
         self.conv_fused_ex(map, x, w, residual, relu, None)
     }
 
-    /// [`Engine::conv_fused`], skipping the output rows `pruned` marks (CPU f32 only): their
+    /// [`Engine::conv_fused`], skipping the output rows `pruned` marks (CPU, f32 or bf16): their
     /// pairs are filtered out tile by tile inside the output-tiled kernel and their fill is
     /// written by its epilogue, so no restricted map is built and no second pass runs.
     fn conv_fused_ex(
@@ -638,15 +638,19 @@ impl Engine {
                     relu,
                     pruned,
                 };
+                let bf16 = self.precision == crate::gpu::conv::Precision::Bf16 && cpu::bf16::available();
                 if pruned.is_some() {
-                    // Only the output-tiled execution skips rows; pruned offsets are not run.
-                    let plan = Plan::output_tiled(map).skipping(map, w.zero_offsets());
-                    let y = cpu::conv::conv_forward_ex(map, &plan, x.try_feats()?, w.cin, w.kernel(), w.cout, epi)?;
-                    (
-                        SparseTensor::new(map.out_coords().clone(), y, w.cout)?,
-                        plan,
-                        "output-tiled, kept rows".to_string(),
-                    )
+                    // Only the output-tiled executions skip rows; pruned offsets are not run.
+                    let skip = w.zero_offsets();
+                    let plan = Plan::output_tiled(map).skipping(map, skip);
+                    let (y, label) = if bf16 {
+                        let y = cpu::bf16::conv_forward(map, x.try_feats()?, w.cin, w.bf16()?, Some(skip), epi)?;
+                        (y, "bf16 out-tiled, kept rows")
+                    } else {
+                        let y = cpu::conv::conv_forward_ex(map, &plan, x.try_feats()?, w.cin, w.kernel(), w.cout, epi)?;
+                        (y, "output-tiled, kept rows")
+                    };
+                    (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label.to_string())
                 } else if let Some(sw) = w.sparse().filter(|_| self.use_sparse(map, x, w, epi)) {
                     let y = cpu::sparse::conv_sparse(map, x.try_feats()?, w.cin, sw, epi)?;
                     // The pairs it runs: those of offsets with any nonzero weight.
@@ -654,7 +658,7 @@ impl Engine {
                     let plan = Plan::ungrouped(map).skipping(map, &skip);
                     let label = format!("sparse {} {:.2}", sw.format.name(), sw.density());
                     (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
-                } else if self.precision == crate::gpu::conv::Precision::Bf16 && cpu::bf16::available() {
+                } else if bf16 {
                     // One fixed execution (output-tiled, canonical offset order): the same
                     // bits for every thread count; pruned offsets are not run.
                     let skip = w.zero_offsets();
@@ -996,9 +1000,9 @@ impl Engine {
                 .get_mut(r as usize)
                 .ok_or_else(|| Error::invalid("voxel pruning", format!("kept row {r} is out of range")))? = true;
         }
-        let bf16 = self.precision == crate::gpu::conv::Precision::Bf16 && cpu::bf16::available();
-        if !reference && !bf16 && w.sparse().is_none() {
-            // f32 dense weights: the kernel skips the pruned rows and writes their fill itself.
+        if !reference && w.sparse().is_none() {
+            // Dense weights (f32 or bf16): the kernel skips the pruned rows and writes their
+            // fill itself.
             use crate::voxel_prune::Fill;
             let fill = match fill {
                 Fill::Input => cpu::conv::RowFill::Copy(x.try_feats()?),
@@ -1010,7 +1014,7 @@ impl Engine {
             self.note_computed_rows(rows);
             return Ok(y);
         }
-        // Elsewhere (bf16, sparse formats, the reference): a map restricted to the kept rows
+        // Elsewhere (sparse formats, the reference): a map restricted to the kept rows
         // (or the full map), then the pruned rows overwritten.
         let sub = if reference { None } else { Some(map.for_outputs(&kept)?) };
         self.add_prune_seconds(t0.elapsed().as_secs_f64());

@@ -4,9 +4,9 @@
 //! Detection", NeurIPS 2022): a voxel's importance is the magnitude of its input features, and
 //! a pruned layer computes only the top `1 − r` of its voxels. SPS-Conv's released code runs
 //! the conv on every voxel and overwrites the pruned ones afterwards, which saves no time;
-//! here the pruned outputs are never gathered, multiplied or scattered (the f32 kernel skips
-//! their pairs tile by tile, `cpu::conv::PrunedRows` in the engine; bf16 and sparse-format weights
-//! run on a map restricted to the kept rows, [`crate::kmap::KernelMap::for_outputs`]), and that
+//! here the pruned outputs are never gathered, multiplied or scattered (the f32 and bf16
+//! kernels skip their pairs tile by tile, `cpu::conv::PrunedRows` in the engine; sparse-format
+//! weights run on a map restricted to the kept rows, [`crate::kmap::KernelMap::for_outputs`]), and that
 //! overwrite is kept as the reference ([`VoxelPlan::reference`]) the fast path is tested against.
 //!
 //! With [`Fill::Zero`] a residual block's second conv sees zeros at the rows its first conv

@@ -62,12 +62,15 @@ fn a_pruned_submanifold_conv_is_the_full_conv_with_pruned_rows_overwritten() {
     }
 }
 
-/// The two fast paths: f32 skips the pruned rows inside the output-tiled kernel (whole tiles
-/// with no kept row included), bf16 restricts the map first. Each against the full conv of its
-/// own precision with the pruned rows overwritten, and the same bits for 1 and 3 threads.
+/// The fast paths: f32 and bf16 skip the pruned rows inside their output-tiled kernels (whole
+/// tiles with no kept row included); sparse-format weights run on a map restricted to the kept
+/// rows. Each against the full conv of the same engine with the pruned rows overwritten, bit
+/// for bit, and the same bits for 1 and 3 threads.
 #[test]
 fn pruned_rows_are_skipped_on_every_cpu_path() {
     use sparseconv::gpu::conv::Precision;
+    use sparseconv::sparse_weights::Format;
+    use sparseconv::SparseMode;
     let spec = KernelSpec::new(3, 1, 1).expect("spec");
     let x16 = random_tensor(21, 1, 12, 1, 0.25, 16);
     let n = x16.len();
@@ -76,11 +79,24 @@ fn pruned_rows_are_skipped_on_every_cpu_path() {
     let rows: Vec<u32> = (0..n as u32).filter(|&q| q >= 2048 && q % 3 != 0).collect();
     let mut keep = vec![false; n];
     rows.iter().for_each(|&r| keep[r as usize] = true);
-    for (path, precision) in [("f32 kept-row kernel", Precision::F32), ("bf16 restricted map", Precision::Bf16)] {
+    let paths = [
+        ("f32 kept-row kernel", Precision::F32, false),
+        ("bf16 kept-row kernel", Precision::Bf16, false),
+        ("sparse weights, restricted map", Precision::F32, true),
+    ];
+    for (path, precision, sparse) in paths {
         if precision == Precision::Bf16 && !sparseconv::cpu::bf16::available() {
             eprintln!("SKIPPED {path}: this CPU has no AVX512_BF16");
             continue;
         }
+        let engine = || {
+            let e = Engine::default().with_precision(precision);
+            if sparse {
+                e.with_sparse_mode(SparseMode::Always)
+            } else {
+                e
+            }
+        };
         for (cout, fill, with_res) in
             [(16, Fill::Zero, true), (16, Fill::Input, false), (48, Fill::Zero, false), (24, Fill::Zero, true)]
         {
@@ -89,17 +105,20 @@ fn pruned_rows_are_skipped_on_every_cpu_path() {
                 let f = sparseconv::bench::pseudo_random(n * cout, 4, 1.0);
                 SparseTensor::new(x16.coord_set().clone(), f, cout).expect("residual")
             });
-            let w = weight(11, 27, 16, cout);
+            let mut w = weight(11, 27, 16, cout);
+            if sparse {
+                w = w.with_format(Format::Element).expect("sparse format");
+            }
             let run = |threads: usize| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool");
                 pool.install(|| {
-                    let e = Engine::default().with_precision(precision);
+                    let e = engine();
                     e.conv_voxel_pruned(&x16, spec, None, &w, res.as_ref(), true, &rows, fill, false).expect(&label)
                 })
             };
             let fast = run(3);
             assert!(same_bits(fast.feats(), run(1).feats()), "{label}: bits differ between 3 and 1 threads");
-            let e = Engine::default().with_precision(precision);
+            let e = engine();
             let map = e.kernel_map(x16.coord_set(), spec).expect("map");
             let mut want = e.conv_fused(&map, &x16, &w, res.as_ref(), true).expect("full").into_feats();
             for q in (0..n).filter(|&q| !keep[q]) {

@@ -220,8 +220,11 @@ pub fn conv_forward(
     let tile = OUTPUT_TILE_ROWS;
     // A submanifold map's identity offset pairs every output row with itself: its products
     // are stored as the first term (no zeroing, no read of the output).
-    let dense_identity = order.first().is_some_and(|&k| Some(k) == map.identity() && map.size(k) == n_out);
-    let fill = |_: &mut (), ci: usize, oc: &mut [std::mem::MaybeUninit<f32>]| {
+    // Voxel-pruned convs run the identity like any offset, on the kept rows only.
+    let keep = epi.pruned.map(|p| p.keep);
+    let dense_identity =
+        keep.is_none() && order.first().is_some_and(|&k| Some(k) == map.identity() && map.size(k) == n_out);
+    let fill = |(ki, ko): &mut (Vec<u32>, Vec<u32>), ci: usize, oc: &mut [std::mem::MaybeUninit<f32>]| {
         let lo = (ci * tile) as u32;
         let hi = lo + (oc.len() / cout) as u32;
         let rest = if dense_identity {
@@ -244,19 +247,23 @@ pub fn conv_forward(
         };
         // SAFETY: every element was written just above; same layout.
         let oc = unsafe { std::slice::from_raw_parts_mut(oc.as_mut_ptr().cast::<f32>(), oc.len()) };
-        for &k in rest {
-            let (ins, outs) = map.pairs(k);
-            let s = outs.partition_point(|&q| q < lo);
-            let e = outs.partition_point(|&q| q < hi);
-            if s < e {
+        // A task with no kept row only gets the fill (written by the epilogue).
+        let none_kept = keep.is_some_and(|kf| !kf[lo as usize..hi as usize].contains(&true));
+        for &k in rest.iter().filter(|_| !none_kept) {
+            let (ins, outs) = super::conv::tile_pairs(map, k, lo, hi);
+            let (ins, outs) = match keep {
+                Some(kf) => super::conv::kept_pairs(ins, outs, kf, ki, ko),
+                None => (ins, outs),
+            };
+            if !ins.is_empty() {
                 // SAFETY: `oc` is this task's, initialized.
-                unsafe { gather_dot_scatter(&xb, w, k, &ins[s..e], &outs[s..e], lo, oc.as_mut_ptr(), oc.len(), false) };
+                unsafe { gather_dot_scatter(&xb, w, k, ins, outs, lo, oc.as_mut_ptr(), oc.len(), false) };
             }
         }
         epi.apply(oc, cout, lo as usize);
     };
     // SAFETY: `fill` writes each chunk in full before anything else (identity products or zeros).
-    Ok(unsafe { super::conv::filled_in_parallel(n_out * cout, tile * cout, || (), fill) })
+    Ok(unsafe { super::conv::filled_in_parallel(n_out * cout, tile * cout, Default::default, fill) })
 }
 
 /// `out[outs[i] - base] += x[ins[i]] · W[k]` for every pair (`store`: `=` instead of `+=`),

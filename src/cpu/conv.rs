@@ -480,20 +480,7 @@ fn output_tiled_layer(
                 let (ins, outs) = tile_pairs(map, k, lo as u32, (lo + rows) as u32);
                 let (ins, outs) = match keep {
                     // The kept rows' pairs, in the map's order (as `KernelMap::for_outputs` keeps them).
-                    // Written without a branch: which rows are kept is as good as random.
-                    Some(kf) => {
-                        if ki.len() < ins.len() {
-                            ki.resize(ins.len(), 0);
-                            ko.resize(ins.len(), 0);
-                        }
-                        let mut j = 0;
-                        for (&i, &o) in ins.iter().zip(outs) {
-                            ki[j] = i;
-                            ko[j] = o;
-                            j += usize::from(kf[o as usize]);
-                        }
-                        (&ki[..j], &ko[..j])
-                    }
+                    Some(kf) => kept_pairs(ins, outs, kf, ki, ko),
                     None => (ins, outs),
                 };
                 add_pair_rows(ins, outs, x, cin, wk(k), cout, lo as u32, oc, fused_kernel, a, c);
@@ -515,9 +502,32 @@ struct Scratch {
     outs: Vec<u32>,
 }
 
+/// The pairs of `ins`/`outs` whose output row `keep` marks, in their order, in `ki`/`ko`
+/// (grown as needed, never shrunk). Written without a branch: which rows a voxel-pruned conv
+/// keeps is as good as random, and a branch per pair mispredicts half the time.
+pub(crate) fn kept_pairs<'a>(
+    ins: &[u32],
+    outs: &[u32],
+    keep: &[bool],
+    ki: &'a mut Vec<u32>,
+    ko: &'a mut Vec<u32>,
+) -> (&'a [u32], &'a [u32]) {
+    if ki.len() < ins.len() {
+        ki.resize(ins.len(), 0);
+        ko.resize(ins.len(), 0);
+    }
+    let mut j = 0;
+    for (&i, &o) in ins.iter().zip(outs) {
+        ki[j] = i;
+        ko[j] = o;
+        j += usize::from(keep[o as usize]);
+    }
+    (&ki[..j], &ko[..j])
+}
+
 /// Offset `k`'s pairs whose output row lies in `lo..hi` (a map's pairs ascend by output row
 /// within an offset).
-fn tile_pairs(map: &KernelMap, k: usize, lo: u32, hi: u32) -> (&[u32], &[u32]) {
+pub(crate) fn tile_pairs(map: &KernelMap, k: usize, lo: u32, hi: u32) -> (&[u32], &[u32]) {
     let (ins, outs) = map.pairs(k);
     let s = outs.partition_point(|&q| q < lo);
     let e = outs.partition_point(|&q| q < hi);
