@@ -23,7 +23,7 @@
 //! reported ([`amx_present`]) but not implemented: the machines this was built on (AMD EPYC)
 //! have no AMX to test it on.
 
-use super::conv::{Epilogue, OUTPUT_TILE_ROWS};
+use super::conv::Epilogue;
 use crate::error::{Error, Result};
 use crate::kmap::KernelMap;
 
@@ -217,7 +217,7 @@ pub fn conv_forward(
         .filter(|&k| map.size(k) > 0 && !skip.and_then(|s| s.get(k).copied()).unwrap_or(false))
         .collect();
     let xb = pack_features(x, cin);
-    let tile = OUTPUT_TILE_ROWS;
+    let tile = super::conv::kept_tile_rows(epi.pruned.map(|p| p.keep));
     // A submanifold map's identity offset pairs every output row with itself: its products
     // are stored as the first term (no zeroing, no read of the output).
     // Voxel-pruned convs run the identity like any offset, on the kept rows only.

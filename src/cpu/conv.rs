@@ -435,9 +435,9 @@ fn output_tiled_layer(
         g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity() && map.size(g.offsets[0]) == n_out
     };
     // Whole `t`-row chunks per task, aligned as in `identity`, so its GEMM calls are the same.
-    let task_rows = (OUTPUT_TILE_ROWS / t).max(1) * t;
-    let fused_kernel = fused::available(cout);
     let keep = epi.pruned.map(|p| p.keep);
+    let task_rows = (kept_tile_rows(keep) / t).max(1) * t;
+    let fused_kernel = fused::available(cout);
     let fill = |sc: &mut Scratch, ci: usize, oc: &mut [std::mem::MaybeUninit<f32>]| {
         let lo = ci * task_rows;
         let rows = oc.len() / cout;
@@ -490,6 +490,17 @@ fn output_tiled_layer(
     };
     // SAFETY: `fill` writes each chunk in full first (identity products or zeros).
     unsafe { filled_in_parallel(n_out * cout, task_rows * cout, Scratch::default, fill) }
+}
+
+/// Output rows per task of an output-tiled conv: [`OUTPUT_TILE_ROWS`], or for a voxel-pruned
+/// conv enough rows that a task still computes about that many (up to 8 times as many rows):
+/// each offset's share of a task then stays as tall as unpruned, so the weights loaded per
+/// share serve as many rows. Rows are independent, so the bits do not depend on it.
+pub(crate) fn kept_tile_rows(keep: Option<&[bool]>) -> usize {
+    let Some(keep) = keep else { return OUTPUT_TILE_ROWS };
+    let kept = keep.iter().filter(|&&k| k).count().max(1);
+    let scale = (keep.len() as f64 / kept as f64).clamp(1.0, 8.0);
+    (OUTPUT_TILE_ROWS as f64 * scale) as usize
 }
 
 /// Per-task buffers of the output-tiled execution: GEMM operands, and the kept pairs of one
