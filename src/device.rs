@@ -639,19 +639,9 @@ impl Engine {
                     pruned,
                 };
                 let bf16 = self.precision == crate::gpu::conv::Precision::Bf16 && cpu::bf16::available();
-                if pruned.is_some() {
-                    // Only the output-tiled executions skip rows; pruned offsets are not run.
-                    let skip = w.zero_offsets();
-                    let plan = Plan::output_tiled(map).skipping(map, skip);
-                    let (y, label) = if bf16 {
-                        let y = cpu::bf16::conv_forward(map, x.try_feats()?, w.cin, w.bf16()?, Some(skip), epi)?;
-                        (y, "bf16 out-tiled, kept rows")
-                    } else {
-                        let y = cpu::conv::conv_forward_ex(map, &plan, x.try_feats()?, w.cin, w.kernel(), w.cout, epi)?;
-                        (y, "output-tiled, kept rows")
-                    };
-                    (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label.to_string())
-                } else if let Some(sw) = w.sparse().filter(|_| self.use_sparse(map, x, w, epi)) {
+                // Pruned rows are skipped by the output-tiled kernels (they read `epi.pruned`).
+                let kept_rows = if pruned.is_some() { ", kept rows" } else { "" };
+                if let Some(sw) = w.sparse().filter(|_| pruned.is_none() && self.use_sparse(map, x, w, epi)) {
                     let y = cpu::sparse::conv_sparse(map, x.try_feats()?, w.cin, sw, epi)?;
                     // The pairs it runs: those of offsets with any nonzero weight.
                     let skip: Vec<bool> = sw.offsets.iter().map(|o| *o == OffsetWeights::Empty).collect();
@@ -664,11 +654,19 @@ impl Engine {
                     let skip = w.zero_offsets();
                     let y = cpu::bf16::conv_forward(map, x.try_feats()?, w.cin, w.bf16()?, Some(skip), epi)?;
                     let plan = Plan::output_tiled(map).skipping(map, skip);
-                    (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, "bf16 out-tiled".to_string())
+                    (
+                        SparseTensor::new(map.out_coords().clone(), y, w.cout)?,
+                        plan,
+                        format!("bf16 out-tiled{kept_rows}"),
+                    )
                 } else {
-                    let plan = self.dense_cpu_plan(map, x, w)?;
+                    let plan = match pruned {
+                        // Only the output-tiled execution skips rows; pruned offsets are not run.
+                        Some(_) => Plan::output_tiled(map).skipping(map, w.zero_offsets()),
+                        None => self.dense_cpu_plan(map, x, w)?,
+                    };
                     let y = cpu::conv::conv_forward_ex(map, &plan, x.try_feats()?, w.cin, w.kernel(), w.cout, epi)?;
-                    let label = plan.label();
+                    let label = format!("{}{kept_rows}", plan.label());
                     (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
                 }
             }
