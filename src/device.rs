@@ -580,9 +580,11 @@ impl Engine {
         self.conv_fused_ex(map, x, w, residual, relu, None)
     }
 
-    /// [`Engine::conv_fused`], skipping the output rows `pruned` marks (CPU, f32 or bf16): their
-    /// pairs are filtered out tile by tile inside the output-tiled kernel and their fill is
-    /// written by its epilogue, so no restricted map is built and no second pass runs.
+    /// [`Engine::conv_fused`], computing only the output rows `pruned` keeps (`keep[q]`) and
+    /// giving the others its fill (resolved to the widths). On the CPU (f32 or bf16) the
+    /// pruned rows' pairs are filtered out tile by tile inside the output-tiled kernel and
+    /// their fill is written by its epilogue; on the GPU the output-stationary table holds only
+    /// the kept rows and a row kernel writes the fill. No restricted map is built.
     fn conv_fused_ex(
         &self,
         map: &KernelMap,
@@ -590,7 +592,7 @@ impl Engine {
         w: &ConvWeight,
         residual: Option<&SparseTensor>,
         relu: bool,
-        pruned: Option<cpu::conv::PrunedRows<'_>>,
+        pruned: Option<(&[bool], crate::voxel_prune::Fill)>,
     ) -> Result<SparseTensor> {
         if let Some(r) = residual {
             if !same_coords(r.coord_set(), map.out_coords()) || r.channels() != w.cout {
@@ -632,6 +634,16 @@ impl Engine {
             Device::Cpu => {
                 // A map that came from a GPU is fetched here, where a lost device is an error.
                 map.fetch()?;
+                use crate::voxel_prune::Fill;
+                let pruned = match pruned {
+                    Some((keep, Fill::Input)) => {
+                        Some(cpu::conv::PrunedRows { keep, fill: cpu::conv::RowFill::Copy(x.try_feats()?) })
+                    }
+                    Some((keep, Fill::Zero)) => {
+                        Some(cpu::conv::PrunedRows { keep, fill: cpu::conv::RowFill::Residual })
+                    }
+                    None => None,
+                };
                 let epi = cpu::conv::Epilogue {
                     bias: w.bias(),
                     residual: residual.map(|r| r.try_feats()).transpose()?,
@@ -670,16 +682,19 @@ impl Engine {
                     (SparseTensor::new(map.out_coords().clone(), y, w.cout)?, plan, label)
                 }
             }
-            Device::Gpu(_) if pruned.is_some() => {
-                return Err(Error::invalid("voxel pruning", "the GPU has no kept-row kernel yet"));
-            }
-            Device::Gpu(g) => {
-                // The GPU plan needs no timing on features: do not pull them back to the host.
-                // Sparse formats run dense here (their zeros multiplied like any weight).
-                let plan = self.plan_for(map, &[], w)?;
-                let label = plan.label();
-                (self.gpu_conv(g, map, &plan, x, w, residual, relu)?, plan, label)
-            }
+            Device::Gpu(g) => match pruned {
+                Some((keep, fill)) => {
+                    let y = self.gpu_conv_kept_rows(g, map, x, w, residual, relu, keep, fill)?;
+                    (y, Plan::output_tiled(map), "gpu output-stationary, kept rows".to_string())
+                }
+                None => {
+                    // The GPU plan needs no timing on features: do not pull them back to the
+                    // host. Sparse formats run dense here (their zeros multiplied like any weight).
+                    let plan = self.plan_for(map, &[], w)?;
+                    let label = plan.label();
+                    (self.gpu_conv(g, map, &plan, x, w, residual, relu)?, plan, label)
+                }
+            },
         };
         if let Some(trace) = self.trace.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             // GPU work is only submitted so far: a layer's time includes its kernels.
@@ -692,7 +707,7 @@ impl Engine {
                 n_in: map.n_in(),
                 n_out: map.n_out(),
                 pairs: match pruned {
-                    Some(p) => plan.pairs_kept(map, p.keep),
+                    Some((keep, _)) => plan.pairs_kept(map, keep),
                     None if plan.groups.is_empty() => map.total_pairs(),
                     None => plan.pairs(map),
                 },
@@ -770,6 +785,81 @@ impl Engine {
         TableKey { map: Self::map_key(map), plan: plan.label(), cin, cout }
     }
 
+    /// Whether a conv's operands each fit one storage binding of `ctx` (else the GPU conv
+    /// splits the work on the host).
+    fn gpu_fits(ctx: &GpuContext, map: &KernelMap, cin: usize, cout: usize) -> bool {
+        let (limit, kv) = (ctx.binding_limit() as usize / 4, map.volume());
+        map.n_in() * cin <= limit && map.n_out() * kv.max(cout) <= limit && kv * cin * cout <= limit
+    }
+
+    /// The voxel-pruned GPU conv: the map's bitmask-sorted neighbour table cut down to the kept
+    /// rows (still in sorted order, so tiles keep sharing offsets) drives the
+    /// output-stationary kernel, which writes only those rows; a row kernel writes the fill of
+    /// the others into the same output first. Features stay on the device. Needs
+    /// [`Engine::gpu_fits`] (the caller checks).
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_conv_kept_rows(
+        &self,
+        ctx: &Arc<GpuContext>,
+        map: &KernelMap,
+        x: &SparseTensor,
+        w: &ConvWeight,
+        residual: Option<&SparseTensor>,
+        relu: bool,
+        keep: &[bool],
+        fill: crate::voxel_prune::Fill,
+    ) -> Result<SparseTensor> {
+        use crate::gpu::conv::{conv_on_device_into, DeviceValues, SortedNeighbours};
+        use crate::gpu::elementwise::{fill_rows, RowSource};
+        use crate::gpu::DeviceFeats;
+        let (cin, cout, kv, n_out) = (w.cin, w.cout, map.volume(), map.n_out());
+        if keep.len() != n_out {
+            return Err(Error::invalid("voxel pruning", "kept-row flags and output rows differ in number"));
+        }
+        let t0 = std::time::Instant::now();
+        map.fetch()?;
+        let sorted = SortedNeighbours::new(map)?;
+        let mut nbr = Vec::new();
+        let mut rows = Vec::new();
+        for (t, &o) in sorted.out_rows.iter().enumerate() {
+            if keep[o as usize] {
+                rows.push(o);
+                nbr.extend_from_slice(&sorted.nbr[t * kv..(t + 1) * kv]);
+            }
+        }
+        let pruned: Vec<u32> = (0..n_out as u32).filter(|&q| !keep[q as usize]).collect();
+        self.add_prune_seconds(t0.elapsed().as_secs_f64());
+        let xb = DeviceFeats::buffer_of(x, ctx, "x")?;
+        let rb = residual.map(|r| DeviceFeats::buffer_of(r, ctx, "residual")).transpose()?;
+        let y = ctx.scratch::<f32>("y", n_out * cout)?;
+        if !pruned.is_empty() {
+            let list = ctx.to_device("pruned rows", &pruned)?;
+            let src = match (fill.resolve(cin, cout), &rb) {
+                (crate::voxel_prune::Fill::Input, _) => RowSource::Copy(&xb),
+                (crate::voxel_prune::Fill::Zero, Some(r)) if relu => RowSource::Relu(r),
+                (crate::voxel_prune::Fill::Zero, Some(r)) => RowSource::Copy(r),
+                (crate::voxel_prune::Fill::Zero, None) => RowSource::Zero,
+            };
+            fill_rows(ctx, &y, cout, &list, src)?;
+        }
+        if !rows.is_empty() {
+            let (tn, tr) = (ctx.to_device("kept neighbours", &nbr)?, ctx.to_device("kept rows", &rows)?);
+            let xv = DeviceValues::from_features(ctx, &xb, self.precision)?;
+            let dw = w.device_copy(ctx, self.precision)?;
+            conv_on_device_into(
+                ctx,
+                (&tn, &tr),
+                (&xv, cin),
+                (&dw.kernel, kv, cout),
+                dw.bias.as_ref(),
+                rb.as_ref(),
+                relu,
+                &y,
+            )?;
+        }
+        SparseTensor::from_device(map.out_coords().clone(), Box::new(DeviceFeats::new(y, ctx.clone())), cout)
+    }
+
     /// The GPU conv with features kept on the device: inputs and residual used in place when a
     /// GPU op produced them, the map's tables uploaded once per map and plan, the output left
     /// on the device. Work over one binding takes the splitting host-side path.
@@ -791,9 +881,7 @@ impl Engine {
             true => Self::table_key(map, plan, 0, 0),
             false => Self::table_key(map, plan, cin, cout),
         };
-        let limit = ctx.binding_limit() as usize / 4;
-        let fits = map.n_in() * cin <= limit && map.n_out() * kv.max(cout) <= limit && kv * cin * cout <= limit;
-        let cached = match fits {
+        let cached = match Self::gpu_fits(ctx, map, cin, cout) {
             true => self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned(),
             false => Some(Arc::new(GpuTables::Split)),
         };
@@ -955,12 +1043,6 @@ impl Engine {
         fill: crate::voxel_prune::Fill,
         reference: bool,
     ) -> Result<SparseTensor> {
-        if matches!(self.device, Device::Gpu(_)) {
-            return Err(Error::invalid(
-                "voxel pruning",
-                "runs on the CPU only for now (the GPU has no kept-row map filter yet)",
-            ));
-        }
         if spec.stride > 1 {
             if residual.is_some() {
                 return Err(Error::invalid("voxel pruning", "a downsampling conv takes no residual"));
@@ -998,17 +1080,17 @@ impl Engine {
                 .get_mut(r as usize)
                 .ok_or_else(|| Error::invalid("voxel pruning", format!("kept row {r} is out of range")))? = true;
         }
-        if !reference && w.sparse().is_none() {
+        let kernel_skips = match &self.device {
             // Dense weights (f32 or bf16): the kernel skips the pruned rows and writes their
             // fill itself.
-            use crate::voxel_prune::Fill;
-            let fill = match fill {
-                Fill::Input => cpu::conv::RowFill::Copy(x.try_feats()?),
-                Fill::Zero => cpu::conv::RowFill::Residual,
-            };
+            Device::Cpu => w.sparse().is_none(),
+            // The kept rows' table (sparse formats run dense on the GPU); work over one
+            // binding takes the host-side route below.
+            Device::Gpu(g) => Self::gpu_fits(g, &map, w.cin, w.cout) && map.n_out() > 0 && w.cout > 0,
+        };
+        if !reference && kernel_skips {
             self.add_prune_seconds(t0.elapsed().as_secs_f64());
-            let y =
-                self.conv_fused_ex(&map, x, w, residual, relu, Some(cpu::conv::PrunedRows { keep: &kept, fill }))?;
+            let y = self.conv_fused_ex(&map, x, w, residual, relu, Some((&kept, fill)))?;
             self.note_computed_rows(rows);
             return Ok(y);
         }
@@ -1045,6 +1127,27 @@ impl Engine {
         });
         self.add_prune_seconds(t1.elapsed().as_secs_f64());
         SparseTensor::new(map.out_coords().clone(), y, c)
+    }
+
+    /// Per-voxel importance of `x` for voxel pruning ([`crate::voxel_prune::importance`]). On
+    /// the GPU, features that live there are summed there and only the row sums come back
+    /// (L1 sums carry the CPU's bits; L2 sums may differ in the last bit).
+    pub fn voxel_scores(&self, x: &SparseTensor, score: crate::voxel_prune::Score) -> Result<Vec<f32>> {
+        use crate::voxel_prune::{importance, score_of_sum, Score};
+        let t0 = std::time::Instant::now();
+        let c = x.channels();
+        let scores = match &self.device {
+            Device::Gpu(g) if c > 0 && crate::gpu::DeviceFeats::of(x, g).is_some() => {
+                let buf = crate::gpu::DeviceFeats::buffer_of(x, g, "x")?;
+                let sums = crate::gpu::elementwise::row_sums(g, &buf, c, score == Score::L2)?;
+                let mut v = g.read(&sums)?;
+                v.truncate(x.len());
+                v.into_iter().map(|s| score_of_sum(s, c, score)).collect()
+            }
+            _ => importance(x.try_feats()?, c, score),
+        };
+        self.add_prune_seconds(t0.elapsed().as_secs_f64());
+        Ok(scores)
     }
 
     /// Record in the trace (when on) that its last conv computed only `rows`.

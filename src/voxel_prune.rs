@@ -4,8 +4,9 @@
 //! Detection", NeurIPS 2022): a voxel's importance is the magnitude of its input features, and
 //! a pruned layer computes only the top `1 − r` of its voxels. SPS-Conv's released code runs
 //! the conv on every voxel and overwrites the pruned ones afterwards, which saves no time;
-//! here the pruned outputs are never gathered, multiplied or scattered (the f32 and bf16
-//! kernels skip their pairs tile by tile, `cpu::conv::PrunedRows` in the engine; sparse-format
+//! here the pruned outputs are never gathered, multiplied or scattered (the f32 and bf16 CPU
+//! kernels skip their pairs tile by tile, `cpu::conv::PrunedRows` in the engine; the GPU's
+//! output-stationary kernel runs a neighbour table of the kept rows only; sparse-format
 //! weights run on a map restricted to the kept rows, [`crate::kmap::KernelMap::for_outputs`]), and that
 //! overwrite is kept as the reference ([`VoxelPlan::reference`]) the fast path is tested against.
 //!
@@ -226,11 +227,7 @@ pub fn importance(x: &[f32], c: usize, score: Score) -> Vec<f32> {
         for (a, &v) in acc.iter_mut().zip(chunks.remainder()) {
             *a += if score == Score::L1 { v.abs() } else { v * v };
         }
-        let s: f32 = acc.iter().sum();
-        match score {
-            Score::L1 => s / c as f32,
-            Score::L2 => s.sqrt(),
-        }
+        score_of_sum(acc.iter().sum(), c, score)
     };
     const ROWS: usize = 2048;
     let mut out = vec![0f32; x.len() / c];
@@ -240,6 +237,15 @@ pub fn importance(x: &[f32], c: usize, score: Score) -> Vec<f32> {
         }
     });
     out
+}
+
+/// A row's score from its sum over `c` channels (of `|v|` for L1, `v²` for L2): what
+/// [`importance`] does last, and what a GPU's row sums get on the host.
+pub fn score_of_sum(s: f32, c: usize, score: Score) -> f32 {
+    match score {
+        Score::L1 => s / c as f32,
+        Score::L2 => s.sqrt(),
+    }
 }
 
 /// Rows kept when pruning the fraction `r` of each batch item's voxels by `scores`: the

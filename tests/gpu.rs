@@ -455,3 +455,98 @@ fn channel_and_offset_pruned_models_run_on_the_gpu() {
         assert!(err < 1e-3, "gpu/{}: block-sparse logits: relative error {err:e}", kind.name());
     }
 }
+
+/// Voxel pruning on the GPU: one pruned conv per fill and residual case against the CPU's
+/// fast path on the same kept rows (pruned rows exactly, computed rows within tolerance); the
+/// row sums behind the scores equal the CPU's bits; the bundled network pruned at R 0.5 on a
+/// crop of the real scan agrees with the CPU and repeats bit for bit.
+#[test]
+fn voxel_pruning_on_gpu_matches_cpu() {
+    use sparseconv::gpu::DeviceFeats;
+    use sparseconv::nn::checkpoint::Checkpoint;
+    use sparseconv::pipeline::Model;
+    use sparseconv::voxel_prune::{importance, kept_rows, Fill, Score, VoxelPlan};
+    use sparseconv::{ConvWeight, Device, Grouping, SparseTensor};
+    let Some(_) = gpu() else { return };
+    let dev = Device::gpu().unwrap();
+    let ge = Engine::new(dev.clone(), MapBuilder::Hash, Grouping::Auto);
+    let ce = Engine::default();
+    let spec = KernelSpec::new(3, 1, 1).unwrap();
+    for (cin, cout, with_res, fill) in [
+        (8, 8, false, Fill::Input),
+        (16, 16, true, Fill::Input),
+        (16, 16, true, Fill::Zero),
+        (8, 16, false, Fill::Zero),
+        (8, 16, true, Fill::Zero),
+    ] {
+        let label = format!("{cin}->{cout} residual {with_res} fill {fill:?}");
+        let x = random_tensor(7, 2, 10, 1, 0.3, cin);
+        let res = with_res.then(|| {
+            let f = pseudo_random(x.len() * cout, 9, 1.0);
+            SparseTensor::new(x.coord_set().clone(), f, cout).unwrap()
+        });
+        let w =
+            ConvWeight::new(pseudo_random(27 * cin * cout, 5, 0.3), 27, cin, cout, Some(pseudo_random(cout, 6, 0.1)))
+                .unwrap();
+        // Features on the device, as between layers of a network: scores come from row sums there.
+        let Device::Gpu(ctx) = &dev else { unreachable!("Device::gpu() gave a GPU") };
+        let buf = ctx.to_device("x", x.feats()).unwrap();
+        let xg = SparseTensor::from_device(x.coord_set().clone(), Box::new(DeviceFeats::new(buf, ctx.clone())), cin)
+            .unwrap();
+        let xc = x.clone();
+        let (sg, sc) = (ge.voxel_scores(&xg, Score::L1).unwrap(), importance(xc.feats(), cin, Score::L1));
+        assert!(same_bits(&sg, &sc), "{label}: GPU L1 scores differ from the CPU's");
+        let rows = kept_rows(&sc, |i| x.coords()[i][0], 0.5).unwrap();
+        let g = ge.conv_voxel_pruned(&xg, spec, None, &w, res.as_ref(), true, &rows, fill, false).unwrap();
+        let c = ce.conv_voxel_pruned(&xc, spec, None, &w, res.as_ref(), true, &rows, fill, false).unwrap();
+        let err = rel_err(g.feats(), c.feats());
+        assert!(err < 1e-4, "{label}: relative error {err:e}");
+        let mut keep = vec![false; x.len()];
+        rows.iter().for_each(|&r| keep[r as usize] = true);
+        let pruned = |t: &[f32]| -> Vec<f32> {
+            (0..x.len()).filter(|&q| !keep[q]).flat_map(|q| t[q * cout..(q + 1) * cout].to_vec()).collect()
+        };
+        assert!(same_bits(&pruned(g.feats()), &pruned(c.feats())), "{label}: pruned rows' fill differs");
+    }
+    // The network on a crop of the real scan (lavapipe is slow), R 0.5 on every block conv and
+    // the first two downsamplings.
+    let vox = real_scan().tensor;
+    let (mut coords, mut feats) = (Vec::new(), Vec::new());
+    for (i, c) in vox.coords().iter().enumerate() {
+        if (60..130).contains(&c[1]) && (-60..40).contains(&c[2]) {
+            coords.push(*c);
+            feats.extend_from_slice(&vox.feats()[i * 4..(i + 1) * 4]);
+        }
+    }
+    let x = SparseTensor::from_parts(coords, feats, 4).unwrap();
+    let ck = Checkpoint::load(&repo("data/models/minkunet_cr0.5.safetensors")).unwrap();
+    let base = Model::from_checkpoint(&ck, None, None).unwrap().0;
+    for fill in [Fill::Zero, Fill::Input] {
+        let mut plan = VoxelPlan::uniform(base.desc().block_convs().iter().map(|c| c.kernel.as_str()), 0.5).unwrap();
+        for st in &base.desc().stages[..2] {
+            plan.ratios.insert(st.resample.kernel.clone(), 0.5);
+        }
+        plan.fill = fill;
+        let mut m = base.clone();
+        m.set_voxel_plan(&plan).unwrap();
+        let cpu = m.forward(&ce, &x).unwrap();
+        let e = Engine::new(dev.clone(), MapBuilder::Hash, Grouping::Auto);
+        e.start_trace();
+        let a = m.forward(&e, &x).unwrap();
+        let trace = e.take_trace();
+        let kept = trace.iter().filter(|t| t.plan.contains("kept rows")).count();
+        assert_eq!(kept, 32, "fill {fill:?}: {kept} convs ran the GPU's kept-row table, not the 32 block convs");
+        let b = m.forward(&Engine::new(dev.clone(), MapBuilder::Hash, Grouping::Auto), &x).unwrap();
+        assert!(same_bits(&a, &b), "fill {fill:?}: the pruned network on the GPU is not repeatable");
+        let labels = |l: &[f32]| -> Vec<usize> {
+            l.chunks(19)
+                .map(|r| r.iter().enumerate().fold(0, |best, (j, &v)| if v > r[best] { j } else { best }))
+                .collect()
+        };
+        let (lg, lc) = (labels(&a), labels(&cpu));
+        let agree = lg.iter().zip(&lc).filter(|(a, b)| a == b).count() as f64 / lc.len() as f64;
+        let err = rel_err(&a, &cpu);
+        eprintln!("voxel-pruned network, fill {fill:?}: GPU against CPU {err:e} relative, labels agree {agree:.5}");
+        assert!(agree > 0.999 && err < 1e-3, "fill {fill:?}: labels agree {agree}, relative error {err:e}");
+    }
+}

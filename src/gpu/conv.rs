@@ -331,6 +331,27 @@ pub fn conv_on_device(
     residual: Option<&GpuBuffer<f32>>,
     relu: bool,
 ) -> Result<GpuBuffer<f32>> {
+    let n_out = nbr.len() / kv.max(1);
+    // Every output value is written (out_rows is a permutation of the rows): no clearing.
+    let by = ctx.scratch::<f32>("y", n_out * cout)?;
+    conv_on_device_into(ctx, (nbr, out_rows), (x, cin), (w, kv, cout), bias, residual, relu, &by)?;
+    Ok(by)
+}
+
+/// [`conv_on_device`] writing into `y`, which may hold more rows than the table: only the
+/// rows `out_rows` names are written (a voxel-pruned conv's table holds only its kept rows;
+/// the others were filled before). `residual` has `y`'s rows.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_on_device_into(
+    ctx: &GpuContext,
+    (nbr, out_rows): (&GpuBuffer<i32>, &GpuBuffer<u32>),
+    (x, cin): (&DeviceValues, usize),
+    (w, kv, cout): (&DeviceValues, usize, usize),
+    bias: Option<&GpuBuffer<f32>>,
+    residual: Option<&GpuBuffer<f32>>,
+    relu: bool,
+    by: &GpuBuffer<f32>,
+) -> Result<()> {
     if x.precision != w.precision {
         return Err(Error::invalid("gpu conv", "features and weights are stored in different precisions"));
     }
@@ -357,8 +378,13 @@ pub fn conv_on_device(
         Precision::F32 => CONV,
         Precision::F16 | Precision::Bf16 => PipelineKey { variant: F16, ..CONV },
     };
-    // Every output value is written (out_rows is a permutation of the rows): no clearing.
-    let by = ctx.scratch::<f32>("y", n_out * cout)?;
+    ctx.check_owns("gpu conv", &[by])?;
+    if by.len() < n_out * cout || residual.is_some_and(|r| r.len() != by.len()) {
+        return Err(Error::invalid("gpu conv", "output or residual smaller than the table's rows"));
+    }
+    if n_out == 0 {
+        return Ok(());
+    }
     // Absent operands still need a binding: a tiny placeholder the kernel never reads.
     let empty = ctx.placeholder();
     let bb = bias.map_or(empty, |b| b.raw());
@@ -372,7 +398,7 @@ pub fn conv_on_device(
         (g.0, g.1, cols),
     );
     ctx.submit(enc);
-    Ok(by)
+    Ok(())
 }
 
 /// One dispatch over a neighbour table slice, from and to host memory.

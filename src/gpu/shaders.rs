@@ -14,7 +14,8 @@ pub enum Shader {
     RadixSort,
     /// `shaders/kmap_sort.wgsl`: packed keys, binary-search queries, unique parents.
     KmapSort,
-    /// `shaders/elementwise.wgsl`: channel concat, f32 -> packed f16.
+    /// `shaders/elementwise.wgsl`: channel concat, f32 -> packed f16, voxel pruning's row sums
+    /// and fill.
     Elementwise,
     /// `shaders/nbr_table.wgsl`: pairs and bitmask-sorted rows from a neighbour table.
     NbrTable,
@@ -81,7 +82,7 @@ fn load_w(i: u32) -> f32 { let p = unpack2x16float(w[i >> 1u]); return select(p.
             Shader::Scan => &["reduce", "scan"],
             Shader::RadixSort => &["count", "scatter"],
             Shader::KmapSort => &["keys", "query", "unique_flags", "compact"],
-            Shader::Elementwise => &["concat", "pack_half"],
+            Shader::Elementwise => &["concat", "pack_half", "row_sums", "fill_rows"],
             Shader::NbrTable => &[
                 "row_masks",
                 "permute_rows",

@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::kmap::KernelSpec;
 use crate::sparse_weights::Format;
 use crate::tensor::{CoordSet, SparseTensor};
-use crate::voxel_prune::{importance, kept_rows, VoxelLayer};
+use crate::voxel_prune::{kept_rows, VoxelLayer};
 
 /// BatchNorm epsilon of TorchSparse / PyTorch.
 pub const BN_EPS: f32 = 1e-5;
@@ -115,8 +115,8 @@ impl Conv {
     ) -> Result<SparseTensor> {
         let keep = self.map_offsets.as_deref();
         if let Some(v) = self.voxel.filter(|_| !self.transposed) {
+            let scores = e.voxel_scores(x, v.score)?;
             let t0 = std::time::Instant::now();
-            let scores = importance(x.try_feats()?, x.channels(), v.score);
             let coords = x.coords();
             let rows = kept_rows(&scores, |i| coords[i][0], v.ratio)?;
             e.add_prune_seconds(t0.elapsed().as_secs_f64());
