@@ -1168,6 +1168,8 @@ impl Engine {
         rows: &[u32],
     ) -> Result<Arc<KernelMap>> {
         let full = self.kernel_map_keeping(input, spec, keep)?;
+        // A GPU-built map comes to the host here, where a lost device is an error.
+        full.fetch()?;
         let t0 = std::time::Instant::now();
         let mut important = vec![false; full.n_in()];
         for &r in rows {
