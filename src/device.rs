@@ -234,6 +234,9 @@ pub struct Engine {
     tmaps: Mutex<HashMap<MapKey, Arc<KernelMap>>>,
     precision: crate::gpu::conv::Precision,
     gpu_tables: Mutex<HashMap<TableKey, Arc<GpuTables>>>,
+    /// Host copies of maps' sorted neighbour tables, which voxel-pruned GPU convs cut to their
+    /// kept rows (every pruned conv on one map shares one).
+    sorted_tables: Mutex<HashMap<MapKey, Arc<crate::gpu::conv::SortedNeighbours>>>,
     sparse: SparseMode,
 }
 
@@ -371,6 +374,7 @@ impl Engine {
         self.maps.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.tmaps.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.sorted_tables.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Forget the tuned grouping parameters too.
@@ -818,7 +822,20 @@ impl Engine {
         }
         let t0 = std::time::Instant::now();
         map.fetch()?;
-        let sorted = SortedNeighbours::new(map)?;
+        // Subset maps share their coordinates' ids with the whole map: never cached.
+        let key = (map.kind() != MapKind::Subset).then(|| Self::map_key(map));
+        let cached =
+            key.as_ref().and_then(|k| self.sorted_tables.lock().unwrap_or_else(|e| e.into_inner()).get(k).cloned());
+        let sorted = match cached {
+            Some(s) => s,
+            None => {
+                let s = Arc::new(SortedNeighbours::new(map)?);
+                if let Some(k) = key {
+                    self.sorted_tables.lock().unwrap_or_else(|e| e.into_inner()).insert(k, s.clone());
+                }
+                s
+            }
+        };
         let mut nbr = Vec::new();
         let mut rows = Vec::new();
         for (t, &o) in sorted.out_rows.iter().enumerate() {
