@@ -898,8 +898,12 @@ impl Engine {
             true => Self::table_key(map, plan, 0, 0),
             false => Self::table_key(map, plan, cin, cout),
         };
+        // Subset maps (voxel pruning's restricted maps) share their coordinates' ids, so two
+        // of them with different kept rows would share a key: their tables are never cached.
+        let cacheable = map.kind() != MapKind::Subset;
         let cached = match Self::gpu_fits(ctx, map, cin, cout) {
-            true => self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned(),
+            true if cacheable => self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned(),
+            true => None,
             false => Some(Arc::new(GpuTables::Split)),
         };
         let tables = match cached {
@@ -920,7 +924,9 @@ impl Engine {
                     }
                 };
                 let t = Arc::new(t);
-                self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t.clone());
+                if cacheable {
+                    self.gpu_tables.lock().unwrap_or_else(|e| e.into_inner()).insert(key, t.clone());
+                }
                 t
             }
         };

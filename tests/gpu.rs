@@ -508,6 +508,19 @@ fn voxel_pruning_on_gpu_matches_cpu() {
         };
         assert!(same_bits(&pruned(g.feats()), &pruned(c.feats())), "{label}: pruned rows' fill differs");
     }
+    // Maps restricted to different kept rows of one coordinate set (the route for work over one
+    // binding) share the coordinates' ids: the GPU must not reuse one's tables for the other.
+    let x = random_tensor(8, 1, 10, 1, 0.3, 8);
+    let w = ConvWeight::new(pseudo_random(27 * 64, 3, 0.3), 27, 8, 8, None).unwrap();
+    let map = ce.kernel_map(x.coord_set(), spec).unwrap();
+    for parity in [0, 1] {
+        let keep: Vec<bool> = (0..x.len()).map(|q| q % 2 == parity).collect();
+        let sub = map.for_outputs(&keep).unwrap();
+        let g = ge.conv_fused(&sub, &x, &w, None, false).unwrap();
+        let c = ce.conv_fused(&sub, &x, &w, None, false).unwrap();
+        let err = rel_err(g.feats(), c.feats());
+        assert!(err < 1e-4, "restricted map, rows of parity {parity}: relative error {err:e}");
+    }
     // The network on a crop of the real scan (lavapipe is slow), R 0.5 on every block conv and
     // the first two downsamplings.
     let vox = real_scan().tensor;
