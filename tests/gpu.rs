@@ -38,6 +38,19 @@ fn arc_ctx() -> &'static Arc<GpuContext> {
     CTX.get_or_init(|| Arc::new(GpuContext::new().expect("an adapter (checked by gpu())")))
 }
 
+/// A crop of the real scan, negative y included (lavapipe runs whole networks slowly).
+fn scan_crop() -> sparseconv::SparseTensor {
+    let vox = real_scan().tensor;
+    let (mut coords, mut feats) = (Vec::new(), Vec::new());
+    for (i, c) in vox.coords().iter().enumerate() {
+        if (60..130).contains(&c[1]) && (-60..40).contains(&c[2]) {
+            coords.push(*c);
+            feats.extend_from_slice(&vox.feats()[i * 4..(i + 1) * 4]);
+        }
+    }
+    sparseconv::SparseTensor::from_parts(coords, feats, 4).expect("the crop is a valid tensor")
+}
+
 fn same_map(label: &str, a: &KernelMap, b: &KernelMap) {
     assert_eq!(a.offsets(), b.offsets(), "{label}: offsets");
     assert_eq!(a.out_coords().coords(), b.out_coords().coords(), "{label}: output coordinates");
@@ -240,16 +253,7 @@ fn minkunet_on_gpu_matches_cpu() {
     use sparseconv::pipeline::Model;
     use sparseconv::{Device, Grouping};
     let Some(_) = gpu() else { return };
-    // A crop of the real scan, negative y included.
-    let vox = real_scan().tensor;
-    let (mut coords, mut feats) = (Vec::new(), Vec::new());
-    for (i, c) in vox.coords().iter().enumerate() {
-        if (60..130).contains(&c[1]) && (-60..40).contains(&c[2]) {
-            coords.push(*c);
-            feats.extend_from_slice(&vox.feats()[i * 4..(i + 1) * 4]);
-        }
-    }
-    let x = sparseconv::SparseTensor::from_parts(coords, feats, 4).unwrap();
+    let x = scan_crop();
     let model = Model::load_arch("minkunet", &Checkpoint::random(3), 0.5, 19).unwrap();
     let cpu = model.forward(&Engine::default(), &x).unwrap();
     let dev = Device::gpu().unwrap();
@@ -405,15 +409,7 @@ fn channel_and_offset_pruned_models_run_on_the_gpu() {
     use sparseconv::prune::prune_channels;
     use sparseconv::{Device, Grouping};
     let Some(_) = gpu() else { return };
-    let vox = real_scan().tensor;
-    let (mut coords, mut feats) = (Vec::new(), Vec::new());
-    for (i, c) in vox.coords().iter().enumerate() {
-        if (60..130).contains(&c[1]) && (-60..40).contains(&c[2]) {
-            coords.push(*c);
-            feats.extend_from_slice(&vox.feats()[i * 4..(i + 1) * 4]);
-        }
-    }
-    let x = sparseconv::SparseTensor::from_parts(coords, feats, 4).unwrap();
+    let x = scan_crop();
     for kind in [ArchKind::MinkUNet, ArchKind::Spvcnn] {
         let synth = Checkpoint::random(8);
         Model::from_desc(&synth, &NetDesc::uniform(kind, 0.5, 19).unwrap()).unwrap();
@@ -523,15 +519,7 @@ fn voxel_pruning_on_gpu_matches_cpu() {
     }
     // The network on a crop of the real scan (lavapipe is slow), R 0.5 on every block conv and
     // the first two downsamplings.
-    let vox = real_scan().tensor;
-    let (mut coords, mut feats) = (Vec::new(), Vec::new());
-    for (i, c) in vox.coords().iter().enumerate() {
-        if (60..130).contains(&c[1]) && (-60..40).contains(&c[2]) {
-            coords.push(*c);
-            feats.extend_from_slice(&vox.feats()[i * 4..(i + 1) * 4]);
-        }
-    }
-    let x = SparseTensor::from_parts(coords, feats, 4).unwrap();
+    let x = scan_crop();
     let ck = Checkpoint::load(&repo("data/models/minkunet_cr0.5.safetensors")).unwrap();
     let base = Model::from_checkpoint(&ck, None, None).unwrap().0;
     for fill in [Fill::Zero, Fill::Input] {
