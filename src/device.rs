@@ -851,7 +851,8 @@ impl Engine {
         let y = ctx.scratch::<f32>("y", n_out * cout)?;
         if !pruned.is_empty() {
             let list = ctx.to_device("pruned rows", &pruned)?;
-            let src = match (fill.resolve(cin, cout), &rb) {
+            // `fill` arrives resolved to the widths (`conv_voxel_pruned`).
+            let src = match (fill, &rb) {
                 (crate::voxel_prune::Fill::Input, _) => RowSource::Copy(&xb),
                 (crate::voxel_prune::Fill::Zero, Some(r)) if relu => RowSource::Relu(r),
                 (crate::voxel_prune::Fill::Zero, Some(r)) => RowSource::Copy(r),
