@@ -218,6 +218,7 @@ pub fn conv_forward(
         .collect();
     let xb = pack_features(x, cin);
     let tile = super::conv::kept_tile_rows(epi.pruned.map(|p| p.keep));
+    let starts = super::conv::TileStarts::new(map, tile);
     // A submanifold map's identity offset pairs every output row with itself: its products
     // are stored as the first term (no zeroing, no read of the output).
     // Voxel-pruned convs run the identity like any offset, on the kept rows only.
@@ -250,7 +251,7 @@ pub fn conv_forward(
         // A task with no kept row only gets the fill (written by the epilogue).
         let none_kept = keep.is_some_and(|kf| !kf[lo as usize..hi as usize].contains(&true));
         for &k in rest.iter().filter(|_| !none_kept) {
-            let (ins, outs) = super::conv::tile_pairs(map, k, lo, hi);
+            let (ins, outs) = starts.pairs(map, k, ci);
             let (ins, outs) = match keep {
                 Some(kf) => super::conv::kept_pairs(ins, outs, kf, ki, ko),
                 None => (ins, outs),

@@ -60,18 +60,13 @@ pub fn conv_sparse(map: &KernelMap, x: &[f32], cin: usize, w: &SparseWeights, ep
         .collect();
     // Output-stationary: each task owns TILE output rows and walks every offset's pairs into
     // them while they sit in cache (pairs of an offset are sorted by output row).
+    let starts = super::conv::TileStarts::new(map, TILE);
     out.par_chunks_mut(TILE * cout.max(1)).enumerate().for_each(|(t, tile)| {
         let lo = (t * TILE) as u32;
-        let hi = lo + (tile.len() / cout.max(1)) as u32;
         for &k in &order {
-            let (ins, outs) = map.pairs(k);
-            let a = outs.partition_point(|&o| o < lo);
-            let b = outs.partition_point(|&o| o < hi);
-            if a < b {
-                offset_rows(
-                    Chunk { x, cin, w, ow: &w.offsets[k], ins: &ins[a..b], outs: &outs[a..b], base: lo, cout },
-                    tile,
-                );
+            let (ins, outs) = starts.pairs(map, k, t);
+            if !ins.is_empty() {
+                offset_rows(Chunk { x, cin, w, ow: &w.offsets[k], ins, outs, base: lo, cout }, tile);
             }
         }
         for (r, row) in tile.chunks_mut(cout.max(1)).enumerate() {
