@@ -304,3 +304,46 @@ fn the_voxel_sweep_plan_keeps_what_each_conv_may_lose() {
     assert_eq!(plan.fill, Fill::Zero);
     assert!(voxel_plan(&pts, 0.0, &base).ratios.is_empty());
 }
+
+/// The voxel-pruning config shipped next to the bundled model: its plan applies to the bundled
+/// architecture, and its fine-tuned weights with the plan segment the labelled KITTI scan no
+/// worse than the bundled model unpruned, less the one point, while the plan's convs
+/// compute fewer pairs than unpruned.
+#[test]
+fn the_shipped_voxel_config_segments_within_a_point_of_the_bundled_model() {
+    let plan_path = repo("data/models/minkunet_cr0.5_voxel.plan");
+    let text = std::fs::read_to_string(&plan_path).expect("shipped plan");
+    let plan = VoxelPlan::parse(&text, "shipped plan").expect("parse");
+    assert!(!plan.is_empty());
+    let shipped = repo("data/models/minkunet_cr0.5_voxel.safetensors");
+    let (mut m, _) = Model::from_checkpoint(&Checkpoint::load(&shipped).expect("shipped"), None, None).expect("model");
+    m.set_voxel_plan(&plan).expect("the plan names convs of the model");
+    let miou = |model: &std::path::Path, flags: &[&str]| -> f64 {
+        let (s, l, m) = (arg(&repo(SCAN)), arg(&repo(LABELS)), arg(model));
+        let mut a = vec!["--threads", "2", "eval", &s, "--labels", &l, "--model", &m];
+        a.extend_from_slice(flags);
+        let (code, out, err) = run_cli(&a);
+        assert_eq!(code, 0, "{err}");
+        let line = out.lines().find(|l| l.starts_with("mIoU")).unwrap_or_else(|| panic!("no mIoU in {out}"));
+        line.split_whitespace().nth(1).and_then(|v| v.trim_end_matches('%').parse().ok()).expect("mIoU value")
+    };
+    let p = arg(&plan_path);
+    let pruned = miou(&shipped, &["--voxel-plan", &p]);
+    let bundled = miou(&repo("data/models/minkunet_cr0.5.safetensors"), &[]);
+    assert!(pruned >= bundled - 1.0, "shipped config {pruned}% against the bundled model's {bundled}%");
+    let (code, out, err) = run_cli(&[
+        "bench",
+        &arg(&repo(SCAN)),
+        "--model",
+        &arg(&shipped),
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--layers",
+        "--voxel-plan",
+        &p,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("kept rows"), "the plan's convs run the kept-row kernel: {out}");
+}
