@@ -399,8 +399,8 @@ fn batched(
         let lo = (ci * SCATTER_CHUNK) as u32;
         for (g, &k) in offsets.iter().enumerate() {
             let (_, outs) = map.pairs(k);
-            let r = starts.range(k, ci);
-            for (p, &q) in outs[r.clone()].iter().enumerate().map(|(i, q)| (r.start + i, q)) {
+            let span = starts.range(k, ci);
+            for (p, &q) in outs[span.clone()].iter().enumerate().map(|(i, q)| (span.start + i, q)) {
                 let r = (q - lo) as usize;
                 let row = g * mpad + p;
                 add_row(&mut oc[r * cout..(r + 1) * cout], &buf[row * cout..(row + 1) * cout]);
@@ -538,8 +538,9 @@ pub(crate) fn kept_pairs<'a>(
 
 /// Where each task's pairs begin in every offset's pair list, for tasks of `rows` output rows
 /// (a map's pairs ascend by output row within an offset). Found once per conv, walking each
-/// list forward from the previous task's start; two binary searches per task and offset over
-/// the whole list cost 3–5% of a conv on the large maps (their probes miss the cache).
+/// list forward from the previous task's start, instead of two binary searches per task and
+/// offset over the whole list (3–5% of a large-map conv in a one-thread profile; end to end
+/// the difference is within noise, BENCHMARKS.md).
 pub(crate) struct TileStarts {
     tasks: usize,
     /// `starts[k * (tasks + 1) + t]`: offset `k`'s first pair with output row ≥ `t · rows`.
@@ -771,8 +772,7 @@ mod tests {
     #[test]
     fn tile_starts_match_a_binary_search_per_task() {
         let r = pseudo_random(3 * 4000, 7, 20.0);
-        let coords: Vec<[i32; 4]> = r.chunks_exact(3).map(|c| [0, c[0] as i32, c[1] as i32, c[2] as i32]).collect();
-        let mut coords = coords;
+        let mut coords: Vec<[i32; 4]> = r.chunks_exact(3).map(|c| [0, c[0] as i32, c[1] as i32, c[2] as i32]).collect();
         coords.sort_unstable();
         coords.dedup();
         let set = Arc::new(CoordSet::new(coords, 1).expect("coords"));
