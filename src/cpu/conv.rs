@@ -113,13 +113,16 @@ pub fn conv_forward_ex(
     } else {
         (vec![0f32; n_out * cout], 0)
     };
+    // Where each scatter task's pairs start: found once per conv, for every batched group.
+    let mut starts = None;
     for (gi, g) in plan.groups.iter().enumerate().skip(skip) {
         if g.offsets.len() == 1 && Some(g.offsets[0]) == map.identity() {
             identity(x, cin, wk(g.offsets[0]), cout, &mut out, t, gi == 0);
         } else if g.offsets.len() == 1 {
             fused(map, g.offsets[0], x, cin, wk(g.offsets[0]), cout, &mut out, t);
         } else {
-            batched(map, &g.offsets, g.padded_rows, x, cin, w, cout, &mut out, t);
+            let starts = starts.get_or_insert_with(|| TileStarts::new(map, SCATTER_CHUNK));
+            batched(map, starts, &g.offsets, g.padded_rows, x, cin, w, cout, &mut out, t);
         }
     }
     if bias.is_some() || epi.residual.is_some() || epi.relu {
@@ -362,6 +365,7 @@ fn fused(map: &KernelMap, k: usize, x: &[f32], cin: usize, wk: &[f32], cout: usi
 #[allow(clippy::too_many_arguments)]
 fn batched(
     map: &KernelMap,
+    starts: &TileStarts,
     offsets: &[usize],
     padded_rows: usize,
     x: &[f32],
@@ -394,7 +398,6 @@ fn batched(
         },
     );
     let buf = &buf;
-    let starts = TileStarts::new(map, SCATTER_CHUNK);
     out.par_chunks_mut(SCATTER_CHUNK * cout).enumerate().for_each(|(ci, oc)| {
         let lo = (ci * SCATTER_CHUNK) as u32;
         for (g, &k) in offsets.iter().enumerate() {
